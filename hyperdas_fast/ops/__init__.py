@@ -1,0 +1,217 @@
+"""The interchange intervention op and its backends.
+
+Public functions (all shapes as in ``reference.py``):
+
+- ``interchange(base, source, weights, basis=None, reflect=None, mask=None, backend="auto")``
+  soft form, differentiable in every tensor argument.
+- ``interchange_hard(base, source, source_index, ...)``: every base token takes one source
+  token (``source_index[b, t] = s``) or keeps its value (``KEEP = -1``); only the chosen
+  rows are computed, optionally in place on ``base`` (the residual stream).
+- ``interchange_triples(base, source, triples, ...)``: the same with a [P, 3] tensor of
+  (batch, base_pos, source_pos) rows.
+
+Backends: ``torch`` (reference), ``cpp`` (C++ CPU kernels), ``triton`` and ``cuda`` (GPU
+kernels). ``auto`` picks the fastest backend available for the inputs' device.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .reference import (
+    interchange_paper,
+    interchange_reference,
+    interchange_rows_reference,
+    subspace_project,
+)
+
+KEEP = -1
+
+# name -> module path; each module exposes is_available(device), interchange_soft(...),
+# interchange_rows(...), and ROWS_AUTOGRAD (whether interchange_rows is differentiable).
+_BACKEND_MODULES = {
+    "cpp": "hyperdas_fast.ops.cpu",
+    "triton": "hyperdas_fast.ops.triton_kernels",
+    "cuda": "hyperdas_fast.ops.cuda",
+}
+# Preference order for backend="auto", fastest first (from benchmarks/results).
+_AUTO_ORDER = {"cuda": ["cuda", "triton", "torch"], "cpu": ["cpp", "torch"]}
+
+
+class _TorchBackend:
+    ROWS_AUTOGRAD = True
+
+    @staticmethod
+    def is_available(device: torch.device) -> bool:
+        return True
+
+    @staticmethod
+    def interchange_soft(base, source, weights, basis, reflect, mask):
+        return interchange_reference(base, source, weights, basis, reflect, mask)
+
+    @staticmethod
+    def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask, inplace):
+        if not inplace:
+            return interchange_rows_reference(
+                base, source, batch_index, base_pos, source_pos, basis, reflect, mask
+            )
+        x = base[batch_index, base_pos]
+        y = source[batch_index, source_pos]
+        if basis is not None:
+            row_reflect = None if reflect is None else reflect[batch_index]
+            row_mask = mask[batch_index] if (mask is not None and mask.dim() == 2) else mask
+            y = x + subspace_project((y - x).unsqueeze(1), basis, row_reflect, row_mask).squeeze(1)
+        base[batch_index, base_pos] = y
+        return base
+
+
+_loaded: Dict[str, object] = {"torch": _TorchBackend}
+
+
+def _load_backend(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name not in _BACKEND_MODULES:
+        raise ValueError(f"backend must be one of auto, torch, {', '.join(_BACKEND_MODULES)}; got {name!r}")
+    try:
+        module = importlib.import_module(_BACKEND_MODULES[name])
+    except ImportError:
+        module = None
+    _loaded[name] = module
+    return module
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Backends that can run on ``device`` in this installation."""
+    device = torch.device(device)
+    names = ["torch"]
+    for name in _BACKEND_MODULES:
+        module = _load_backend(name)
+        if module is not None and module.is_available(device):
+            names.append(name)
+    return names
+
+
+def _pick(backend: str, device: torch.device):
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ["torch"]):
+            module = _load_backend(name)
+            if module is not None and module.is_available(device):
+                return module
+        return _TorchBackend
+    module = _load_backend(backend)
+    if module is None or not module.is_available(device):
+        raise ValueError(
+            f"backend={backend!r} is not available for {device} tensors here; "
+            f"available: {available_backends(device)}"
+        )
+    return module
+
+
+def interchange(
+    base: Tensor,
+    source: Tensor,
+    weights: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Soft interchange intervention.
+
+    Args:
+        base: [B, T, d] base hidden states at the intervened layer.
+        source: [B, S, d] counterfactual hidden states at the same layer.
+        weights: [B, S+1, T]; column t is a distribution over the S source tokens and
+            the [SELF] row (index S, keep the base value).
+        basis: [d, k] orthonormal columns R, or None for the vanilla interchange.
+        reflect: [B, d] unit vectors v; the example's basis is (I - 2 v v^T) R.
+        mask: [B, k] or [k] gate on the subspace coordinates (default all ones).
+        backend: "auto", "torch", "cpp", "triton" or "cuda".
+
+    Returns:
+        [B, T, d]: base + R_b diag(m) R_b^T (mix - base), mix = w^T [source; base].
+    """
+    checks.check_soft(base, source, weights, basis, reflect, mask)
+    impl = _pick(backend, base.device)
+    return impl.interchange_soft(base, source, weights, basis, reflect, mask)
+
+
+def interchange_triples(
+    base: Tensor,
+    source: Tensor,
+    triples: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Hard interchange on the rows named by ``triples`` [P, 3] = (batch, base_pos, source_pos).
+
+    Rows not named keep their base value. With ``inplace=True`` ``base`` is updated and
+    returned (it must be contiguous); otherwise a new tensor is returned.
+    """
+    if not isinstance(triples, Tensor) or triples.dim() != 2 or triples.shape[1] != 3:
+        shape = list(triples.shape) if isinstance(triples, Tensor) else type(triples).__name__
+        raise ValueError(f"triples must be a [P, 3] integer tensor of (batch, base_pos, source_pos), got {shape}")
+    triples = triples.to(device=base.device if isinstance(base, Tensor) else None)
+    batch_index, base_pos, source_pos = triples.long().unbind(1)
+    checks.check_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
+    if inplace and not base.is_contiguous():
+        raise ValueError(f"inplace=True needs a contiguous base; got strides {tuple(base.stride())}")
+    if inplace and base.requires_grad and torch.is_grad_enabled():
+        raise ValueError("inplace=True cannot update a base that requires grad; use inplace=False to train")
+    impl = _pick(backend, base.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (base, source, basis, reflect, mask)
+    )
+    if needs_grad and not getattr(impl, "ROWS_AUTOGRAD", False):
+        impl = _TorchBackend
+    return impl.interchange_rows(
+        base, source, batch_index, base_pos, source_pos, basis, reflect, mask, inplace
+    )
+
+
+def interchange_hard(
+    base: Tensor,
+    source: Tensor,
+    source_index: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Hard interchange: ``source_index`` [B, T] gives, per base token, the source token it
+    takes, or ``KEEP`` (-1) to leave it unchanged. Only the chosen rows are computed."""
+    checks.check_source_index(base, source, source_index)
+    batch_index, base_pos = torch.nonzero(source_index >= 0, as_tuple=True)
+    source_pos = source_index[batch_index, base_pos]
+    triples = torch.stack([batch_index, base_pos, source_pos.long()], dim=1)
+    return interchange_triples(base, source, triples, basis, reflect, mask, inplace, backend)
+
+
+def weights_to_source_index(weights: Tensor) -> Tensor:
+    """One-hot weights [B, S+1, T] -> source_index [B, T] (argmax; the [SELF] row -> KEEP)."""
+    num_source = weights.shape[1] - 1
+    index = weights.argmax(dim=1)
+    return torch.where(index == num_source, torch.full_like(index, KEEP), index)
+
+
+__all__ = [
+    "KEEP",
+    "available_backends",
+    "interchange",
+    "interchange_hard",
+    "interchange_triples",
+    "interchange_paper",
+    "interchange_reference",
+    "interchange_rows_reference",
+    "subspace_project",
+    "weights_to_source_index",
+]
