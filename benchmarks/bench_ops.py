@@ -1,0 +1,179 @@
+"""Times every available backend of the interchange op, side by side in one run.
+
+For each shape: soft forward, soft forward+backward, and the hard (sparse, in place)
+forward; for each available backend plus the paper formulation (soft only). Reports the
+median ms, effective GB/s (bytes that must move at least once / time), peak memory, and
+the ratios to the `torch` reference and to the paper formulation. Writes JSON.
+
+    python benchmarks/bench_ops.py --device cpu  --out benchmarks/results/ops_cpu.json
+    python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out benchmarks/results/ops_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, median_ms, peak_memory_bytes, write_json_atomic  # noqa: E402
+
+from hyperdas_fast import ops  # noqa: E402
+from hyperdas_fast.ops.reference import interchange_paper  # noqa: E402
+
+SHAPES = {
+    # SmolLM2-135M: d=576
+    "smollm2_k16": dict(B=16, T=24, S=24, d=576, k=16),
+    "smollm2_k64": dict(B=16, T=24, S=24, d=576, k=64),
+    # Llama-3-8B: d=4096, k=128
+    "llama3_B8_T32": dict(B=8, T=32, S=32, d=4096, k=128),
+    "llama3_B8_T128": dict(B=8, T=128, S=128, d=4096, k=128),
+    "llama3_B32_T32": dict(B=32, T=32, S=32, d=4096, k=128),
+    "llama3_B32_T128": dict(B=32, T=128, S=128, d=4096, k=128),
+}
+# GiB; the paper formulation builds [B,S,T,d] and [B,d,d] tensors and is skipped above this.
+PAPER_MEMORY_LIMIT_GIB = 6.0
+
+
+def make_inputs(shape: Dict[str, int], dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, S, d, k = (shape[x] for x in "BTSdk")
+
+    def randn(*size):
+        return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
+
+    base, source = randn(B, T, d), randn(B, S, d)
+    weights = torch.softmax(torch.randn(B, S + 1, T, generator=g), dim=1).to(device=device, dtype=dtype)
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g))[0].to(device=device, dtype=dtype)
+    reflect = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1).to(device=device, dtype=dtype)
+    mask = torch.rand(B, k, generator=g).to(device=device, dtype=dtype)
+    # Hard mode: each base token takes a random source token with probability 1/2.
+    index = torch.randint(0, S, (B, T), generator=g)
+    index[torch.rand(B, T, generator=g) < 0.5] = ops.KEEP
+    return base, source, weights, basis, reflect, mask, index.to(device)
+
+
+def soft_bytes(shape, elem: int, backward: bool) -> int:
+    B, T, S, d, k = (shape[x] for x in "BTSdk")
+    inputs = B * T * d + B * S * d + B * (S + 1) * T + d * k + B * d + B * k
+    output = B * T * d
+    if not backward:
+        return elem * (inputs + output)
+    # backward reads grad_out and the inputs again, and writes one gradient per input
+    return elem * (inputs + output + output + inputs + inputs)
+
+
+def paper_fits(shape, elem: int) -> bool:
+    B, T, S, d, _ = (shape[x] for x in "BTSdk")
+    need = elem * (B * S * T * d + B * d * d) * 3  # forward temporaries and their grads
+    return need / 2**30 <= PAPER_MEMORY_LIMIT_GIB
+
+
+def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int) -> List[Dict[str, object]]:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    base, source, weights, basis, reflect, mask, index = make_inputs(shape, dtype, device)
+    rows: List[Dict[str, object]] = []
+    io_bytes = elem * (base.numel() * 2 + source.numel() + weights.numel() + basis.numel() + reflect.numel() + mask.numel())
+
+    soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
+    if paper_fits(shape, elem):
+        soft_impls["paper"] = interchange_paper
+
+    for impl_name, fn in soft_impls.items():
+        args = (base, source, weights, basis, reflect, mask)
+        fwd = lambda: fn(*args)  # noqa: E731
+        with torch.no_grad():
+            timing = median_ms(fwd, device, repeats=repeats)
+            peak = peak_memory_bytes(fwd, device)
+        rows.append(dict(shape=name, mode="soft", pass_="forward", impl=impl_name, **timing,
+                         gbps=soft_bytes(shape, elem, False) / timing["median_ms"] / 1e6,
+                         peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
+
+        grad_args = [a.detach().clone().requires_grad_() for a in args]
+        grad_out = torch.randn_like(base)
+
+        def fwd_bwd():
+            for a in grad_args:
+                a.grad = None
+            fn(*grad_args).backward(grad_out)
+
+        timing = median_ms(fwd_bwd, device, repeats=repeats)
+        peak = peak_memory_bytes(fwd_bwd, device)
+        rows.append(dict(shape=name, mode="soft", pass_="forward+backward", impl=impl_name, **timing,
+                         gbps=soft_bytes(shape, elem, True) / timing["median_ms"] / 1e6,
+                         peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
+
+    rows_selected = int((index >= 0).sum())
+    hard_bytes = elem * (3 * rows_selected * shape["d"] + basis.numel() + reflect.numel() + mask.numel())
+    for impl_name in backends:
+        work = base.clone()
+
+        def hard():
+            ops.interchange_hard(work, source, index, basis, reflect, mask, inplace=True, backend=impl_name)
+
+        with torch.no_grad():
+            timing = median_ms(hard, device, repeats=repeats)
+        rows.append(dict(shape=name, mode="hard", pass_="forward", impl=impl_name, **timing,
+                         gbps=hard_bytes / timing["median_ms"] / 1e6, rows=rows_selected,
+                         peak_bytes=None, peak_over_io=None))
+    return rows
+
+
+def add_ratios(rows: List[Dict[str, object]]) -> None:
+    by_key = {(r["shape"], r["mode"], r["pass_"], r["impl"]): r for r in rows}
+    for r in rows:
+        for ref in ("torch", "paper"):
+            other = by_key.get((r["shape"], r["mode"], r["pass_"], ref))
+            if other is not None:
+                r[f"speedup_vs_{ref}"] = other["median_ms"] / r["median_ms"]
+
+
+def main(argv=None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="hardware memory bandwidth peak in GB/s, to report the fraction reached (H100 SXM: 3350)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    backends = args.backends or ops.available_backends(device)
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    shapes = args.shapes or list(SHAPES)
+    rows: List[Dict[str, object]] = []
+    for name in shapes:
+        print(f"# {name} {SHAPES[name]}", flush=True)
+        rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats))
+    add_ratios(rows)
+    for r in rows:
+        if args.peak_gbps:
+            r["fraction_of_peak_bandwidth"] = r["gbps"] / args.peak_gbps
+        ratio = "  ".join(f"{k}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:6s} "
+              f"{r['median_ms']:9.3f} ms {r['gbps']:8.2f} GB/s  {ratio}", flush=True)
+    payload = {
+        "benchmark": "interchange op",
+        "machine": machine_info(device),
+        "dtype": str(dtype),
+        "backends": backends,
+        "shapes": {n: SHAPES[n] for n in shapes},
+        "peak_bandwidth_gbps": args.peak_gbps,
+        "results": rows,
+    }
+    if args.out:
+        write_json_atomic(args.out, payload)
+        print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
