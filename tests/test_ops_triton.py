@@ -1,0 +1,292 @@
+"""Triton backend (and, on a GPU, the CUDA backend) against the float64 torch reference.
+
+On CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set by
+conftest.py before triton is imported) in fp32 only: the interpreter mis-evaluates bf16
+tl.dot. Shapes are small and odd so the interpreter stays fast and every mask/tail path
+runs. Tolerances are relative to the fp32 torch reference's own error:
+|backend - ref64| <= C * |torch32 - ref64| + atol (max norms, per tensor).
+
+Tests marked ``gpu`` compare the triton and cuda backends in bf16/fp16/fp32 at larger
+shapes; they skip without a CUDA device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperdas_fast import ops
+from hyperdas_fast.ops.reference import interchange_reference, interchange_rows_reference
+
+tk = pytest.importorskip("hyperdas_fast.ops.triton_kernels", reason="triton is not installed")
+
+CPU_OK = tk.is_available(torch.device("cpu"))
+needs_interp = pytest.mark.skipif(not CPU_OK, reason="TRITON_INTERPRET=1 is needed for CPU tensors")
+
+NAMES = ("base", "source", "weights", "basis", "reflect", "mask")
+
+
+def make_inputs(B, T, S, d, k, reflect, mask, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, T, d, generator=g)
+    source = torch.randn(B, S, d, generator=g)
+    weights = torch.softmax(2 * torch.randn(B, S + 1, T, generator=g), dim=1)
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].float() if k else None
+    v = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1) if (reflect and k) else None
+    if not k or mask is None:
+        m = None
+    elif mask == "batch":
+        m = torch.rand(B, k, generator=g)
+    else:
+        m = torch.rand(k, generator=g)
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in (base, source, weights, basis, v, m)]
+
+
+def noncontiguous(t):
+    """Same values, non-contiguous layout (transpose of a transposed copy)."""
+    if t is None or t.dim() < 2:
+        return t
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _grads(fn, args, grad):
+    leaves = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), [None if a is None else a.grad for a in leaves]
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare(args, backend_fn, c=8.0, atol=1e-6, grad=True, seed=1):
+    """backend_fn vs the float64 reference, with the fp32 torch reference's error as the scale."""
+    args64 = [None if a is None else a.double() for a in args]
+    ref = interchange_reference(*args64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(ref.device)
+    if not grad:
+        with torch.no_grad():
+            out = backend_fn(*args)
+            out32 = interchange_reference(*[None if a is None else a.float() for a in args])
+        assert out.dtype == args[0].dtype and out.shape == args[0].shape
+        assert _err(out, ref) <= c * _err(out32, ref) + atol * (1 + ref.abs().max().item())
+        return
+    ref, ref_g = _grads(interchange_reference, args64, g)
+    t32, t32_g = _grads(interchange_reference, [None if a is None else a.float() for a in args], g)
+    out, out_g = _grads(backend_fn, args, g)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    scale = 1 + ref.abs().max().item()
+    assert _err(out, ref) <= c * _err(t32, ref) + atol * scale, ("out", _err(out, ref), _err(t32, ref))
+    for name, a, gr, g32, g64 in zip(NAMES, args, out_g, t32_g, ref_g):
+        if a is None:
+            assert gr is None
+            continue
+        assert gr is not None, f"no gradient for {name}"
+        assert gr.shape == a.shape, (name, gr.shape, a.shape)
+        gscale = 1 + g64.abs().max().item()
+        assert _err(gr, g64) <= c * _err(g32, g64) + atol * gscale, (name, _err(gr, g64), _err(g32, g64))
+
+
+SHAPES = [  # B, T, S, d, k
+    (2, 3, 4, 40, 5),
+    (1, 1, 1, 72, 1),
+    (2, 3, 4, 40, 40),
+    (1, 17, 3, 72, 5),
+    (2, 1, 18, 40, 33),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reflect", [True, False])
+@pytest.mark.parametrize("mask", ["batch", "shared", None])
+def test_soft_forward_and_grads(shape, reflect, mask):
+    args = make_inputs(*shape, reflect=reflect, mask=mask)
+    compare(args, tk.interchange_soft)
+
+
+@needs_interp
+@pytest.mark.parametrize("shape", [(2, 3, 4, 40, 0), (1, 17, 18, 72, 0), (1, 1, 1, 40, 0)])
+def test_vanilla_forward_and_grads(shape):
+    args = make_inputs(*shape, reflect=False, mask=None)
+    compare(args, tk.interchange_soft)
+
+
+@needs_interp
+def test_noncontiguous_inputs():
+    args = [noncontiguous(a) for a in make_inputs(2, 3, 4, 40, 5, reflect=True, mask="batch")]
+    assert not args[0].is_contiguous() and not args[3].is_contiguous()
+    compare(args, tk.interchange_soft)
+
+
+@needs_interp
+def test_dispatch_through_public_api():
+    args = make_inputs(2, 3, 4, 40, 5, reflect=True, mask="shared")
+    compare(args, lambda *a: ops.interchange(*a, backend="triton"))
+    assert "triton" in ops.available_backends("cpu")
+
+
+@needs_interp
+def test_custom_op_is_registered_with_fake():
+    args = make_inputs(2, 3, 4, 40, 5, reflect=True, mask="batch")
+    torch.library.opcheck(torch.ops.hyperdas_fast.interchange_triton.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _rows_case(B=2, T=5, S=4, d=40, k=5, reflect=True, mask="batch", dtype=torch.float32, device="cpu", seed=0):
+    args = make_inputs(B, T, S, d, k, reflect, mask, dtype=dtype, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 7)
+    index = torch.randint(-1, S, (B, T), generator=g)
+    index[0, 0] = S - 1  # at least one row
+    bi, tp = torch.nonzero(index >= 0, as_tuple=True)
+    sp = index[bi, tp]
+    return args, [x.to(device) for x in (bi, tp, sp)]
+
+
+@needs_interp
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(reflect=False, mask=None),
+    dict(mask="shared", k=40),
+    dict(B=1, T=20, S=3, d=72, k=1),
+    dict(k=0, reflect=False, mask=None),
+])
+def test_rows(inplace, case):
+    (base, source, _, basis, v, m), (bi, tp, sp) = _rows_case(**case)
+    ref = interchange_rows_reference(*[None if a is None else a.double() for a in (base, source)],
+                                     bi, tp, sp,
+                                     *[None if a is None else a.double() for a in (basis, v, m)])
+    t32 = interchange_rows_reference(base, source, bi, tp, sp, basis, v, m)
+    before = base.clone()
+    out = tk.interchange_rows(base, source, bi, tp, sp, basis, v, m, inplace)
+    if inplace:
+        assert out.data_ptr() == base.data_ptr()
+    else:
+        assert out.data_ptr() != base.data_ptr()
+        torch.testing.assert_close(base, before, rtol=0, atol=0)
+    assert _err(out, ref) <= 8 * _err(t32, ref) + 1e-6 * (1 + ref.abs().max().item())
+    # Rows that were not selected are bit-identical to the input.
+    untouched = torch.ones(base.shape[:2], dtype=torch.bool)
+    untouched[bi, tp] = False
+    assert torch.equal(out[untouched], before[untouched])
+
+
+@needs_interp
+def test_rows_through_public_api_and_empty_selection():
+    (base, source, _, basis, v, m), _ = _rows_case()
+    index = torch.full(base.shape[:2], ops.KEEP)
+    out = ops.interchange_hard(base, source, index, basis, v, m, backend="triton")
+    assert torch.equal(out, base)
+    index[1, 2] = 0
+    expected = ops.interchange_hard(base.clone(), source, index, basis, v, m, backend="torch")
+    out = ops.interchange_hard(base, source, index, basis, v, m, inplace=True, backend="triton")
+    assert out.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(out, expected)
+
+
+def test_is_available_rules():
+    assert tk.ROWS_AUTOGRAD is False
+    assert tk.is_available(torch.device("cpu")) == (__import__("os").environ.get("TRITON_INTERPRET") == "1")
+    assert tk.is_available(torch.device("meta")) is False
+
+
+# ------------------------------------------------------------------------------------
+# GPU: triton and cuda backends in bf16 / fp16 / fp32 at realistic shapes
+# ------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Error bound relative to the torch reference run in the same low precision.
+GPU_C = {torch.float32: 8.0, torch.bfloat16: 4.0, torch.float16: 4.0}
+
+
+def _gpu_backends():
+    names = []
+    for name in ("triton", "cuda"):
+        try:
+            if name in ops.available_backends("cuda"):
+                names.append(name)
+        except Exception:  # pragma: no cover
+            pass
+    return names
+
+
+def compare_low_precision(args, backend_fn, dtype, grad=True):
+    """|backend - ref64| <= C |torch(dtype) - ref64| + atol, per tensor (max norms)."""
+    args_lp = [None if a is None else a.to(dtype) for a in args]
+    args64 = [None if a is None else a.double() for a in args_lp]
+    g = torch.randn(args[0].shape, device=args[0].device, dtype=torch.float64,
+                    generator=torch.Generator(device=args[0].device).manual_seed(3))
+    ref, ref_g = _grads(interchange_reference, args64, g)
+    tl_, tl_g = _grads(interchange_reference, args_lp, g)
+    out, out_g = _grads(backend_fn, args_lp, g) if grad else (backend_fn(*args_lp), None)
+    eps = torch.finfo(dtype).eps
+    assert out.dtype == dtype
+    assert _err(out, ref) <= GPU_C[dtype] * _err(tl_, ref) + eps * (1 + ref.abs().max().item())
+    if not grad:
+        return
+    for name, a, gr, glp, g64 in zip(NAMES, args_lp, out_g, tl_g, ref_g):
+        if a is None:
+            continue
+        assert gr is not None and gr.shape == a.shape, name
+        err, err_t = _err(gr, g64), _err(glp, g64)
+        assert err <= GPU_C[dtype] * err_t + 4 * eps * (1 + g64.abs().max().item()), (name, err, err_t)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 64, 48, 1024, 128), (2, 37, 29, 4096, 128), (2, 33, 5, 512, 512),
+                                   (3, 50, 50, 768, 0)])
+@pytest.mark.parametrize("variant", ["reflect_mask", "plain"])
+def test_gpu_soft(backend, dtype, shape, variant):
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available")
+    reflect, mask = (True, "batch") if variant == "reflect_mask" else (False, None)
+    args = make_inputs(*shape, reflect=reflect, mask=mask, device="cuda")
+    compare_low_precision(args, lambda *a: ops.interchange(*a, backend=backend), dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", [dict(B=4, T=64, S=48, d=1024, k=128),
+                                  dict(B=2, T=33, S=7, d=4096, k=128, mask="shared"),
+                                  dict(B=2, T=9, S=7, d=256, k=256, reflect=False, mask=None)])
+def test_gpu_rows(backend, dtype, inplace, case):
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available")
+    (base, source, _, basis, v, m), (bi, tp, sp) = _rows_case(device="cuda", **case)
+    base, source = base.to(dtype), source.to(dtype)
+    basis, v, m = [None if a is None else a.to(dtype) for a in (basis, v, m)]
+    ref = interchange_rows_reference(base.double(), source.double(), bi, tp, sp,
+                                     *[None if a is None else a.double() for a in (basis, v, m)])
+    lp = interchange_rows_reference(base, source, bi, tp, sp, basis, v, m)
+    before = base.clone()
+    out = ops.interchange_triples(base, source, torch.stack([bi, tp, sp], 1), basis, v, m,
+                                  inplace=inplace, backend=backend)
+    assert (out.data_ptr() == base.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(base, before)
+    eps = torch.finfo(dtype).eps
+    assert _err(out, ref) <= GPU_C[dtype] * _err(lp, ref) + eps * (1 + ref.abs().max().item())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_backends_agree(dtype):
+    names = _gpu_backends()
+    if len(names) < 2:
+        pytest.skip(f"needs both triton and cuda, have {names}")
+    args = [None if a is None else a.to(dtype) for a in make_inputs(8, 64, 64, 4096, 128, True, "batch", device="cuda")]
+    outs = [ops.interchange(*args, backend=n) for n in names]
+    ref = interchange_reference(*[None if a is None else a.double() for a in args])
+    lp = interchange_reference(*args)
+    for o in outs:
+        assert _err(o, ref) <= GPU_C[dtype] * _err(lp, ref) + torch.finfo(dtype).eps * (1 + ref.abs().max().item())
