@@ -1,0 +1,169 @@
+import json
+import os
+
+import pytest
+import torch
+
+from hyperdas_fast.data import ravel
+
+
+def _row(entity, cf, causal=True, target="France", cf_target="Italy", prefix=None):
+    prefix = prefix if prefix is not None else f"city: {entity}"
+    return {
+        "input_prefix": prefix,
+        "input_suffix": ", country:",
+        "counterfactual_input_prefix": f"city: {cf}",
+        "counterfactual_input_suffix": ", country:",
+        "edit_instruction": f"{entity} ; {cf} - Country",
+        "entity": entity,
+        "counterfactual_entity": cf,
+        "target": target,
+        "counterfactual_target": cf_target,
+        "attribute_type": "causal" if causal else "isolate",
+        "domain": "city",
+        "attribute": "Country" if causal else "Continent",
+        "verify_text": f"city: {cf}, country:" if causal else f"city: {entity}, country:",
+    }
+
+
+def test_default_dir_and_env(tmp_path, monkeypatch, ravel_dir):
+    monkeypatch.delenv(ravel.ENV_VAR, raising=False)
+    assert ravel.default_data_dir().name == "ravel"
+    monkeypatch.setenv(ravel.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="HYPERDAS_FAST_RAVEL_DIR"):
+        ravel.load_rows("city", "country", "test")
+    with pytest.raises(FileNotFoundError, match="data-dir"):
+        ravel.resolve_data_dir(tmp_path / "missing")
+
+
+def test_available_and_errors(ravel_dir):
+    splits = ravel.available_splits(ravel_dir)
+    assert set(splits) == set(ravel.DOMAINS)
+    assert "country_of_birth" in splits["nobel_prize_winner"]
+    assert "work_location" in splits["occupation"]
+    with pytest.raises(ValueError, match="domain must be one of"):
+        ravel.load_rows("planets", data_dir=ravel_dir)
+    with pytest.raises(ValueError, match="country, language"):
+        ravel.load_rows("city", "population", data_dir=ravel_dir)
+    with pytest.raises(ValueError, match="split"):
+        ravel.load_rows("city", "country", "dev", data_dir=ravel_dir)
+
+
+def test_given_split_and_built_split(ravel_dir):
+    train = ravel.load_rows("city", "language", "train", ravel_dir)
+    assert len(train) == 11944 and train[0]["split_source"] == "given"
+    assert all(r["edit_attribute"] == "language" for r in train[:50])
+    tr = ravel.load_rows("verb", "past_tense", "train", ravel_dir, seed=3)
+    te = ravel.load_rows("verb", "past_tense", "test", ravel_dir, seed=3)
+    assert tr and te and tr[0]["split_source"] == "built"
+    ents = lambda rows: {r["entity"] for r in rows} | {r["counterfactual_entity"] for r in rows}
+    assert not ents(tr) & ents(te)
+    # deterministic for a seed, different for another
+    again = ravel.load_rows("verb", "past_tense", "train", ravel_dir, seed=3)
+    assert [r["entity"] for r in again] == [r["entity"] for r in tr]
+    other = ravel.load_rows("verb", "past_tense", "train", ravel_dir, seed=4)
+    assert [r["entity"] for r in other] != [r["entity"] for r in tr]
+
+
+def test_domain_and_all(ravel_dir):
+    rows = ravel.load_rows("occupation", None, "train", ravel_dir)
+    assert {r["edit_attribute"] for r in rows} == {"duty", "industry", "work_location"}
+    assert ravel.list_attributes("Nobel Laureate", ravel_dir)[0] == "award_year"
+
+
+def test_entity_disjoint_split_small():
+    rows = [_row(f"E{i}", f"E{(i * 7 + 3) % 20}") for i in range(20)]
+    tr, te = ravel.entity_disjoint_split(rows, 0.5, seed=1)
+    ents = lambda rows: {r["entity"] for r in rows} | {r["counterfactual_entity"] for r in rows}
+    assert not ents(tr) & ents(te)
+    with pytest.raises(ValueError, match="test_fraction"):
+        ravel.entity_disjoint_split(rows, 1.5)
+
+
+def test_records_and_entity_positions(smollm2):
+    _, tok = smollm2
+    rows = [
+        _row("Boston", "Paris"),
+        _row("Boston", "Paris", causal=False, prefix='[{"city": "Boston'),
+    ]
+    rows[1]["input_suffix"] = '", "country": "'
+    recs = ravel.to_records(rows, tok)
+    assert recs[0]["label"] == " Italy" and recs[0]["is_causal"]
+    assert recs[1]["label"] == "France" and not recs[1]["is_causal"]
+    for rec, row in zip(recs, rows):
+        ids = tok(rec["base_prompt"])["input_ids"]
+        piece = tok.decode(ids[: rec["base_entity_pos"] + 1])
+        assert piece.rstrip().endswith("Boston"), piece
+        sids = tok(rec["counterfactual_prompt"])["input_ids"]
+        assert tok.decode(sids[: rec["source_entity_pos"] + 1]).endswith("Paris")
+    assert recs[0]["concept"] == "Boston ; Paris - Country"
+
+
+def test_answer_matching():
+    assert ravel.answer_matches(' United States.\n\nThe', "United States")
+    assert ravel.answer_matches('France"}, {"city', "France")
+    assert not ravel.answer_matches(" Franceville", "France")
+    assert not ravel.answer_matches(" the United states", "United States")
+    assert ravel.extract_answer(' Zambia.\n\nThe answer') == "Zambia"
+    assert ravel.extract_answer('Mexico"}, {"city": "') == "Mexico"
+    assert ravel.extract_answer(" 28.6, lng") == "28.6"
+
+
+class _FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_filter_logic_and_cache(tmp_path, monkeypatch):
+    rows = [
+        _row("A", "B", True, "France", "Italy"),   # known
+        _row("C", "D", True, "Spain", "Peru"),     # base unknown
+        _row("E", "F", False, "Chad", "Mali"),     # isolation, known
+    ]
+    answers = {
+        "city: A, country:": " France.", "city: B, country:": " Italy\n",
+        "city: C, country:": " Brazil", "city: D, country:": " Peru",
+        "city: E, country:": " Chad",
+    }
+    calls = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens=6, batch_size=32):
+        calls.append(list(prompts))
+        return [answers[p] for p in prompts]
+
+    monkeypatch.setattr(ravel, "greedy_generate", fake_generate)
+    model = _FakeModel()
+    kept = ravel.filter_known(rows, model, None, cache_dir=tmp_path)
+    assert sorted(r["entity"] for r in kept) == ["A", "E"]
+    n_calls = len(calls)
+    again = ravel.filter_known(rows, model, None, cache_dir=tmp_path)
+    assert again == kept and len(calls) == n_calls  # served from the cache
+    labelled = ravel.filter_known(rows, model, None, label_mode="model", cache_dir=tmp_path)
+    assert len(calls) == n_calls  # generations cached per prompt
+    by = {r["entity"]: r["model_label"] for r in labelled}
+    assert by == {"A": "Italy", "C": "Peru", "E": "Chad"}
+    files = list(tmp_path.rglob("*.json"))
+    assert files and not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="label_mode"):
+        ravel.filter_known(rows, model, None, label_mode="guess", cache_dir=tmp_path)
+
+
+def test_no_usable_rows(tmp_path, monkeypatch, ravel_dir, smollm2):
+    _, tok = smollm2
+    monkeypatch.setattr(ravel, "greedy_generate", lambda m, t, p, *a, **k: ["???"] * len(p))
+    monkeypatch.setattr(ravel, "filter_cache_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match="no usable rows"):
+        ravel.load_dataset("verb", "past_tense", "test", ravel_dir, model=_FakeModel(), tokenizer=tok, max_examples=5)
+
+
+@pytest.mark.slow
+def test_filter_real_model(tmp_path, smollm2, ravel_dir):
+    model, tok = smollm2
+    rows = ravel.load_rows("city", "continent", "test", ravel_dir)[:12]
+    kept = ravel.filter_known(rows, model, tok, label_mode="model", max_examples=3, cache_dir=tmp_path, batch_size=8)
+    assert 1 <= len(kept) <= 3 and all(r["model_label"] for r in kept)
+    recs = ravel.to_records(kept, tok)
+    assert all(isinstance(r["base_entity_pos"], int) for r in recs)
+    gen = json.loads(next(tmp_path.rglob("generations.json")).read_text())
+    assert gen
