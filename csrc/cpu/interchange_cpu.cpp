@@ -1,0 +1,635 @@
+// C++ CPU kernels of the fused interchange intervention.
+//
+// Notation (per example b, token t; rows n = b*T + t):
+//   delta = mix - base = W_src^T source + (w_self - 1) base
+//   u = R^T v,  c = R_b^T delta = delta R - 2 (delta.v) u,  e = m * c
+//   out = base + R_b e = base + e R^T - 2 (e.u) v
+// Backward with g = dL/dout:
+//   g_e = R_b^T g = g R - 2 (v.g) u,  g_mask = sum_t g_e * c,  g_c = m * g_e
+//   g_delta = R_b g_c = g_c R^T - 2 (u.g_c) v
+//   g_source[b] = W_src[b] g_delta[b],  g_w[b,s,t] = <g_delta[b,t], source[b,s]>,
+//   g_w[b,S,t] = <g_delta[b,t], base[b,t]>,  g_base = g - (1 - w_self) g_delta
+//   g_basis = sum_{b,t} (H_b g) e^T + (H_b delta) g_c^T,   H_b = I - 2 v v^T
+//           = G^T E + D^T Gc - 2 V^T Q,   Q[b] = sum_t (v.g) e + (v.delta) g_c
+//   g_reflect[b] = -2 [ sum_t (u.e) g + (u.g_c) delta  +  R Q[b] ]
+//
+// The [B,S,T,d] weighted sources and the [B,d,d] Householder matrices are never built.
+// The O(N d k) products are single GEMMs over all N = B*T rows (R is shared by the batch)
+// and the mixes are batched GEMMs, all through ATen (MKL); every O(N d) rank-1
+// correction, row dot product and reduction is one fused, at::parallel_for loop.
+// float and double compute in their own type; half and bfloat16 compute in float.
+#include "interchange_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace hyperdas_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRowGrain = 8;  // rows of d numbers per parallel task
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n) {
+  scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+bool is_reduced(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+std::optional<at::Tensor> opt_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value()) return std::nullopt;
+  return t->to(dtype);
+}
+
+std::optional<at::Tensor> opt_contig(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& base, const char* name) {
+  TORCH_CHECK(t.device() == base.device(), "hyperdas_fast: ", name, " is on ", t.device(),
+              " but base is on ", base.device());
+  TORCH_CHECK(t.scalar_type() == base.scalar_type(), "hyperdas_fast: ", name, " has dtype ",
+              t.scalar_type(), " but base has dtype ", base.scalar_type());
+}
+
+void check_states(const at::Tensor& base, const at::Tensor& source) {
+  TORCH_CHECK(base.device().is_cpu(), "hyperdas_fast CPU kernel: base must be a CPU tensor, got ",
+              base.device());
+  TORCH_CHECK(at::isFloatingType(base.scalar_type()),
+              "hyperdas_fast: base must be a floating tensor, got ", base.scalar_type());
+  TORCH_CHECK(base.dim() == 3, "hyperdas_fast: base must be [B, T, d], got ", base.sizes());
+  check_same(source, base, "source");
+  TORCH_CHECK(source.dim() == 3 && source.size(0) == base.size(0) && source.size(2) == base.size(2),
+              "hyperdas_fast: source must be [B, S, d] with base ", base.sizes(), ", got ",
+              source.sizes());
+  TORCH_CHECK(source.size(1) >= 1, "hyperdas_fast: source must have S >= 1 tokens");
+}
+
+void check_subspace(const at::Tensor& base, const std::optional<at::Tensor>& basis,
+                    const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask) {
+  const int64_t B = base.size(0), d = base.size(2);
+  if (!basis.has_value()) {
+    TORCH_CHECK(!reflect.has_value() && !mask.has_value(),
+                "hyperdas_fast: reflect and mask need a basis [d, k]");
+    return;
+  }
+  check_same(*basis, base, "basis");
+  TORCH_CHECK(basis->dim() == 2 && basis->size(0) == d && basis->size(1) >= 1 && basis->size(1) <= d,
+              "hyperdas_fast: basis must be [d, k] with d = ", d, " and 1 <= k <= d, got ",
+              basis->sizes());
+  const int64_t k = basis->size(1);
+  if (reflect.has_value()) {
+    check_same(*reflect, base, "reflect");
+    TORCH_CHECK(reflect->dim() == 2 && reflect->size(0) == B && reflect->size(1) == d,
+                "hyperdas_fast: reflect must be [B, d] = [", B, ", ", d, "], got ", reflect->sizes());
+  }
+  if (mask.has_value()) {
+    check_same(*mask, base, "mask");
+    const bool ok = (mask->dim() == 2 && mask->size(0) == B && mask->size(1) == k) ||
+                    (mask->dim() == 1 && mask->size(0) == k);
+    TORCH_CHECK(ok, "hyperdas_fast: mask must be [B, k] = [", B, ", ", k, "] or [k], got ",
+                mask->sizes());
+  }
+}
+
+void check_soft(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
+                const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
+                const std::optional<at::Tensor>& mask) {
+  check_states(base, source);
+  check_same(weights, base, "weights");
+  TORCH_CHECK(weights.dim() == 3 && weights.size(0) == base.size(0) &&
+                  weights.size(1) == source.size(1) + 1 && weights.size(2) == base.size(1),
+              "hyperdas_fast: weights must be [B, S+1, T] = [", base.size(0), ", ", source.size(1) + 1,
+              ", ", base.size(1), "], got ", weights.sizes());
+  check_subspace(base, basis, reflect, mask);
+}
+
+// Raw views of the subspace arguments.
+template <typename scalar_t>
+struct Subspace {
+  const scalar_t* v = nullptr;  // [B, d] or null
+  const scalar_t* u = nullptr;  // [B, k] = v R, or null
+  const scalar_t* m = nullptr;  // mask or null
+  int64_t m_stride = 0;         // k for [B, k], 0 for [k]
+};
+
+// ----------------------------------------------------------------------------------------
+// forward
+// ----------------------------------------------------------------------------------------
+template <typename scalar_t>
+at::Tensor fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
+                    const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
+                    const std::optional<at::Tensor>& mask) {
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
+  const int64_t N = B * T;
+  const int64_t Sp1 = S + 1;
+  const scalar_t* wp = weights.const_data_ptr<scalar_t>();
+  const scalar_t* xp = base.const_data_ptr<scalar_t>();
+
+  // D = W_src^T source  [B, T, d]
+  at::Tensor D = at::bmm(weights.narrow(1, 0, S).transpose(1, 2), source);
+  scalar_t* Dp = D.data_ptr<scalar_t>();
+
+  if (!basis.has_value()) {  // vanilla: out = mix
+    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T, t = n % T;
+        const scalar_t ws = wp[(b * Sp1 + S) * T + t];
+        scalar_t* __restrict row = Dp + n * d;
+        const scalar_t* __restrict x = xp + n * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) row[i] += ws * x[i];
+      }
+    });
+    return D;
+  }
+
+  const at::Tensor& R = *basis;
+  const int64_t k = R.size(1);
+  const bool has_v = reflect.has_value();
+  Subspace<scalar_t> sub;
+  at::Tensor U;
+  if (has_v) {
+    sub.v = reflect->const_data_ptr<scalar_t>();
+    U = at::mm(*reflect, R);
+    sub.u = U.const_data_ptr<scalar_t>();
+  }
+  if (mask.has_value()) {
+    sub.m = mask->const_data_ptr<scalar_t>();
+    sub.m_stride = mask->dim() == 2 ? k : 0;
+  }
+
+  // delta = D + (w_self - 1) base; dv = delta . v
+  std::vector<scalar_t> dv(has_v ? N : 0);
+  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t b = n / T, t = n % T;
+      const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
+      scalar_t* __restrict row = Dp + n * d;
+      const scalar_t* __restrict x = xp + n * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+      if (has_v) dv[n] = dot(row, sub.v + b * d, d);
+    }
+  });
+
+  at::Tensor D2 = D.view({N, d});
+  at::Tensor C = at::mm(D2, R);  // [N, k]
+  scalar_t* Cp = C.data_ptr<scalar_t>();
+  std::vector<scalar_t> eu(has_v ? N : 0);
+  if (has_v || sub.m != nullptr) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / k), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T;
+        scalar_t* __restrict c = Cp + n * k;
+        if (has_v) {
+          const scalar_t* __restrict u = sub.u + b * k;
+          const scalar_t a = scalar_t(-2) * dv[n];
+#pragma omp simd
+          for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
+        }
+        if (sub.m != nullptr) {
+          const scalar_t* __restrict m = sub.m + b * sub.m_stride;
+#pragma omp simd
+          for (int64_t j = 0; j < k; ++j) c[j] *= m[j];
+        }
+        if (has_v) eu[n] = dot(c, sub.u + b * k, k);
+      }
+    });
+  }
+
+  if (!has_v) {
+    return at::addmm(base.view({N, d}), C, R.t()).view({B, T, d});
+  }
+  // out = base + E R^T - 2 (e.u) v, written over D
+  at::mm_out(D2, C, R.t());
+  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t b = n / T;
+      scalar_t* __restrict row = Dp + n * d;
+      const scalar_t* __restrict x = xp + n * d;
+      const scalar_t* __restrict v = sub.v + b * d;
+      const scalar_t a = scalar_t(-2) * eu[n];
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
+    }
+  });
+  return D;
+}
+
+// ----------------------------------------------------------------------------------------
+// backward
+// ----------------------------------------------------------------------------------------
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename scalar_t>
+Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& source,
+               const at::Tensor& weights, const std::optional<at::Tensor>& basis,
+               const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask) {
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
+  const int64_t N = B * T;
+  const int64_t Sp1 = S + 1;
+  const auto opts = base.options();
+  const scalar_t* wp = weights.const_data_ptr<scalar_t>();
+  const scalar_t* xp = base.const_data_ptr<scalar_t>();
+  const scalar_t* gp = G.const_data_ptr<scalar_t>();
+  const at::Tensor Wsrc = weights.narrow(1, 0, S);  // [B, S, T]
+
+  at::Tensor g_base = at::empty({B, T, d}, opts);
+  at::Tensor g_weights = at::empty({B, Sp1, T}, opts);
+  at::Tensor g_basis, g_reflect, g_mask;
+  scalar_t* gbp = g_base.data_ptr<scalar_t>();
+  scalar_t* gwp = g_weights.data_ptr<scalar_t>();
+  at::Tensor GD;  // g_delta [B, T, d]
+
+  if (!basis.has_value()) {
+    // g_delta = g; g_base = w_self g; g_w[b,S,t] = <g, base>
+    GD = G;
+    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T, t = n % T;
+        const scalar_t ws = wp[(b * Sp1 + S) * T + t];
+        const scalar_t* __restrict g = gp + n * d;
+        scalar_t* __restrict gb = gbp + n * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) gb[i] = ws * g[i];
+        gwp[(b * Sp1 + S) * T + t] = dot(g, xp + n * d, d);
+      }
+    });
+    g_basis = at::empty({0}, opts);
+    g_reflect = at::empty({0}, opts);
+    g_mask = at::empty({0}, opts);
+  } else {
+    const at::Tensor& R = *basis;
+    const int64_t k = R.size(1);
+    const bool has_v = reflect.has_value();
+    const bool has_m = mask.has_value();
+    Subspace<scalar_t> sub;
+    at::Tensor U;
+    if (has_v) {
+      sub.v = reflect->const_data_ptr<scalar_t>();
+      U = at::mm(*reflect, R);
+      sub.u = U.const_data_ptr<scalar_t>();
+    }
+    if (has_m) {
+      sub.m = mask->const_data_ptr<scalar_t>();
+      sub.m_stride = mask->dim() == 2 ? k : 0;
+    }
+
+    // delta = W_src^T source + (w_self - 1) base; dv = delta.v; vg = v.g
+    at::Tensor D = at::bmm(Wsrc.transpose(1, 2), source);
+    scalar_t* Dp = D.data_ptr<scalar_t>();
+    std::vector<scalar_t> dv(has_v ? N : 0), vg(has_v ? N : 0);
+    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T, t = n % T;
+        const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
+        scalar_t* __restrict row = Dp + n * d;
+        const scalar_t* __restrict x = xp + n * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+        if (has_v) {
+          dv[n] = dot(row, sub.v + b * d, d);
+          vg[n] = dot(gp + n * d, sub.v + b * d, d);
+        }
+      }
+    });
+    const at::Tensor D2 = D.view({N, d});
+    const at::Tensor G2 = G.view({N, d});
+    at::Tensor E = at::mm(D2, R);    // c, then e = m c
+    at::Tensor GC = at::mm(G2, R);   // g R, then g_c = m g_e
+    scalar_t* Ep = E.data_ptr<scalar_t>();
+    scalar_t* GCp = GC.data_ptr<scalar_t>();
+
+    // Per-example k-vector reductions: g_mask rows and Q.
+    at::Tensor gm_rows = has_m ? at::zeros({B, k}, opts) : at::Tensor();
+    at::Tensor Q = has_v ? at::zeros({B, k}, opts) : at::Tensor();
+    scalar_t* gmp = has_m ? gm_rows.data_ptr<scalar_t>() : nullptr;
+    scalar_t* Qp = has_v ? Q.data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t> ue(has_v ? N : 0), ugc(has_v ? N : 0);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* __restrict u = has_v ? sub.u + b * k : nullptr;
+        const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : nullptr;
+        scalar_t* __restrict gm = has_m ? gmp + b * k : nullptr;
+        scalar_t* __restrict q = has_v ? Qp + b * k : nullptr;
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t n = b * T + t;
+          scalar_t* __restrict e = Ep + n * k;
+          scalar_t* __restrict gc = GCp + n * k;
+          if (has_v) {
+            const scalar_t a = scalar_t(-2) * dv[n], ag = scalar_t(-2) * vg[n];
+#pragma omp simd
+            for (int64_t j = 0; j < k; ++j) {
+              e[j] += a * u[j];
+              gc[j] += ag * u[j];
+            }
+          }
+          if (has_m) {
+#pragma omp simd
+            for (int64_t j = 0; j < k; ++j) {
+              gm[j] += gc[j] * e[j];
+              e[j] *= m[j];
+              gc[j] *= m[j];
+            }
+          }
+          if (has_v) {
+            ue[n] = dot(u, e, k);
+            ugc[n] = dot(u, gc, k);
+            const scalar_t a = vg[n], ad = dv[n];
+#pragma omp simd
+            for (int64_t j = 0; j < k; ++j) q[j] += a * e[j] + ad * gc[j];
+          }
+        }
+      }
+    });
+    if (has_m) {
+      g_mask = mask->dim() == 2 ? gm_rows : gm_rows.sum(0);
+    } else {
+      g_mask = at::empty({0}, opts);
+    }
+
+    // g_basis = D^T Gc + G^T E - 2 V^T Q
+    g_basis = at::mm(D2.t(), GC);
+    g_basis.addmm_(G2.t(), E);
+    if (has_v) g_basis.addmm_(reflect->t(), Q, /*beta=*/1, /*alpha=*/-2);
+
+    // g_delta = Gc R^T - 2 (u.g_c) v; g_base; g_w[:, S]; g_reflect
+    GD = at::mm(GC, R.t()).view({B, T, d});
+    scalar_t* GDp = GD.data_ptr<scalar_t>();
+    at::Tensor RQ;
+    const int64_t TT = 8;  // rows per reduction tile
+    const int64_t tiles_per_b = (T + TT - 1) / TT;
+    at::Tensor partial;
+    scalar_t* pp = nullptr;
+    const scalar_t* rqp = nullptr;
+    if (has_v) {
+      RQ = at::mm(Q, R.t());  // [B, d]
+      rqp = RQ.const_data_ptr<scalar_t>();
+      partial = at::empty({B * tiles_per_b, d}, opts);
+      pp = partial.data_ptr<scalar_t>();
+    }
+    at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t tile = i0; tile < i1; ++tile) {
+        const int64_t b = tile / tiles_per_b;
+        const int64_t t0 = (tile % tiles_per_b) * TT, t1 = std::min(T, t0 + TT);
+        scalar_t* __restrict acc = has_v ? pp + tile * d : nullptr;
+        if (has_v) std::fill(acc, acc + d, scalar_t(0));
+        const scalar_t* __restrict v = has_v ? sub.v + b * d : nullptr;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = b * T + t;
+          const scalar_t ws = wp[(b * Sp1 + S) * T + t];
+          scalar_t* __restrict gd = GDp + n * d;
+          const scalar_t* __restrict g = gp + n * d;
+          const scalar_t* __restrict x = xp + n * d;
+          scalar_t* __restrict gb = gbp + n * d;
+          const scalar_t one_m_ws = scalar_t(1) - ws;
+          if (has_v) {
+            const scalar_t a = scalar_t(-2) * ugc[n];
+            const scalar_t* __restrict delta = Dp + n * d;
+            const scalar_t ae = ue[n], ag = ugc[n];
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) {
+              gd[i] += a * v[i];
+              gb[i] = g[i] - one_m_ws * gd[i];
+              acc[i] += ae * g[i] + ag * delta[i];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) gb[i] = g[i] - one_m_ws * gd[i];
+          }
+          gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
+        }
+      }
+    });
+    if (has_v) {
+      g_reflect = at::empty({B, d}, opts);
+      scalar_t* grp = g_reflect.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* __restrict out = grp + b * d;
+          const scalar_t* __restrict rq = rqp + b * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) out[i] = rq[i];
+          for (int64_t tile = b * tiles_per_b; tile < (b + 1) * tiles_per_b; ++tile) {
+            const scalar_t* __restrict p = pp + tile * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) out[i] += p[i];
+          }
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) out[i] *= scalar_t(-2);
+        }
+      });
+    } else {
+      g_reflect = at::empty({0}, opts);
+    }
+  }
+
+  // g_source = W_src g_delta; g_w[:, :S] = source g_delta^T
+  at::Tensor g_source = at::bmm(Wsrc, GD);
+  g_weights.narrow(1, 0, S).copy_(at::bmm(source, GD.transpose(1, 2)));
+  return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
+}
+
+// ----------------------------------------------------------------------------------------
+// hard rows, in place
+// ----------------------------------------------------------------------------------------
+template <typename scalar_t>
+void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* bi,
+               const int64_t* ti, const int64_t* si, int64_t P,
+               const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
+               const std::optional<at::Tensor>& mask) {
+  const int64_t T = base.size(1), d = base.size(2), S = source.size(1);
+  scalar_t* xp = base.data_ptr<scalar_t>();
+  const scalar_t* sp = source.const_data_ptr<scalar_t>();
+  if (!basis.has_value()) {
+    at::parallel_for(0, P, kRowGrain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        std::copy(sp + (bi[p] * S + si[p]) * d, sp + (bi[p] * S + si[p] + 1) * d,
+                  xp + (bi[p] * T + ti[p]) * d);
+      }
+    });
+    return;
+  }
+  const at::Tensor& R = *basis;
+  const int64_t k = R.size(1);
+  const bool has_v = reflect.has_value();
+  Subspace<scalar_t> sub;
+  at::Tensor U;
+  if (has_v) {
+    sub.v = reflect->const_data_ptr<scalar_t>();
+    U = at::mm(*reflect, R);
+    sub.u = U.const_data_ptr<scalar_t>();
+  }
+  if (mask.has_value()) {
+    sub.m = mask->const_data_ptr<scalar_t>();
+    sub.m_stride = mask->dim() == 2 ? k : 0;
+  }
+  at::Tensor Dl = at::empty({P, d}, base.options());
+  scalar_t* Dp = Dl.data_ptr<scalar_t>();
+  std::vector<scalar_t> dv(has_v ? P : 0), eu(has_v ? P : 0);
+  at::parallel_for(0, P, kRowGrain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* __restrict y = sp + (bi[p] * S + si[p]) * d;
+      const scalar_t* __restrict x = xp + (bi[p] * T + ti[p]) * d;
+      scalar_t* __restrict row = Dp + p * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) row[i] = y[i] - x[i];
+      if (has_v) dv[p] = dot(row, sub.v + bi[p] * d, d);
+    }
+  });
+  at::Tensor C = at::mm(Dl, R);
+  scalar_t* Cp = C.data_ptr<scalar_t>();
+  at::parallel_for(0, P, std::max<int64_t>(1, 4096 / k), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = bi[p];
+      scalar_t* __restrict c = Cp + p * k;
+      if (has_v) {
+        const scalar_t* __restrict u = sub.u + b * k;
+        const scalar_t a = scalar_t(-2) * dv[p];
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
+      }
+      if (sub.m != nullptr) {
+        const scalar_t* __restrict m = sub.m + b * sub.m_stride;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) c[j] *= m[j];
+      }
+      if (has_v) eu[p] = dot(c, sub.u + b * k, k);
+    }
+  });
+  at::mm_out(Dl, C, R.t());
+  at::parallel_for(0, P, kRowGrain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = bi[p];
+      scalar_t* __restrict x = xp + (b * T + ti[p]) * d;
+      const scalar_t* __restrict row = Dp + p * d;
+      if (has_v) {
+        const scalar_t* __restrict v = sub.v + b * d;
+        const scalar_t a = scalar_t(-2) * eu[p];
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) x[i] += row[i] + a * v[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) x[i] += row[i];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// entry points
+// ----------------------------------------------------------------------------------------
+at::Tensor interchange_fwd(const at::Tensor& base_in, const at::Tensor& source_in,
+                           const at::Tensor& weights_in, const std::optional<at::Tensor>& basis_in,
+                           const std::optional<at::Tensor>& reflect_in,
+                           const std::optional<at::Tensor>& mask_in) {
+  check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
+  c10::NoGradGuard no_grad;
+  const at::ScalarType dtype = base_in.scalar_type();
+  if (is_reduced(dtype)) {
+    const auto f = at::kFloat;
+    return interchange_fwd(base_in.to(f), source_in.to(f), weights_in.to(f), opt_to(basis_in, f),
+                           opt_to(reflect_in, f), opt_to(mask_in, f))
+        .to(dtype);
+  }
+  const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
+                   weights = weights_in.contiguous();
+  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_fwd_cpu", [&] {
+    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask);
+  });
+  return out;
+}
+
+Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
+                      const at::Tensor& source_in, const at::Tensor& weights_in,
+                      const std::optional<at::Tensor>& basis_in,
+                      const std::optional<at::Tensor>& reflect_in,
+                      const std::optional<at::Tensor>& mask_in) {
+  check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
+  TORCH_CHECK(grad_in.sizes() == base_in.sizes(), "hyperdas_fast: grad_out must have base's shape ",
+              base_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.device() == base_in.device(), "hyperdas_fast: grad_out is on ",
+              grad_in.device(), " but base is on ", base_in.device());
+  c10::NoGradGuard no_grad;
+  const at::ScalarType dtype = base_in.scalar_type();
+  if (is_reduced(dtype)) {
+    const auto f = at::kFloat;
+    Grads g = interchange_bwd(grad_in.to(f), base_in.to(f), source_in.to(f), weights_in.to(f),
+                              opt_to(basis_in, f), opt_to(reflect_in, f), opt_to(mask_in, f));
+    return Grads(std::get<0>(g).to(dtype), std::get<1>(g).to(dtype), std::get<2>(g).to(dtype),
+                 std::get<3>(g).to(dtype), std::get<4>(g).to(dtype), std::get<5>(g).to(dtype));
+  }
+  const at::Tensor grad = grad_in.to(dtype).contiguous();
+  const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
+                   weights = weights_in.contiguous();
+  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_bwd_cpu", [&] {
+    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask);
+  });
+  return out;
+}
+
+void interchange_rows_(const at::Tensor& base, const at::Tensor& source_in,
+                       const at::Tensor& batch_index, const at::Tensor& base_pos,
+                       const at::Tensor& source_pos, const std::optional<at::Tensor>& basis_in,
+                       const std::optional<at::Tensor>& reflect_in,
+                       const std::optional<at::Tensor>& mask_in) {
+  check_states(base, source_in);
+  check_subspace(base, basis_in, reflect_in, mask_in);
+  TORCH_CHECK(base.is_contiguous(), "hyperdas_fast: interchange_rows_ needs a contiguous base");
+  const int64_t P = batch_index.numel();
+  for (const at::Tensor* idx : {&batch_index, &base_pos, &source_pos}) {
+    TORCH_CHECK(idx->dim() == 1 && idx->numel() == P && idx->device() == base.device() &&
+                    (idx->scalar_type() == at::kLong || idx->scalar_type() == at::kInt),
+                "hyperdas_fast: batch_index, base_pos and source_pos must be [P] integer CPU tensors");
+  }
+  if (P == 0) return;
+  c10::NoGradGuard no_grad;
+  const at::Tensor bi = batch_index.to(at::kLong).contiguous();
+  const at::Tensor ti = base_pos.to(at::kLong).contiguous();
+  const at::Tensor si = source_pos.to(at::kLong).contiguous();
+  {
+    const int64_t B = base.size(0), T = base.size(1), S = source_in.size(1);
+    const int64_t *b = bi.const_data_ptr<int64_t>(), *t = ti.const_data_ptr<int64_t>(),
+                  *s = si.const_data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      TORCH_CHECK(b[p] >= 0 && b[p] < B && t[p] >= 0 && t[p] < T && s[p] >= 0 && s[p] < S,
+                  "hyperdas_fast: row ", p, " = (", b[p], ", ", t[p], ", ", s[p],
+                  ") is out of range for B, T, S = ", B, ", ", T, ", ", S);
+    }
+  }
+  const at::ScalarType dtype = base.scalar_type();
+  if (is_reduced(dtype)) {
+    const auto f = at::kFloat;
+    at::Tensor base_f = base.to(f);
+    interchange_rows_(base_f, source_in.to(f), bi, ti, si, opt_to(basis_in, f), opt_to(reflect_in, f),
+                      opt_to(mask_in, f));
+    base.copy_(base_f);
+    return;
+  }
+  const at::Tensor source = source_in.contiguous();
+  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_rows_cpu", [&] {
+    rows_impl<scalar_t>(base, source, bi.const_data_ptr<int64_t>(), ti.const_data_ptr<int64_t>(),
+                        si.const_data_ptr<int64_t>(), P, basis, reflect, mask);
+  });
+}
+
+}  // namespace cpu
+}  // namespace hyperdas_fast

@@ -1,0 +1,113 @@
+"""torch.library registration of the fused interchange ops.
+
+The schemas and the CPU kernels are defined in C++ (``csrc/cpu``, built into
+``hyperdas_fast._C``); the CUDA extension ``hyperdas_fast._C_cuda``, when built, adds CUDA
+kernels for the same schemas. This module adds what is device-agnostic:
+
+- fake (meta) kernels for ``torch.compile`` / FakeTensor tracing, and
+- autograd for ``interchange_fwd`` (its backward is ``interchange_bwd``).
+
+Ops (shapes as in ``reference.py``):
+
+- ``torch.ops.hyperdas_fast.interchange_fwd(base, source, weights, basis, reflect, mask) -> out``
+- ``torch.ops.hyperdas_fast.interchange_bwd(grad_out, base, source, weights, basis, reflect,
+  mask) -> (g_base, g_source, g_weights, g_basis, g_reflect, g_mask)``; an empty tensor
+  (numel 0) stands for the gradient of a None input.
+- ``torch.ops.hyperdas_fast.interchange_rows_(base, source, batch_index, base_pos, source_pos,
+  basis, reflect, mask)``: hard mode, in place on a contiguous ``base``; inference only (no
+  autograd).
+
+Importing this module raises ImportError when ``hyperdas_fast._C`` is not built.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hyperdas_fast import _C  # noqa: F401  (defines the schemas and the CPU kernels)
+
+try:  # CUDA kernels for the same schemas, when that extension is built and loadable.
+    from hyperdas_fast import _C_cuda  # noqa: F401
+except (ImportError, OSError):
+    _C_cuda = None
+
+ops = torch.ops.hyperdas_fast
+
+
+def _empty(ref: Tensor) -> Tensor:
+    return ref.new_empty((0,))
+
+
+@torch.library.register_fake("hyperdas_fast::interchange_fwd")
+def _interchange_fwd_fake(base, source, weights, basis, reflect, mask):
+    return base.new_empty(base.shape)
+
+
+@torch.library.register_fake("hyperdas_fast::interchange_bwd")
+def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask):
+    def like(t: Optional[Tensor]) -> Tensor:
+        return _empty(base) if t is None else base.new_empty(t.shape)
+
+    return (
+        base.new_empty(base.shape),
+        base.new_empty(source.shape),
+        base.new_empty(weights.shape),
+        like(basis),
+        like(reflect),
+        like(mask),
+    )
+
+
+@torch.library.register_fake("hyperdas_fast::interchange_rows_")
+def _interchange_rows_fake(base, source, batch_index, base_pos, source_pos, basis, reflect, mask):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    grads = ops.interchange_bwd(grad_out, *saved)
+    return tuple(
+        None if (t is None or not need) else g
+        for g, t, need in zip(grads, saved, ctx.needs_input_grad)
+    )
+
+
+torch.library.register_autograd(
+    "hyperdas_fast::interchange_fwd", _backward, setup_context=_setup_context
+)
+
+
+def interchange_fwd(
+    base: Tensor,
+    source: Tensor,
+    weights: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Differentiable soft interchange through the registered op (any device with a kernel)."""
+    return ops.interchange_fwd(base, source, weights, basis, reflect, mask)
+
+
+def interchange_rows_(
+    base: Tensor,
+    source: Tensor,
+    batch_index: Tensor,
+    base_pos: Tensor,
+    source_pos: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Hard interchange in place on ``base`` (contiguous); returns ``base``. Not differentiable."""
+    ops.interchange_rows_(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
+    return base
+
+
+__all__ = ["interchange_fwd", "interchange_rows_", "ops"]
