@@ -194,14 +194,15 @@ def load_rows(
 
 # --------------------------------------------------------------------------- records
 
-_NO_SPACE_BEFORE_LABEL = ('"', "'", " ", "\n", "\t", "(", "[", "{", "/", "-")
+# the same rule as HyperDASCollator(label_space="auto")
+_NO_SPACE_BEFORE_LABEL = ('"', "'", "(", "[", "{", "`")
 
 
 def label_text(prompt: str, answer: str) -> str:
     """The label as it continues ``prompt``: a leading space unless the prompt ends in a
     quote, bracket or whitespace (then the answer is glued on, as RAVEL's templates are)."""
     answer = answer.strip()
-    if not prompt or prompt.endswith(_NO_SPACE_BEFORE_LABEL):
+    if not prompt or prompt[-1:].isspace() or prompt.endswith(_NO_SPACE_BEFORE_LABEL):
         return answer
     return " " + answer
 

@@ -1,0 +1,118 @@
+"""Results files and the paper's table (rows: methods; columns: the five domains + Average).
+
+A *result* is the dict ``hyperdas-evaluate`` writes::
+
+    {"method": "HyperDAS", "model": "...", "domain": "city", "attribute": null,
+     "primary_mode": "default", "metrics": {mode: {"overall": ..., "domains": {...}, ...}}, ...}
+
+``build_table(results)`` takes the disentangle accuracy (%) of each result's primary mode
+per domain; ``markdown_table`` renders it in the paper's layout. All files are written
+atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from ..data.ravel import DOMAIN_TITLES, DOMAINS
+
+COLUMNS = [DOMAIN_TITLES[d] for d in DOMAINS] + ["Average"]
+METHOD_ORDER = ("MDAS", "HyperDAS")
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def method_title(method: str) -> str:
+    return {"hyperdas": "HyperDAS", "mdas": "MDAS"}.get(str(method).lower(), str(method))
+
+
+def build_table(results: Iterable[Mapping], metric: str = "disentangle") -> Dict[str, Dict[str, float]]:
+    """{method: {column: percent}} from results; later results override earlier ones
+    for the same (method, domain)."""
+    table: Dict[str, Dict[str, float]] = {}
+    for res in results:
+        method = method_title(res.get("method", "?"))
+        metrics = res.get("metrics") or {}
+        mode = res.get("primary_mode") or (next(iter(metrics)) if metrics else None)
+        if mode not in metrics:
+            raise ValueError(f"result for {method} has no metrics for its primary mode {mode!r}")
+        for domain, summary in metrics[mode].get("domains", {}).items():
+            value = summary.get(metric)
+            if value is None or domain not in DOMAIN_TITLES:
+                continue
+            table.setdefault(method, {})[DOMAIN_TITLES[domain]] = 100.0 * float(value)
+    for row in table.values():
+        present = [row[c] for c in COLUMNS[:-1] if c in row]
+        if present:
+            row["Average"] = sum(present) / len(present)
+    return table
+
+
+def markdown_table(table: Mapping[str, Mapping[str, float]], title: Optional[str] = None, digits: int = 1) -> str:
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines.append("| Method | " + " | ".join(COLUMNS) + " |")
+    lines.append("|---|" + "---|" * len(COLUMNS))
+    order = [m for m in METHOD_ORDER if m in table] + sorted(m for m in table if m not in METHOD_ORDER)
+    for method in order:
+        row = table[method]
+        cells = [f"{row[c]:.{digits}f}" if c in row else "-" for c in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_results(paths: Sequence[Union[str, os.PathLike]]) -> List[dict]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"results file not found: {p}")
+        try:
+            out.append(json.loads(p.read_text()))
+        except ValueError as exc:
+            raise ValueError(f"results file {p} is not valid JSON: {exc}") from exc
+    return out
+
+
+def write_table(results: Iterable[Mapping], out_prefix: Union[str, os.PathLike], title: Optional[str] = None,
+                metric: str = "disentangle") -> Dict[str, Path]:
+    """Write ``<out_prefix>.json`` (the table and its inputs' summary) and ``<out_prefix>.md``."""
+    results = list(results)
+    table = build_table(results, metric)
+    out_prefix = Path(out_prefix)
+    j = atomic_write_json(out_prefix.with_suffix(".json"), {
+        "metric": metric,
+        "columns": COLUMNS,
+        "table": table,
+        "sources": [{k: r.get(k) for k in ("method", "model", "domain", "attribute", "primary_mode", "layer",
+                                         "feature_dim", "train_examples", "test_examples")} for r in results],
+    })
+    md = atomic_write_text(out_prefix.with_suffix(".md"), markdown_table(table, title))
+    return {"json": j, "markdown": md}
+
+
+__all__ = ["COLUMNS", "atomic_write_text", "atomic_write_json", "build_table", "markdown_table", "load_results",
+           "write_table", "method_title"]

@@ -1,0 +1,167 @@
+"""Trainer, checkpoints and resume on a tiny random Llama (fast) with the MDAS model,
+plus one short HyperDAS run on the same tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+from hyperdas_fast.data import ravel
+from hyperdas_fast.training import checkpoint as ckpt
+from hyperdas_fast.training.trainer import TrainConfig, Trainer
+
+
+def tiny_llama(vocab, seed=0, layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from hyperdas_fast.models.default_model import default_model_dir
+
+    t = AutoTokenizer.from_pretrained(default_model_dir())
+    if t.pad_token is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+@pytest.fixture(scope="module")
+def records(tok, ravel_dir):
+    rows = ravel.load_rows("city", "continent", "test", ravel_dir)
+    rows = rows[:20] + [r for r in rows if r["attribute_type"] == "isolate"][:20]
+    return ravel.to_records(rows, tok)
+
+
+def _mdas(tok, seed=0):
+    from hyperdas_fast.models.mdas import MDASModel
+
+    model = tiny_llama(len(tok), 0)  # the same frozen target; ``seed`` changes the basis init
+    torch.manual_seed(seed + 100)
+    return MDASModel(model, layer=1, feature_dim=8)
+
+
+def _weights(net):
+    return {n: p.detach().clone() for n, p in ckpt.model_state(net).items()}
+
+
+def _cfg(records, run_dir, **kw):
+    base = dict(epochs=2, batch_size=8, train_records=records[:28], eval_records=records[28:36], progress=False,
+                basis_lr=1e-2, checkpoint_dir=str(run_dir), seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_runs_and_logs(tok, records, tmp_path):
+    net = _mdas(tok)
+    before = _weights(net)
+    res = Trainer(net, _cfg(records, tmp_path, eval_every=2), tokenizer=tok).train()
+    assert res["steps"] == 2 * math.ceil(28 / 8)
+    after = _weights(net)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "train"] == list(range(1, res["steps"] + 1))
+    assert any(r["type"] == "eval" for r in lines)
+    assert (tmp_path / "train.csv").read_text().startswith("step,epoch,loss")
+    assert "groundtruth" in (tmp_path / "eval.csv").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["method"] == "MDAS" and results["primary_mode"] == "groundtruth"
+    overall = results["metrics"]["groundtruth"]["overall"]
+    assert overall["n_causal"] + overall["n_isolation"] == 8
+    # the orthogonal parametrization keeps the basis orthonormal through training
+    basis = net.basis().detach()
+    assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-4)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_gives_identical_weights(tok, records, tmp_path):
+    full = _mdas(tok)
+    Trainer(full, _cfg(records, tmp_path / "full", final_eval=False), tokenizer=tok).train()
+
+    def kill_at(k):
+        def cb(trainer, step, row):
+            if step == k:
+                raise _Killed()
+        return cb
+
+    part = _mdas(tok)
+    with pytest.raises(_Killed):
+        Trainer(part, _cfg(records, tmp_path / "part", checkpoint_every=3, final_eval=False), tokenizer=tok,
+                callbacks=[kill_at(4)]).train()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "part")] == [3]
+    resumed = _mdas(tok, seed=1)  # different init: everything must come from the checkpoint
+    res = Trainer(resumed, _cfg(records, tmp_path / "part", checkpoint_every=3, final_eval=False, resume=True),
+                  tokenizer=tok).train()
+    assert res["steps"] == 8
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the killed run's step 4 was dropped and logged again
+
+
+def test_checkpoint_roundtrip_and_corruption(tok, records, tmp_path):
+    net = _mdas(tok)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    net(__import__("hyperdas_fast.data.collate", fromlist=["x"]).HyperDASCollator(tok)(records[:4]), logits_at="labels").logits.sum().backward()
+    opt.step()
+    path = ckpt.save_checkpoint(tmp_path, 5, net, opt, sched, {"epoch": 0})
+    other = _mdas(tok, seed=3)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    state = ckpt.load_checkpoint(path, other, opt2)
+    assert state["step"] == 5
+    for k, v in _weights(net).items():
+        assert torch.equal(v, _weights(other)[k])
+    assert ckpt.latest_checkpoint(tmp_path) == path
+    # flip bytes in the tensor data: the checksum catches it
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    bad = tmp_path / "ckpt-00000006.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_checkpoint(bad, other)
+    trunc = tmp_path / "ckpt-00000007.safetensors"
+    trunc.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="ckpt-00000007"):
+        ckpt.read_checkpoint(trunc)
+    with pytest.warns(UserWarning, match="damaged"):
+        assert ckpt.latest_checkpoint(tmp_path) == path
+    with pytest.raises(FileNotFoundError):
+        ckpt.read_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_config_errors(tok, records, tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(_mdas(tok), TrainConfig(batch_size=0), tokenizer=tok)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        Trainer(_mdas(tok), TrainConfig(checkpoint_every=2), tokenizer=tok)
+    with pytest.raises(ValueError, match="label_mode"):
+        Trainer(_mdas(tok), TrainConfig(label_mode="guess"), tokenizer=tok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Trainer(_mdas(tok), TrainConfig())
+
+
+def test_hyperdas_short_training(tok, records, tmp_path):
+    from hyperdas_fast.models.hyperdas import HyperDAS
+
+    hd = HyperDAS(tiny_llama(len(tok)), layer=1, feature_dim=8, num_hypernet_layers=1, tokenizer=tok)
+    before = _weights(hd.model)
+    res = Trainer(hd, _cfg(records, tmp_path, epochs=1, max_steps=2, final_eval_modes=("default", "groundtruth"))).train()
+    assert res["steps"] == 2 and set(res["eval"]) == {"default", "groundtruth"}
+    after = _weights(hd.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "final" / "hyperdas.safetensors").is_file()
+    cfg = json.loads((tmp_path / "train_config.json").read_text())
+    assert cfg["method"] == "HyperDAS" and cfg["model_config"]["layer"] == 1
