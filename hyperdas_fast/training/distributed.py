@@ -75,20 +75,17 @@ def _comm_device(info: DistInfo, tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast_parameters(params: Iterable[torch.nn.Parameter], info: DistInfo, src: int = 0) -> None:
-    """Copy rank ``src``'s parameter values to every rank (one flattened broadcast)."""
-    params = list(params)
-    if not info.enabled or not params:
+def broadcast_parameters(tensors: Iterable[torch.Tensor], info: DistInfo, src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``tensors`` (parameters and buffers) to every rank."""
+    tensors = list(tensors)
+    if not info.enabled or not tensors:
         return
     with torch.no_grad():
-        dev = _comm_device(info, params[0])
-        flat = torch.cat([p.detach().reshape(-1).to(dev, torch.float32) for p in params])
-        dist.broadcast(flat, src=src)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p).to(p.device, p.dtype))
-            offset += n
+        dev = _comm_device(info, tensors[0])
+        for t in tensors:
+            buf = t.detach().to(dev).contiguous().clone()
+            dist.broadcast(buf, src=src)
+            t.copy_(buf.to(t.device))
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:

@@ -334,7 +334,7 @@ class Trainer:
 
         self.optimizer = torch.optim.AdamW(self.parameter_groups(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(total))
-        dist_utils.broadcast_parameters(self.trainable(), self.dist)
+        dist_utils.broadcast_parameters(ckpt.model_state(self.net).values(), self.dist)
 
         log_path = Path(c.log_path) if c.log_path else (run_dir / "metrics.jsonl" if run_dir else None)
         tb_dir = (run_dir or Path("runs")) / "tensorboard" if c.tensorboard else None

@@ -1,0 +1,76 @@
+"""Two CPU processes (gloo) train the same model data-parallel and end with identical weights."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hyperdas_fast.training import distributed as dist_utils
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, records, out_dir, model_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hyperdas_fast.models.mdas import MDASModel
+    from hyperdas_fast.training.checkpoint import model_state
+    from hyperdas_fast.training.trainer import TrainConfig, Trainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    target = LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(100 + rank)  # different initial bases: rank 0's must be broadcast
+    net = MDASModel(target, layer=1, feature_dim=8)
+    trainer = Trainer(net, TrainConfig(epochs=1, batch_size=8, train_records=records, final_eval=False,
+                                       progress=False, basis_lr=1e-2, seed=3), tokenizer=tok)
+    assert trainer.dist.world_size == world and trainer.dist.backend == "gloo"
+    trainer.train()
+    state = {k: v.detach().contiguous() for k, v in model_state(net).items()}
+    save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_processes_identical_weights(tmp_path, ravel_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from hyperdas_fast.data import ravel
+    from hyperdas_fast.models.default_model import default_model_dir
+
+    model_dir = str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = ravel.load_rows("city", "continent", "test", ravel_dir)[:24]
+    records = ravel.to_records(rows, tok)
+    mp.spawn(_worker, args=(2, _free_port(), records, str(tmp_path), model_dir), nprocs=2, join=True)
+    a = load_file(str(tmp_path / "rank0.safetensors"))
+    b = load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_single_process_defaults(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = dist_utils.init_distributed()
+    assert not info.enabled and info.is_main
+    assert dist_utils.shard([1, 2, 3], info) == [1, 2, 3]
+    fake = dist_utils.DistInfo(rank=1, world_size=3)
+    assert dist_utils.shard(list(range(8)), fake) == [3, 4, 5]
+    assert dist_utils.shard(list(range(2)), dist_utils.DistInfo(rank=2, world_size=3)) == []
