@@ -286,9 +286,13 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
       sub.m_stride = mask->dim() == 2 ? k : 0;
     }
 
-    // delta = W_src^T source + (w_self - 1) base; dv = delta.v; vg = v.g
-    at::Tensor D = at::bmm(Wsrc.transpose(1, 2), source);
-    scalar_t* Dp = D.data_ptr<scalar_t>();
+    // DG = [delta; g] [2N, d] with delta = W_src^T source + (w_self - 1) base;
+    // dv = delta.v; vg = v.g. Stacking lets one GEMM give [c; g R] and one give g_basis.
+    at::Tensor DG = at::empty({2 * N, d}, opts);
+    at::Tensor D = DG.narrow(0, 0, N).view({B, T, d});
+    at::bmm_out(D, Wsrc.transpose(1, 2), source);
+    scalar_t* Dp = DG.data_ptr<scalar_t>();
+    scalar_t* Gcopy = Dp + N * d;
     std::vector<scalar_t> dv(has_v ? N : 0), vg(has_v ? N : 0);
     at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -298,58 +302,56 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
         const scalar_t* __restrict x = xp + n * d;
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+        std::copy(gp + n * d, gp + (n + 1) * d, Gcopy + n * d);
         if (has_v) {
           dv[n] = dot(row, sub.v + b * d, d);
           vg[n] = dot(gp + n * d, sub.v + b * d, d);
         }
       }
     });
-    const at::Tensor D2 = D.view({N, d});
-    const at::Tensor G2 = G.view({N, d});
-    at::Tensor E = at::mm(D2, R);    // c, then e = m c
-    at::Tensor GC = at::mm(G2, R);   // g R, then g_c = m g_e
-    scalar_t* Ep = E.data_ptr<scalar_t>();
-    scalar_t* GCp = GC.data_ptr<scalar_t>();
+    // CE = DG R = [c; g R]; rewritten in place below as [g_c; e] so that
+    // g_basis = DG^T CE = D^T g_c + G^T e (the H_b parts are the -2 V^T Q term).
+    at::Tensor CE = at::mm(DG, R);
+    scalar_t* GCp = CE.data_ptr<scalar_t>();  // rows [0, N): c in, g_c out
+    scalar_t* Ep = GCp + N * k;                // rows [N, 2N): g R in, e out
+    at::Tensor GC = CE.narrow(0, 0, N);
 
-    // Per-example k-vector reductions: g_mask rows and Q.
-    at::Tensor gm_rows = has_m ? at::zeros({B, k}, opts) : at::Tensor();
-    at::Tensor Q = has_v ? at::zeros({B, k}, opts) : at::Tensor();
-    scalar_t* gmp = has_m ? gm_rows.data_ptr<scalar_t>() : nullptr;
-    scalar_t* Qp = has_v ? Q.data_ptr<scalar_t>() : nullptr;
-    std::vector<scalar_t> ue(has_v ? N : 0), ugc(has_v ? N : 0);
+    // Per-example k-vector reductions: g_mask rows and Q. Absent u / m read as 0 / 1.
+    at::Tensor gm_rows = at::zeros({B, k}, opts);
+    at::Tensor Q = at::zeros({B, k}, opts);
+    scalar_t* gmp = gm_rows.data_ptr<scalar_t>();
+    scalar_t* Qp = Q.data_ptr<scalar_t>();
+    const std::vector<scalar_t> zeros_k(k, scalar_t(0)), ones_k(k, scalar_t(1));
+    std::vector<scalar_t> ue(N), ugc(N);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* __restrict u = has_v ? sub.u + b * k : nullptr;
-        const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : nullptr;
-        scalar_t* __restrict gm = has_m ? gmp + b * k : nullptr;
-        scalar_t* __restrict q = has_v ? Qp + b * k : nullptr;
+        const scalar_t* __restrict u = has_v ? sub.u + b * k : zeros_k.data();
+        const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : ones_k.data();
+        scalar_t* __restrict gm = gmp + b * k;
+        scalar_t* __restrict q = Qp + b * k;
         for (int64_t t = 0; t < T; ++t) {
           const int64_t n = b * T + t;
-          scalar_t* __restrict e = Ep + n * k;
+          // c sits in the g_c slot and g R in the e slot: compute in registers, then swap.
           scalar_t* __restrict gc = GCp + n * k;
-          if (has_v) {
-            const scalar_t a = scalar_t(-2) * dv[n], ag = scalar_t(-2) * vg[n];
-#pragma omp simd
-            for (int64_t j = 0; j < k; ++j) {
-              e[j] += a * u[j];
-              gc[j] += ag * u[j];
-            }
+          scalar_t* __restrict e = Ep + n * k;
+          const scalar_t a = has_v ? scalar_t(-2) * dv[n] : scalar_t(0);
+          const scalar_t ag = has_v ? scalar_t(-2) * vg[n] : scalar_t(0);
+          const scalar_t qa = has_v ? vg[n] : scalar_t(0), qd = has_v ? dv[n] : scalar_t(0);
+          scalar_t s_ue = 0, s_ugc = 0;
+#pragma omp simd reduction(+ : s_ue, s_ugc)
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t cj = gc[j] + a * u[j];   // c
+            const scalar_t gej = e[j] + ag * u[j];  // g_e
+            gm[j] += gej * cj;
+            const scalar_t ej = m[j] * cj, gcj = m[j] * gej;
+            e[j] = ej;
+            gc[j] = gcj;
+            s_ue += u[j] * ej;
+            s_ugc += u[j] * gcj;
+            q[j] += qa * ej + qd * gcj;
           }
-          if (has_m) {
-#pragma omp simd
-            for (int64_t j = 0; j < k; ++j) {
-              gm[j] += gc[j] * e[j];
-              e[j] *= m[j];
-              gc[j] *= m[j];
-            }
-          }
-          if (has_v) {
-            ue[n] = dot(u, e, k);
-            ugc[n] = dot(u, gc, k);
-            const scalar_t a = vg[n], ad = dv[n];
-#pragma omp simd
-            for (int64_t j = 0; j < k; ++j) q[j] += a * e[j] + ad * gc[j];
-          }
+          ue[n] = s_ue;
+          ugc[n] = s_ugc;
         }
       }
     });
@@ -359,9 +361,8 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
       g_mask = at::empty({0}, opts);
     }
 
-    // g_basis = D^T Gc + G^T E - 2 V^T Q
-    g_basis = at::mm(D2.t(), GC);
-    g_basis.addmm_(G2.t(), E);
+    // g_basis = D^T g_c + G^T e - 2 V^T Q
+    g_basis = at::mm(DG.t(), CE);
     if (has_v) g_basis.addmm_(reflect->t(), Q, /*beta=*/1, /*alpha=*/-2);
 
     // g_delta = Gc R^T - 2 (u.g_c) v; g_base; g_w[:, S]; g_reflect
