@@ -167,3 +167,33 @@ def test_filter_real_model(tmp_path, smollm2, ravel_dir):
     assert all(isinstance(r["base_entity_pos"], int) for r in recs)
     gen = json.loads(next(tmp_path.rglob("generations.json")).read_text())
     assert gen
+
+
+def _download_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "download_ravel.py"
+    spec = importlib.util.spec_from_file_location("download_ravel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_download_parsing_on_local_files(ravel_dir, tmp_path):
+    import shutil
+
+    dl = _download_module()
+    listing = [{"name": n.name, "type": "dir" if n.is_dir() else "file"} for n in ravel_dir.iterdir()]
+    listing += [{"name": "README.md", "type": "file"}, {"name": "scratch", "type": "dir"}]
+    names = dl.split_names(listing)
+    assert "city_country_test" in names and "occupation_duty_train" in names and "scratch" not in names
+    state = (ravel_dir / "city_country_test" / "state.json").read_text()
+    assert dl.data_files(state) == ["data-00000-of-00001.arrow"]
+    with pytest.raises(ValueError):
+        dl.data_files(json.dumps({"_data_files": [{"filename": "../evil"}]}))
+    assert dl.is_lfs_pointer(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    assert not dl.is_lfs_pointer((ravel_dir / "city_country_test" / "data-00000-of-00001.arrow").read_bytes()[:64])
+    copy = tmp_path / "verb_past_tense_test"
+    shutil.copytree(ravel_dir / "verb_past_tense_test", copy)
+    assert dl.check_split(copy) == 3776
