@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from hyperdas_fast.evaluation import metrics, tables
+
+
+def _logits_for(pred, vocab=10):
+    """one-hot-ish logits [B, T, V] whose argmax is ``pred`` [B, T]."""
+    out = torch.zeros(*pred.shape, vocab)
+    out.scatter_(-1, pred.unsqueeze(-1), 5.0)
+    return out
+
+
+def test_example_correct_first_three_tokens():
+    labels = torch.full((4, 8), -100)
+    labels[0, 2:4] = torch.tensor([1, 2])          # 2 tokens, both right
+    labels[1, 1:6] = torch.tensor([3, 4, 5, 6, 7])  # 5 tokens, 4th wrong: still correct (first 3)
+    labels[2, 0:3] = torch.tensor([1, 1, 1])        # 3rd wrong
+    # row 3: no label tokens -> incorrect
+    pred = labels.clamp_min(0).clone()
+    pred[1, 4] = 0
+    pred[2, 2] = 9
+    logits = _logits_for(pred)
+    got = metrics.example_correct(logits, labels)
+    assert got.tolist() == [True, True, False, False]
+    packed = logits[labels != -100]
+    assert metrics.example_correct(packed, labels).tolist() == got.tolist()
+    assert metrics.example_correct(logits, labels, max_label_tokens=5).tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="labels"):
+        metrics.example_correct(logits[:, :5], labels)
+    with pytest.raises(ValueError, match="packed"):
+        metrics.example_correct(packed[:3], labels)
+
+
+def test_accumulator_groups():
+    acc = metrics.MetricAccumulator()
+    acc.add([True, False, True, True], [True, True, False, False], ["city"] * 3 + ["verb"],
+            ["country", "country", "country", "past_tense"])
+    s = acc.summary()
+    assert s["overall"]["causal"] == 0.5 and s["overall"]["isolation"] == 1.0
+    assert s["overall"]["disentangle"] == 0.75
+    assert s["domains"]["verb"] == {"causal": None, "isolation": 1.0, "n_causal": 0, "n_isolation": 1,
+                                     "disentangle": 1.0}
+    assert s["attributes"]["city/country"]["n_causal"] == 2
+
+
+class _Echo(torch.nn.Module):
+    """Predicts the label when ``inference_mode`` is "default", garbage otherwise."""
+
+    def forward(self, batch, inference_mode=None, logits_at="all"):
+        labels = batch["labels"]
+        pred = labels.clamp_min(0) if inference_mode == "default" else torch.zeros_like(labels)
+        logits = _logits_for(pred, 50)
+        if logits_at == "labels":
+            logits = logits[labels != -100]
+        return type("O", (), {"logits": logits, "weights": None})()
+
+
+def test_evaluate_modes_and_batches():
+    def collate(records):
+        labels = torch.full((len(records), 4), -100)
+        labels[:, 1] = torch.tensor([r["tok"] for r in records])
+        return {"labels": labels, "is_causal": torch.tensor([r["is_causal"] for r in records])}
+
+    records = [{"tok": i % 7 + 1, "is_causal": i % 2 == 0, "domain": "city", "attribute": "country"} for i in range(10)]
+    res = metrics.evaluate(_Echo(), records, collate, modes=("default", "groundtruth"), batch_size=3)
+    assert res["default"]["overall"]["disentangle"] == 1.0
+    assert res["groundtruth"]["overall"]["disentangle"] == 0.0
+    assert res["default"]["overall"]["n_causal"] == 5
+    with pytest.raises(ValueError):
+        metrics.evaluate(_Echo(), [], collate)
+
+
+def test_tables_layout_and_atomic(tmp_path):
+    results = [
+        {"method": "hyperdas", "primary_mode": "default", "metrics": {"default": {"domains": {
+            "city": {"disentangle": 0.824}, "nobel_prize_winner": {"disentangle": 0.753},
+            "occupation": {"disentangle": 0.748}, "physical_object": {"disentangle": 0.95},
+            "verb": {"disentangle": 0.96}}}}},
+        {"method": "MDAS", "primary_mode": "groundtruth", "metrics": {"groundtruth": {"domains": {
+            "city": {"disentangle": 0.669}}}}},
+    ]
+    table = tables.build_table(results)
+    assert table["HyperDAS"]["Average"] == pytest.approx(84.7, abs=0.05)
+    md = tables.markdown_table(table)
+    lines = md.splitlines()
+    assert lines[0] == "| Method | City | Nobel Laureate | Occupation | Physical Object | Verb | Average |"
+    assert lines[2] == "| MDAS | 66.9 | - | - | - | - | 66.9 |"
+    assert lines[3] == "| HyperDAS | 82.4 | 75.3 | 74.8 | 95.0 | 96.0 | 84.7 |"
+    paths = tables.write_table(results, tmp_path / "out" / "table", title="t")
+    assert json.loads(paths["json"].read_text())["table"]["MDAS"]["City"] == pytest.approx(66.9)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["table.json", "table.md"]
+    with pytest.raises(ValueError, match="primary mode"):
+        tables.build_table([{"method": "x", "primary_mode": "bidding_argmax", "metrics": {"default": {}}}])
+    with pytest.raises(FileNotFoundError):
+        tables.load_results([tmp_path / "none.json"])
