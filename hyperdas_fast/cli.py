@@ -251,7 +251,10 @@ def run_evaluate(args) -> Dict[str, Any]:
     wrapper, run_cfg = load_trained(args.model_path, args.model, args.device)
     train_cfg = run_cfg.get("train", {})
     domain = args.domain or train_cfg.get("domain") or "city"
-    attribute = args.attribute if args.attribute is not None else (train_cfg.get("attribute") if not args.domain else None)
+    # default: what the model was trained on (the training attribute when the domain is the training domain)
+    attribute = args.attribute
+    if attribute is None and domain == train_cfg.get("domain"):
+        attribute = train_cfg.get("attribute")
     label_mode = args.label_mode or train_cfg.get("label_mode", "data")
     seed = args.seed if args.seed is not None else train_cfg.get("seed", 0)
     data_dir = args.data_dir or train_cfg.get("data_dir")
