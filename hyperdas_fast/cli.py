@@ -73,6 +73,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "eval_every", type=int, default=0)
     _opt(p, "eval_max_examples", type=int, default=128)
     _opt(p, "eval_modes", nargs="+", default=None)
+    _opt(p, "final_eval_modes", nargs="+", default=None, help="modes of the final evaluation (default: all supported)")
     _opt(p, "no_final_eval", action="store_true", help="skip the evaluation on the test split at the end")
     _opt(p, "checkpoint_dir", default=None, help="run folder (default checkpoints/<method>_<domain>[_<attribute>])")
     _opt(p, "checkpoint_every", type=int, default=0)
@@ -122,6 +123,7 @@ def _train_config(args, domain: str, run_dir: Path):
         sparsity_warmup=args.sparsity_warmup, lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
         seed=args.seed, eval_every=args.eval_every, eval_max_examples=args.eval_max_examples,
         eval_modes=tuple(args.eval_modes) if args.eval_modes else None, final_eval=not args.no_final_eval,
+        final_eval_modes=tuple(args.final_eval_modes) if args.final_eval_modes else None,
         checkpoint_dir=str(run_dir), checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
         max_examples=args.max_examples, max_test_examples=args.max_test_examples, filter=not args.no_filter,
         label_mode=args.label_mode, tensorboard=args.tensorboard, resume=args.resume,
