@@ -1,0 +1,320 @@
+// Torch binding of the CUDA interchange kernels: implementations for the CUDA dispatch key
+// of the ops whose schemas the CPU extension (hyperdas_fast._C) defines with
+// TORCH_LIBRARY(hyperdas_fast, m):
+//
+//   interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect,
+//                   Tensor? mask) -> Tensor
+//   interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis,
+//                   Tensor? reflect, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
+//   interchange_rows_(Tensor(a!) base, Tensor source, Tensor batch_index, Tensor base_pos,
+//                     Tensor source_pos, Tensor? basis, Tensor? reflect, Tensor? mask) -> ()
+//
+// Forward and rows: the fused kernels of interchange_kernels.cu for fp32 / fp16 / bf16 and
+// k <= kMaxFusedK; otherwise (float64, or k > 256 such as BoundlessDAS with k = d, which is
+// GEMM-bound) the same math with ATen ops (cuBLAS).
+// Backward: ATen only (cuBLAS GEMMs for the [N, d] x [d, k] products and the token
+// reductions, small [N, k] element-wise work in fp32); a fused backward kernel is future work.
+// Autograd for these ops is registered in Python (hyperdas_fast/ops/library.py).
+#include <ATen/ATen.h>
+// c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
+// headers): keeps this file compile-checkable with just the CUDA runtime headers.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <optional>
+#include <tuple>
+
+#include "interchange_kernels.cuh"
+
+namespace {
+
+using at::Tensor;
+namespace hk = hyperdas_fast::cuda;
+
+bool fused_dtype(const Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+// Calls f(CT{}) with CT the CUDA element type of s (fp32 / fp16 / bf16 only).
+template <typename F>
+void dispatch_fused(at::ScalarType s, F&& f) {
+  switch (s) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(__half{});
+      break;
+    case at::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "interchange (cuda): fused kernels take fp32, fp16 or bf16, got ", s);
+  }
+}
+
+int num_sms() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "interchange (cuda): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+// ----------------------------------------------------------------------------------------
+// ATen formulation (fallback forward / rows, and the building blocks of the backward)
+// ----------------------------------------------------------------------------------------
+
+// R_b diag(m_b) R_b^T x for x [B, N, d] (factored Householder, nothing d x d).
+Tensor subspace_project(const Tensor& x, const Tensor& basis, const std::optional<Tensor>& reflect,
+                        const std::optional<Tensor>& mask) {
+  Tensor coords = at::matmul(x, basis);
+  Tensor u;
+  if (reflect.has_value()) {
+    u = at::matmul(*reflect, basis);  // [B, k]
+    coords = coords - 2.0 * at::matmul(x, reflect->unsqueeze(-1)) * u.unsqueeze(1);
+  }
+  if (mask.has_value()) coords = coords * (mask->dim() == 2 ? mask->unsqueeze(1) : *mask);
+  Tensor y = at::matmul(coords, basis.t());
+  if (reflect.has_value()) y = y - 2.0 * at::matmul(coords, u.unsqueeze(-1)) * reflect->unsqueeze(1);
+  return y;
+}
+
+Tensor soft_mix(const Tensor& base, const Tensor& source, const Tensor& weights) {
+  const int64_t S = source.size(1);
+  return at::baddbmm(weights.select(1, S).unsqueeze(-1) * base, weights.narrow(1, 0, S).transpose(1, 2), source);
+}
+
+Tensor fwd_aten(const Tensor& base, const Tensor& source, const Tensor& weights, const std::optional<Tensor>& basis,
+                const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  Tensor mix = soft_mix(base, source, weights);
+  if (!basis.has_value()) return mix;
+  return base + subspace_project(mix - base, *basis, reflect, mask);
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward
+// ----------------------------------------------------------------------------------------
+
+struct SubspaceTensors {
+  Tensor basis, reflect, u, mask;
+  int64_t mask_stride_b = 0;
+};
+
+SubspaceTensors prepare_subspace(const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect,
+                                 const std::optional<Tensor>& mask) {
+  SubspaceTensors s;
+  if (!basis.has_value()) return s;
+  s.basis = basis->contiguous();
+  const int64_t k = s.basis.size(1);
+  if (reflect.has_value()) {
+    s.reflect = reflect->contiguous();
+    s.u = at::matmul(s.reflect.to(at::kFloat), s.basis.to(at::kFloat)).contiguous();  // [B, k], tiny
+  }
+  if (mask.has_value()) {
+    s.mask = mask->to(at::kFloat).contiguous();
+    s.mask_stride_b = mask->dim() == 2 ? k : 0;
+  }
+  return s;
+}
+
+template <typename CT>
+hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
+  hk::Subspace<CT> sub;
+  if (!s.basis.defined()) return sub;
+  sub.basis = reinterpret_cast<const CT*>(s.basis.data_ptr());
+  if (s.reflect.defined()) {
+    sub.reflect = reinterpret_cast<const CT*>(s.reflect.data_ptr());
+    sub.u = s.u.data_ptr<float>();
+  }
+  if (s.mask.defined()) {
+    sub.mask = s.mask.data_ptr<float>();
+    sub.mask_stride_b = s.mask_stride_b;
+  }
+  return sub;
+}
+
+Tensor interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in, const Tensor& weights_in,
+                            const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect,
+                            const std::optional<Tensor>& mask) {
+  check_cuda(base_in, "base");
+  c10::cuda::CUDAGuard guard(base_in.device());
+  const int64_t k = basis.has_value() ? basis->size(1) : 0;
+  if (!fused_dtype(base_in) || k > hk::kMaxFusedK) return fwd_aten(base_in, source_in, weights_in, basis, reflect, mask);
+
+  Tensor base = base_in.contiguous(), source = source_in.contiguous(), weights = weights_in.contiguous();
+  SubspaceTensors st = prepare_subspace(basis, reflect, mask);
+  hk::Dims dims;
+  dims.B = base.size(0);
+  dims.T = base.size(1);
+  dims.d = base.size(2);
+  dims.S = source.size(1);
+  dims.k = k;
+  Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
+  const int sms = num_sms();
+  const size_t ws_floats = hk::soft_forward_workspace_floats(dims, sms);
+  Tensor ws = at::empty({(int64_t)std::max<size_t>(ws_floats, 1)}, base.options().dtype(at::kFloat));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_fused(base.scalar_type(), [&](auto tag) {
+    using CT = decltype(tag);
+    C10_CUDA_CHECK(hk::launch_soft_forward<CT>(
+        reinterpret_cast<const CT*>(base.data_ptr()), reinterpret_cast<const CT*>(source.data_ptr()),
+        reinterpret_cast<const CT*>(weights.data_ptr()), view_subspace<CT>(st),
+        reinterpret_cast<CT*>(out.data_ptr()), ws.data_ptr<float>(), dims, sms, stream));
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------
+// Rows (hard mode), in place on base
+// ----------------------------------------------------------------------------------------
+
+void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const Tensor& batch_index,
+                            const Tensor& base_pos, const Tensor& source_pos, const std::optional<Tensor>& basis,
+                            const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  check_cuda(base, "base");
+  TORCH_CHECK(base.is_contiguous(), "interchange_rows_ (cuda): base must be contiguous, got strides ",
+              base.strides());
+  c10::cuda::CUDAGuard guard(base.device());
+  const int64_t P = batch_index.numel();
+  if (P == 0) return;
+  Tensor bidx = batch_index.to(at::kLong).contiguous();
+  Tensor tpos = base_pos.to(at::kLong).contiguous();
+  Tensor spos = source_pos.to(at::kLong).contiguous();
+  const int64_t k = basis.has_value() ? basis->size(1) : 0;
+  if (!fused_dtype(base) || k > hk::kMaxFusedK) {
+    Tensor x = base.index({bidx, tpos});
+    Tensor y = source_in.index({bidx, spos});
+    if (basis.has_value()) {
+      std::optional<Tensor> rv = reflect.has_value() ? std::optional<Tensor>(reflect->index({bidx})) : std::nullopt;
+      std::optional<Tensor> rm = (mask.has_value() && mask->dim() == 2)
+                                     ? std::optional<Tensor>(mask->index({bidx}))
+                                     : mask;
+      y = x + subspace_project((y - x).unsqueeze(1), *basis, rv, rm).squeeze(1);
+    }
+    base.index_put_({bidx, tpos}, y.to(base.scalar_type()));
+    return;
+  }
+  Tensor source = source_in.contiguous();
+  SubspaceTensors st = prepare_subspace(basis, reflect, mask);
+  hk::Dims dims;
+  dims.B = base.size(0);
+  dims.T = base.size(1);
+  dims.d = base.size(2);
+  dims.S = source.size(1);
+  dims.k = k;
+  dims.P = P;
+  const int sms = num_sms();
+  const size_t ws_floats = hk::rows_forward_workspace_floats(dims, sms);
+  Tensor ws = at::empty({(int64_t)std::max<size_t>(ws_floats, 1)}, base.options().dtype(at::kFloat));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_fused(base.scalar_type(), [&](auto tag) {
+    using CT = decltype(tag);
+    C10_CUDA_CHECK(hk::launch_rows_forward<CT>(
+        reinterpret_cast<CT*>(base.data_ptr()), reinterpret_cast<const CT*>(source.data_ptr()),
+        bidx.data_ptr<int64_t>(), tpos.data_ptr<int64_t>(), spos.data_ptr<int64_t>(), view_subspace<CT>(st),
+        ws.data_ptr<float>(), dims, sms, stream));
+  });
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward (ATen): with delta = mix - base, c = R_b^T delta, g_e = R_b^T g, e = m c,
+// g_c = m g_e, u = R^T v:
+//   g_delta = R g_c - 2 (u.g_c) v
+//   g_base = g - (1 - w_self) g_delta;  g_source = w_src g_delta;  g_w = [source; base] . g_delta
+//   g_mask = sum_t g_e c
+//   g_basis = G^T E + Delta^T G_c - 2 V^T y,   y_b = sum_t (v.g) e + (v.delta) g_c
+//   g_reflect = -2 [sum_t (u.e) g + sum_t (u.g_c) delta + R y]
+// ----------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
+    const Tensor& grad_out, const Tensor& base_in, const Tensor& source_in, const Tensor& weights,
+    const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  check_cuda(base_in, "base");
+  c10::cuda::CUDAGuard guard(base_in.device());
+  const auto dt = base_in.scalar_type();
+  Tensor g = grad_out.to(dt).contiguous();
+  Tensor base = base_in.contiguous(), source = source_in.contiguous();
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), N = B * T;
+  Tensor w_src = weights.narrow(1, 0, S);   // [B, S, T]
+  Tensor w_self = weights.select(1, S);     // [B, T]
+  auto empty = [&] { return at::empty({0}, base.options()); };
+  Tensor g_delta, g_basis = empty(), g_reflect = empty(), g_mask = empty();
+  if (!basis.has_value()) {
+    g_delta = g;
+  } else {
+    const auto f32 = at::kFloat;
+    Tensor R = basis->contiguous();
+    const int64_t k = R.size(1);
+    Tensor delta = soft_mix(base, source, weights) - base;  // [B, T, d], dt
+    Tensor c = at::mm(delta.view({N, d}), R).to(f32).view({B, T, k});
+    Tensor ge = at::mm(g.view({N, d}), R).to(f32).view({B, T, k});
+    Tensor v, vf, u, vd, vg;
+    if (reflect.has_value()) {
+      v = reflect->contiguous();
+      vf = v.to(f32);
+      u = at::mm(vf, R.to(f32));                        // [B, k]
+      vd = at::bmm(delta, v.unsqueeze(-1)).to(f32);     // [B, T, 1]
+      vg = at::bmm(g, v.unsqueeze(-1)).to(f32);
+      c = c - 2.0 * vd * u.unsqueeze(1);
+      ge = ge - 2.0 * vg * u.unsqueeze(1);
+    }
+    Tensor e = c, gc = ge;
+    if (mask.has_value()) {
+      Tensor mf = mask->to(f32);
+      Tensor mb = mask->dim() == 2 ? mf.unsqueeze(1) : mf;
+      Tensor prod = ge * c;
+      g_mask = (mask->dim() == 2 ? prod.sum(1) : prod.sum(at::IntArrayRef{0, 1})).to(mask->scalar_type());
+      e = c * mb;
+      gc = ge * mb;
+    }
+    Tensor gc_dt = gc.to(dt);
+    g_delta = at::matmul(gc_dt, R.t());  // [B, T, d]
+    Tensor gb = at::mm(g.view({N, d}).t(), e.to(dt).view({N, k})).to(f32) +
+                at::mm(delta.view({N, d}).t(), gc_dt.view({N, k})).to(f32);
+    if (reflect.has_value()) {
+      Tensor uu = u.unsqueeze(1);
+      Tensor ugc = (gc * uu).sum(-1, /*keepdim=*/true);  // [B, T, 1]
+      Tensor ue = (e * uu).sum(-1, /*keepdim=*/true);
+      g_delta = g_delta - (2.0 * ugc).to(dt) * v.unsqueeze(1);
+      Tensor y = (vg * e + vd * gc).sum(1);  // [B, k]
+      gb = gb - 2.0 * at::mm(vf.t(), y);
+      g_reflect = (-2.0 * (at::bmm(ue.transpose(1, 2).to(dt), g).squeeze(1).to(f32) +
+                           at::bmm(ugc.transpose(1, 2).to(dt), delta).squeeze(1).to(f32) +
+                           at::mm(y, R.to(f32).t())))
+                      .to(reflect->scalar_type());
+    }
+    g_basis = gb.to(R.scalar_type());
+  }
+  Tensor g_base = g - (1.0 - w_self).unsqueeze(-1) * g_delta;
+  Tensor g_source = at::bmm(w_src, g_delta);
+  Tensor g_w = at::cat({at::bmm(source, g_delta.transpose(1, 2)), (g_delta * base).sum(-1).unsqueeze(1)}, 1)
+                   .to(weights.scalar_type());
+  return {g_base, g_source, g_w, g_basis, g_reflect, g_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hyperdas_fast, CUDA, m) {
+  m.impl("interchange_fwd", &interchange_fwd_cuda);
+  m.impl("interchange_bwd", &interchange_bwd_cuda);
+  m.impl("interchange_rows_", &interchange_rows_cuda_);
+}
+
+// A Python module named hyperdas_fast._C_cuda; importing it runs the registrations above.
+#include <Python.h>
+
+static struct PyModuleDef hyperdas_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
+                                                  "CUDA kernels of hyperdas_fast (registered as torch ops)", -1,
+                                                  nullptr};
+
+PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&hyperdas_cuda_module); }
