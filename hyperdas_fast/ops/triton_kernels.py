@@ -11,20 +11,24 @@ Kernels (all accumulate in fp32; tl.dot runs on tensor cores for bf16/fp16 and w
 ``input_precision="ieee"`` for fp32 so results match torch's fp32 matmul, which does not
 use TF32 by default):
 
-- ``_coords_kernel``: a tile of BT rows x BK subspace columns; loops over d in BD chunks,
-  builds the mix in-kernel from source tiles (tl.dot of w^T [BT, BS] and source [BS, BD]),
-  accumulates delta @ R and v.delta -> c [rows, k] (fp32 scratch). In the backward it also
-  accumulates g @ R and v.g -> g_e, and can store delta for the basis/reflect reductions.
-  The same kernel serves the hard rows mode (ROWS=True): rows are gathered by
-  (batch_index, base_pos, source_pos) and delta = source row - base row.
-- ``_apply_kernel``: out = base + e R^T - 2 (e.u) v for a tile of rows and a span of d.
+- ``_coords_kernel``: a tile of BT rows x BK subspace columns x one slice of d (d is split
+  into DSPLIT slices so 64-row tiles still fill the GPU; per-slice partial sums go to an
+  fp32 scratch [DSPLIT, rows, k], deterministic, no atomics). Loops over its slice in BD
+  chunks, builds the mix in-kernel from source tiles (tl.dot of w^T [BT, BS] and source
+  [BS, BD]) and accumulates delta @ R and v.delta. In the backward it also accumulates
+  g @ R and v.g, and can store delta for the basis/reflect reductions. The same kernel
+  serves the hard rows mode (ROWS=True): rows are gathered by (batch_index, base_pos,
+  source_pos) and delta = source row - base row.
+- ``_apply_kernel``: sums the partials, c = (delta R) - 2 (v.delta) u, e = m c, then
+  out = base + e R^T - 2 (e.u) v for a tile of rows and a span of d.
   In rows mode out aliases base (in place) or its clone; rows are unique so each element
-  is read and written by one program only.
+  is read and written by one program only, and the coords kernel has finished reading.
 - ``_bwd_delta_kernel``: g_delta = R g_c - 2 (u.g_c) v, g_base = g - (1 - w_self) g_delta,
   g_w[b, s, t] = <g_delta, source[s]> (tl.dot) and g_w[b, S, t] = <g_delta, base>.
 
 Done with torch ops (small or GEMM-shaped reductions where cuBLAS is as good as a custom
-kernel; each is commented where it happens): u = R^T v, g_mask, g_c = m g_e, u.g_c,
+kernel; each is commented where it happens): u = R^T v, in the backward the sums of the
+d-split partials and the reflection correction on [rows, k], g_mask, g_c = m g_e, u.g_c,
 g_source = w_src @ g_delta (bmm), g_basis (two [d, N] x [N, k] mm plus a rank-B term),
 g_reflect (two bmm plus a [B, k] x [k, d] mm), vanilla rows (an index copy), float64
 inputs (the torch reference: the kernels are written for fp32/fp16/bf16).
@@ -91,17 +95,18 @@ def _row_offsets(pid_tile, pid_b, bidx_ptr, tpos_ptr, spos_ptr, T, S, d, P,
 
 @triton.jit
 def _coords_kernel(
-    base_ptr, src_ptr, w_ptr, R_ptr, v_ptr, u_ptr,
+    base_ptr, src_ptr, w_ptr, R_ptr, v_ptr,
     c_ptr, vd_ptr,
     g_ptr, ge_ptr, vg_ptr, delta_ptr,
     bidx_ptr, tpos_ptr, spos_ptr,
-    T, S, d, k, P,
+    T, S, d, k, P, nrows, DSPLIT, SPAN,
     ROWS: tl.constexpr, HAS_REFLECT: tl.constexpr, HAS_GRAD: tl.constexpr,
     STORE_DELTA: tl.constexpr, IEEE: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_k = tl.program_id(1) // DSPLIT
+    split = tl.program_id(1) % DSPLIT
     pid_b = tl.program_id(2).to(tl.int64)
     rid, brow, trow, base_off, src_off, valid = _row_offsets(
         pid_tile, pid_b, bidx_ptr, tpos_ptr, spos_ptr, T, S, d, P, ROWS, BT)
@@ -119,9 +124,11 @@ def _coords_kernel(
         w_b = w_ptr + pid_b * (S + 1) * T
         wself = tl.load(w_b + S * T + trow, mask=valid, other=0.0).to(tl.float32)
 
-    for d0 in range(0, d, BD):
+    d_start = split * SPAN
+    d_end = tl.minimum(d, d_start + SPAN)
+    for d0 in range(d_start, d_end, BD):
         dcols = d0 + tl.arange(0, BD)
-        dvalid = dcols < d
+        dvalid = dcols < d_end
         m2 = valid[:, None] & dvalid[None, :]
         x = tl.load(base_ptr + base_off[:, None] + dcols[None, :], mask=m2, other=0.0)
         if ROWS:
@@ -163,24 +170,39 @@ def _coords_kernel(
             if HAS_GRAD:
                 vg += tl.sum(gt.to(tl.float32) * vt, axis=1)
 
+    # Partial sums of this d slice: [DSPLIT, nrows, k] and [DSPLIT, nrows]. The reflection
+    # correction -2 (v.delta) u needs the full v.delta, so the consumer applies it.
     mk = valid[:, None] & kvalid[None, :]
+    part = split.to(tl.int64) * nrows
     if HAS_REFLECT:
-        ut = tl.load(u_ptr + brow[:, None] * k + kcols[None, :], mask=mk, other=0.0)
-        acc = acc - 2.0 * vd[:, None] * ut
-        tl.store(vd_ptr + rid, vd, mask=valid & first_k)
+        tl.store(vd_ptr + part + rid, vd, mask=valid & first_k)
         if HAS_GRAD:
-            acc_g = acc_g - 2.0 * vg[:, None] * ut
-            tl.store(vg_ptr + rid, vg, mask=valid & first_k)
-    tl.store(c_ptr + rid[:, None] * k + kcols[None, :], acc, mask=mk)
+            tl.store(vg_ptr + part + rid, vg, mask=valid & first_k)
+    tl.store(c_ptr + (part + rid[:, None]) * k + kcols[None, :], acc, mask=mk)
     if HAS_GRAD:
-        tl.store(ge_ptr + rid[:, None] * k + kcols[None, :], acc_g, mask=mk)
+        tl.store(ge_ptr + (part + rid[:, None]) * k + kcols[None, :], acc_g, mask=mk)
+
+
+@triton.jit
+def _load_e(c_ptr, vd, u_ptr, m_ptr, m_stride_b, rid, brow, kcols, valid, k, nrows, DSPLIT,
+            HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr):
+    """e = m * (sum_split c_part - 2 (v.delta) u) for rows rid and columns kcols (fp32)."""
+    mk = valid[:, None] & (kcols < k)[None, :]
+    c = tl.zeros(mk.shape, dtype=tl.float32)
+    for sp in range(0, DSPLIT):
+        c += tl.load(c_ptr + (sp * nrows + rid[:, None]) * k + kcols[None, :], mask=mk, other=0.0)
+    if HAS_REFLECT:
+        c = c - 2.0 * vd[:, None] * tl.load(u_ptr + brow[:, None] * k + kcols[None, :], mask=mk, other=0.0)
+    if HAS_MASK:
+        c = c * tl.load(m_ptr + brow[:, None] * m_stride_b + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+    return c
 
 
 @triton.jit
 def _apply_kernel(
-    base_ptr, out_ptr, c_ptr, m_ptr, m_stride_b, R_ptr, v_ptr, u_ptr,
+    base_ptr, out_ptr, c_ptr, vd_ptr, m_ptr, m_stride_b, R_ptr, v_ptr, u_ptr,
     bidx_ptr, tpos_ptr, spos_ptr,
-    T, S, d, k, P, DSPAN,
+    T, S, d, k, P, nrows, DSPLIT, DSPAN,
     ROWS: tl.constexpr, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
     IEEE: tl.constexpr, ONE_K: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -191,22 +213,22 @@ def _apply_kernel(
     rid, brow, trow, base_off, src_off, valid = _row_offsets(
         pid_tile, pid_b, bidx_ptr, tpos_ptr, spos_ptr, T, S, d, P, ROWS, BT)
 
-    # e = m * c and e.u for the rows (e.u needs all k columns)
+    # v.delta (sum of the d-split partials), then e = m * c and e.u (needs all k columns)
+    vd = tl.zeros([BT], dtype=tl.float32)
     eu = tl.zeros([BT], dtype=tl.float32)
-    for k0 in range(0, k, BK):
-        kcols = k0 + tl.arange(0, BK)
-        mk = valid[:, None] & (kcols < k)[None, :]
-        e = tl.load(c_ptr + rid[:, None] * k + kcols[None, :], mask=mk, other=0.0)
-        if HAS_MASK:
-            e = e * tl.load(m_ptr + brow[:, None] * m_stride_b + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
-        if HAS_REFLECT:
-            eu += tl.sum(e * tl.load(u_ptr + brow[:, None] * k + kcols[None, :], mask=mk, other=0.0), axis=1)
+    if HAS_REFLECT:
+        for sp in range(0, DSPLIT):
+            vd += tl.load(vd_ptr + sp * nrows + rid, mask=valid, other=0.0)
+        for k0 in range(0, k, BK):
+            kcols = k0 + tl.arange(0, BK)
+            e = _load_e(c_ptr, vd, u_ptr, m_ptr, m_stride_b, rid, brow, kcols, valid, k, nrows, DSPLIT,
+                        HAS_REFLECT, HAS_MASK)
+            eu += tl.sum(e * tl.load(u_ptr + brow[:, None] * k + kcols[None, :],
+                                     mask=valid[:, None] & (kcols < k)[None, :], other=0.0), axis=1)
     if ONE_K:
         kcols1 = tl.arange(0, BK)
-        mk1 = valid[:, None] & (kcols1 < k)[None, :]
-        e1 = tl.load(c_ptr + rid[:, None] * k + kcols1[None, :], mask=mk1, other=0.0)
-        if HAS_MASK:
-            e1 = e1 * tl.load(m_ptr + brow[:, None] * m_stride_b + kcols1[None, :], mask=mk1, other=0.0).to(tl.float32)
+        e1 = _load_e(c_ptr, vd, u_ptr, m_ptr, m_stride_b, rid, brow, kcols1, valid, k, nrows, DSPLIT,
+                     HAS_REFLECT, HAS_MASK)
         if not IEEE:
             e1 = e1.to(R_ptr.dtype.element_ty)
 
@@ -227,10 +249,8 @@ def _apply_kernel(
             for k0 in range(0, k, BK):
                 kcols = k0 + tl.arange(0, BK)
                 kvalid = kcols < k
-                mk = valid[:, None] & kvalid[None, :]
-                e = tl.load(c_ptr + rid[:, None] * k + kcols[None, :], mask=mk, other=0.0)
-                if HAS_MASK:
-                    e = e * tl.load(m_ptr + brow[:, None] * m_stride_b + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+                e = _load_e(c_ptr, vd, u_ptr, m_ptr, m_stride_b, rid, brow, kcols, valid, k, nrows, DSPLIT,
+                            HAS_REFLECT, HAS_MASK)
                 rT = tl.load(R_ptr + dcols[None, :] * k + kcols[:, None],
                              mask=kvalid[:, None] & dvalid[None, :], other=0.0)
                 if IEEE:
@@ -390,21 +410,39 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _config(x: Tensor, rows_per_batch: int, batches: int, d: int, k: Optional[int], S: int) -> dict:
-    """Block sizes. The interpreter wants few, small programs; the GPU wants enough CTAs to
-    fill every SM (the coords kernel cannot split d without atomics, so BT shrinks to 16
-    when there are few token tiles)."""
+    """Block sizes per kernel.
+
+    coords (BT1 x BK tiles, loops over a d slice of SPAN1): 64-row tiles keep the L2 traffic
+    of re-reading R (d*k per tile) low, and d is split into DSPLIT slices (partial sums,
+    summed by the consumer: deterministic, no atomics) so the grid fills the GPU.
+    apply / vanilla mix (BT2 x BD2 tiles over a d span DSPAN2): split over d freely.
+    backward g_delta (BT3 rows, loops over all of d for the g_w reduction).
+    The interpreter gets small blocks and still splits d so every code path runs.
+    """
+    kk = k or 16
     if _interpreting(x):
-        return dict(BT=16, BK=_p2(k or 16, 16, 32), BD=32, BS=16, warps=1, DSPAN=_p2(d, 32, 64))
+        BD1 = 32
+        nch = triton.cdiv(d, BD1)
+        span = triton.cdiv(nch, min(2, nch))
+        return dict(BT1=16, BK=_p2(kk, 16, 32), BD1=BD1, BS=16, W1=1,
+                    DSPLIT=triton.cdiv(nch, span), SPAN1=span * BD1,
+                    BT2=16, BD2=32, DSPAN2=64, W2=1, BT3=16, BD3=32, W3=1)
     sms = _num_sms(x.device)
-    BT = 32 if triton.cdiv(rows_per_batch, 32) * batches >= 2 * sms else 16
-    BK = _p2(k or 16, 16, 128)
+    BK = _p2(kk, 16, 128)
     BS = _p2(S, 16, 64)
-    BD = 64 if BK >= 128 else 128
-    ntiles = triton.cdiv(rows_per_batch, BT) * batches
-    # apply kernel: split d so that there are >= 4 programs per SM
-    nsplit = max(1, min(triton.cdiv(d, 128), triton.cdiv(4 * sms, max(ntiles, 1))))
-    DSPAN = triton.cdiv(triton.cdiv(d, nsplit), 128) * 128
-    return dict(BT=BT, BK=BK, BD=BD, BS=BS, warps=4, DSPAN=DSPAN)
+    BT1, BD1 = 64, 64
+    tiles1 = triton.cdiv(rows_per_batch, BT1) * batches * triton.cdiv(kk, BK)
+    nch = triton.cdiv(d, BD1)
+    want = max(1, min(nch, 16, triton.cdiv(2 * sms, tiles1)))
+    span = triton.cdiv(nch, want)
+    BT2, BD2 = 64, 128
+    tiles2 = triton.cdiv(rows_per_batch, BT2) * batches
+    nch2 = triton.cdiv(d, BD2)
+    spans = max(1, min(nch2, triton.cdiv(4 * sms, tiles2)))
+    BT3 = 32 if triton.cdiv(rows_per_batch, 32) * batches >= 2 * sms else 16
+    return dict(BT1=BT1, BK=BK, BD1=BD1, BS=BS, W1=8, DSPLIT=triton.cdiv(nch, span), SPAN1=span * BD1,
+                BT2=BT2, BD2=BD2, DSPAN2=triton.cdiv(nch2, spans) * BD2, W2=8,
+                BT3=BT3, BD3=64 if BK >= 128 else 128, W3=4)
 
 
 def _ieee(x: Tensor) -> bool:
@@ -430,65 +468,67 @@ def _u(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _launch_coords(base, source, weights, basis, reflect, u, cfg, grad=None, store_delta=False,
-                   rows=None):
-    """Returns c [rows, k] fp32, v.delta [rows] fp32, and with grad: g_e, v.g, delta."""
+def _launch_coords(base, source, weights, basis, reflect, cfg, grad=None, store_delta=False, rows=None):
+    """Partial sums over DSPLIT d slices: c [DSPLIT, rows, k] = delta @ R, v.delta
+    [DSPLIT, rows] (fp32); with grad also g @ R and v.g; with store_delta, delta [B, T, d]."""
     B, T, d = base.shape
     S = source.shape[1]
     k = basis.shape[1]
     dev = base.device
+    nsplit = cfg["DSPLIT"]
+    nk = triton.cdiv(k, cfg["BK"])
     if rows is None:
         nrows, P = B * T, 0
         bidx = tpos = spos = torch.empty(1, device=dev, dtype=torch.int64)
-        grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(k, cfg["BK"]), B)
+        grid = (triton.cdiv(T, cfg["BT1"]), nk * nsplit, B)
     else:
         bidx, tpos, spos = rows
         P = nrows = bidx.numel()
-        grid = (triton.cdiv(P, cfg["BT"]), triton.cdiv(k, cfg["BK"]), 1)
+        grid = (triton.cdiv(P, cfg["BT1"]), nk * nsplit, 1)
     f32 = dict(device=dev, dtype=torch.float32)
-    c = torch.empty(nrows, k, **f32)
-    vd = torch.empty(nrows if reflect is not None else 1, **f32)
+    c = torch.empty(nsplit, nrows, k, **f32)
+    vd = torch.empty(nsplit, nrows if reflect is not None else 1, **f32)
     dummy = torch.empty(1, **f32)
-    ge = torch.empty(nrows, k, **f32) if grad is not None else dummy
-    vg = torch.empty(nrows if (grad is not None and reflect is not None) else 1, **f32)
+    ge = torch.empty(nsplit, nrows, k, **f32) if grad is not None else dummy
+    vg = torch.empty(nsplit, nrows if (grad is not None and reflect is not None) else 1, **f32)
     delta = torch.empty_like(base) if store_delta else dummy
     _coords_kernel[grid](
         base, source, weights if weights is not None else dummy, basis,
-        reflect if reflect is not None else dummy, u,
+        reflect if reflect is not None else dummy,
         c, vd, grad if grad is not None else dummy, ge, vg, delta,
         bidx, tpos, spos,
-        T, S, d, k, P,
+        T, S, d, k, P, nrows, nsplit, cfg["SPAN1"],
         ROWS=rows is not None, HAS_REFLECT=reflect is not None, HAS_GRAD=grad is not None,
         STORE_DELTA=store_delta, IEEE=_ieee(base),
-        BT=cfg["BT"], BK=cfg["BK"], BD=cfg["BD"], BS=cfg["BS"], num_warps=cfg["warps"],
+        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], num_warps=cfg["W1"],
     )
     return c, vd, ge, vg, delta
 
 
-def _launch_apply(base, out, c, mask, basis, reflect, u, cfg, rows=None):
+def _launch_apply(base, out, c, vd, mask, basis, reflect, u, cfg, rows=None):
+    """out = base + e R^T - 2 (e.u) v with e = m (sum c - 2 (sum vd) u)."""
     B, T, d = base.shape
     k = basis.shape[1]
     dev = base.device
     m, m_stride = _expanded_mask(mask, B, k, dev)
     if rows is None:
-        P = 0
+        P, nrows = 0, B * T
         bidx = tpos = spos = torch.empty(1, device=dev, dtype=torch.int64)
-        ntile, nb = triton.cdiv(T, cfg["BT"]), B
+        ntile, nb = triton.cdiv(T, cfg["BT2"]), B
     else:
         bidx, tpos, spos = rows
-        P = bidx.numel()
-        ntile, nb = triton.cdiv(P, cfg["BT"]), 1
-    BDa = min(cfg["DSPAN"], 64 if _interpreting(base) else 128)
-    DSPAN = cfg["DSPAN"]
+        P = nrows = bidx.numel()
+        ntile, nb = triton.cdiv(P, cfg["BT2"]), 1
+    DSPAN = cfg["DSPAN2"]
     grid = (ntile, triton.cdiv(d, DSPAN), nb)
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
     _apply_kernel[grid](
-        base, out, c, m, m_stride, basis, reflect if reflect is not None else dummy, u,
+        base, out, c, vd, m, m_stride, basis, reflect if reflect is not None else dummy, u,
         bidx, tpos, spos,
-        T, 0, d, k, P, DSPAN,
+        T, 0, d, k, P, nrows, c.shape[0], DSPAN,
         ROWS=rows is not None, HAS_REFLECT=reflect is not None, HAS_MASK=mask is not None,
         IEEE=_ieee(base), ONE_K=k <= cfg["BK"],
-        BT=cfg["BT"], BK=cfg["BK"], BD=BDa, num_warps=cfg["warps"],
+        BT=cfg["BT2"], BK=cfg["BK"], BD=min(cfg["BD2"], DSPAN), num_warps=cfg["W2"],
     )
     return out
 
@@ -500,19 +540,18 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     source = source.contiguous()
     weights = weights.contiguous()
     out = torch.empty_like(base)
+    cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     if basis is None:
-        cfg = _config(base, T, B, d, None, S)
-        BD = min(cfg["DSPAN"], 64 if _interpreting(base) else 128)
-        grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(d, cfg["DSPAN"]), B)
-        _mix_kernel[grid](base, source, weights, out, T, S, d, cfg["DSPAN"],
-                          IEEE=_ieee(base), BT=cfg["BT"], BD=BD, BS=cfg["BS"], num_warps=cfg["warps"])
+        grid = (triton.cdiv(T, cfg["BT2"]), triton.cdiv(d, cfg["DSPAN2"]), B)
+        _mix_kernel[grid](base, source, weights, out, T, S, d, cfg["DSPAN2"],
+                          IEEE=_ieee(base), BT=cfg["BT2"], BD=min(cfg["BD2"], cfg["DSPAN2"]), BS=cfg["BS"],
+                          num_warps=cfg["W2"])
         return out
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
-    cfg = _config(base, T, B, d, basis.shape[1], S)
     u = _u(basis, reflect)
-    c, _, _, _, _ = _launch_coords(base, source, weights, basis, reflect, u, cfg)
-    return _launch_apply(base, out, c, mask, basis, reflect, u, cfg)
+    c, vd, _, _, _ = _launch_coords(base, source, weights, basis, reflect, cfg)
+    return _launch_apply(base, out, c, vd, mask, basis, reflect, u, cfg)
 
 
 def _backward(grad, base, source, weights, basis, reflect, mask):
@@ -530,13 +569,13 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     g_base = torch.empty_like(base)
     g_w = torch.empty(B, S + 1, T, device=dev, dtype=torch.float32)
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(S, cfg["BS"]), B)
+    grid = (triton.cdiv(T, cfg["BT3"]), triton.cdiv(S, cfg["BS"]), B)
     if basis is None:
         _bwd_delta_kernel[grid](
             grad, base, source, weights, dummy, dummy, dummy, dummy, g_base, dummy, g_w,
             T, S, d, 1,
             HAS_BASIS=False, HAS_REFLECT=False, IEEE=_ieee(base), ONE_K=True,
-            BT=cfg["BT"], BK=16, BD=cfg["BD"], BS=cfg["BS"], num_warps=cfg["warps"],
+            BT=cfg["BT3"], BK=16, BD=cfg["BD3"], BS=cfg["BS"], num_warps=cfg["W3"],
         )
         # g_source = w_src @ g (reduction over t: a batched GEMM, cuBLAS)
         g_source = torch.bmm(weights[:, :S, :], grad)
@@ -546,11 +585,17 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     reflect = reflect.contiguous() if reflect is not None else None
     k = basis.shape[1]
     u = _u(basis, reflect)
-    c, vd, ge, vg, delta = _launch_coords(base, source, weights, basis, reflect, u, cfg,
+    c, vd, ge, vg, delta = _launch_coords(base, source, weights, basis, reflect, cfg,
                                           grad=grad, store_delta=True)
-    # Small [B*T, k] elementwise work and reductions in torch: g_mask, g_c = m g_e, u.g_c.
-    c3 = c.view(B, T, k)
-    ge3 = ge.view(B, T, k)
+    # Small [B*T, k] work in torch: sums of the d-split partials, the reflection correction
+    # (c = R^T delta - 2 (v.delta) u, g_e likewise), g_mask, g_c = m g_e, u.g_c, u.e.
+    c3 = c.sum(0).view(B, T, k)
+    ge3 = ge.sum(0).view(B, T, k)
+    if reflect is not None:
+        vd = vd.sum(0)
+        vg = vg.sum(0)
+        c3 = c3 - 2.0 * vd.view(B, T, 1) * u.unsqueeze(1)
+        ge3 = ge3 - 2.0 * vg.view(B, T, 1) * u.unsqueeze(1)
     if mask is None:
         g_mask = empty()
         gc3 = ge3
@@ -574,7 +619,7 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
         gc3, ugc, g_base, g_delta, g_w,
         T, S, d, k,
         HAS_BASIS=True, HAS_REFLECT=reflect is not None, IEEE=_ieee(base), ONE_K=k <= cfg["BK"],
-        BT=cfg["BT"], BK=cfg["BK"], BD=cfg["BD"], BS=cfg["BS"], num_warps=cfg["warps"],
+        BT=cfg["BT3"], BK=cfg["BK"], BD=cfg["BD3"], BS=cfg["BS"], num_warps=cfg["W3"],
     )
     dt = base.dtype
     # g_source = w_src @ g_delta: reduction over tokens, a batched GEMM (cuBLAS).
@@ -688,8 +733,8 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
     cfg = _config(out, rows[0].numel(), 1, d, basis.shape[1], source.shape[1])
     u = _u(basis, reflect)
     # The coords kernel reads the rows before the apply kernel writes them.
-    c, _, _, _, _ = _launch_coords(out, source, None, basis, reflect, u, cfg, rows=rows)
-    _launch_apply(out, out, c, mask, basis, reflect, u, cfg, rows=rows)
+    c, vd, _, _, _ = _launch_coords(out, source, None, basis, reflect, cfg, rows=rows)
+    _launch_apply(out, out, c, vd, mask, basis, reflect, u, cfg, rows=rows)
     return out
 
 
