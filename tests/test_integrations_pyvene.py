@@ -310,6 +310,38 @@ def test_smollm2_save_load_through_pyvene(smollm2, ravel_batch, tmp_path):
     torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-4)
 
 
+def test_length_groups_cover_rows_and_cut_padding():
+    lengths = [8, 30, 9, 29, 8, 31, 10, 28]
+    groups = hp.length_groups(lengths, overhead_tokens=8)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert len(groups) == 2 and padded < 8 * 31
+    assert hp.length_groups([5, 5, 5]) == [[0, 1, 2]]
+    assert hp.length_groups([]) == []
+
+
+def test_native_regrouped_equals_padded(smollm2, ravel_batch, monkeypatch):
+    model, _ = smollm2
+    base, source, base_pos, cf_pos = ravel_batch
+    torch.manual_seed(8)
+    basis = torch.linalg.qr(torch.randn(model.config.hidden_size, RANK))[0]
+    calls = []
+    real_groups = hp.length_groups
+
+    def one_group_per_length(lengths, overhead_tokens=48):
+        groups = real_groups(lengths, overhead_tokens=0)
+        calls.append(groups)
+        return groups
+
+    monkeypatch.setattr(hp, "length_groups", one_group_per_length)
+    grouped = hp.das_interchange(model, base, source, base_pos, cf_pos, LAYER, basis, regroup=True)
+    assert all(len(groups) > 1 for groups in calls) and len(calls) == 2
+    padded = hp.das_interchange(model, base, source, base_pos, cf_pos, LAYER, basis, regroup=False)
+    full = hp.das_interchange(model, base, source, base_pos, cf_pos, LAYER, basis, logits_at="all")
+    torch.testing.assert_close(grouped, padded, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(_last_logits(full, base), padded, atol=2e-3, rtol=1e-4)
+
+
 def test_native_rejects_bad_arguments(smollm2, ravel_batch):
     model, _ = smollm2
     base, source, base_pos, cf_pos = ravel_batch

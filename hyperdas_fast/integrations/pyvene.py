@@ -545,6 +545,37 @@ def _positions(name: str, value, batch: int, device) -> Tensor:
     return t
 
 
+def length_groups(lengths: Sequence[int], overhead_tokens: int = 48) -> List[List[int]]:
+    """Split rows into groups of similar length so that padding costs little.
+
+    Rows are sorted by length and cut where it pays: the total cost, sum over groups of
+    (rows x longest row + ``overhead_tokens`` per extra forward call), is minimised
+    exactly (dynamic programming over the sorted order, O(B^2)). Returns row indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            cost = best[i] + (j - i) * longest + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _select_rows(inputs: Dict[str, Tensor], rows: Tensor, width: int) -> Dict[str, Tensor]:
+    return {k: (v[rows, :width] if isinstance(v, Tensor) and v.dim() == 2 else v) for k, v in inputs.items()}
+
+
 @torch.no_grad()
 def das_interchange(
     model: nn.Module,
@@ -556,20 +587,26 @@ def das_interchange(
     basis: Optional[Tensor],
     mask: Optional[Tensor] = None,
     logits_at: str = "last",
+    regroup: bool = True,
     backend: str = "auto",
 ) -> Tensor:
     """Native DAS interchange at the output of block ``layer`` (pyvene's "block_output").
 
-    Runs the source prompt through blocks 0..layer only, then the base prompt with a
-    forward hook that patches, in place on the residual stream, base token
-    ``base_positions[b]`` with source token ``source_positions[b]`` in the subspace
-    ``basis`` [d, k] (None = the whole vector): ``ops.interchange_hard(..., inplace=True)``.
+    Runs the source prompts (each up to its intervened token: later tokens cannot affect
+    it in a causal model) through blocks 0..layer only and keeps the source rows, then the
+    base prompts with a forward hook that patches, in place on the residual stream, base
+    token ``base_positions[b]`` with that source row in the subspace ``basis`` [d, k]
+    (None = the whole vector): ``ops.interchange_hard(..., inplace=True)``.
+
+    With ``regroup=True`` (default) the rows of each pass are regrouped by real length
+    (``length_groups``), so right padding costs almost nothing; results are the same per
+    example (up to float rounding of differently shaped matmuls).
 
     Args:
         base_inputs / source_inputs: tokenizer outputs (input_ids, attention_mask), right padded.
         logits_at: "last" -> logits [B, vocab] at each example's last real token only;
-            "all" -> [B, T, vocab].
-    Returns logits as described (inference only: no gradients).
+            "all" -> [B, T, vocab] (implies regroup=False).
+    Returns the logits described (inference only: no gradients).
     """
     if logits_at not in ("last", "all"):
         raise ValueError(f"logits_at must be 'last' or 'all', got {logits_at!r}")
@@ -585,53 +622,85 @@ def das_interchange(
         )
     bpos = _positions("base_positions", base_positions, batch, device)
     spos = _positions("source_positions", source_positions, batch, device)
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None:
+        body, logits_at = model, "all"
+    regroup = regroup and logits_at == "last"
+
+    # 1) source rows at the intervened layer: [B, d]
     captured: Dict[str, Tensor] = {}
 
     def grab(module, args, output):
-        captured["source"] = _hidden_of(output)
+        captured["h"] = _hidden_of(output)
         raise _SourceCollected()
 
+    need = (spos + 1).tolist()
+    groups = length_groups(need) if regroup else [list(range(batch))]
+    source_rows: Optional[Tensor] = None
     handle = block.register_forward_hook(grab)
     try:
-        body = getattr(model, getattr(model, "base_model_prefix", "model"), None) or model
-        body(**source_inputs, use_cache=False)
-    except _SourceCollected:
-        pass
+        for group in groups:
+            rows = torch.tensor(group, device=device)
+            width = max(need[i] for i in group)
+            try:
+                body(**_select_rows(source_inputs, rows, width), use_cache=False)
+            except _SourceCollected:
+                pass
+            h = captured.pop("h")
+            picked = h[torch.arange(len(group), device=device), spos[rows]]
+            if source_rows is None:
+                source_rows = picked.new_empty(batch, picked.shape[-1])
+            source_rows[rows] = picked
     finally:
         handle.remove()
-    source = captured["source"]
     if basis is not None:
-        basis = basis.to(source.dtype)
+        basis = basis.to(source_rows.dtype)
     if mask is not None:
-        mask = mask.to(source.dtype)
+        mask = mask.to(source_rows.dtype)
+
+    # 2) the base pass with the patch at block ``layer``
+    current: Dict[str, Tensor] = {}
 
     def patch(module, args, output):
         hidden = _hidden_of(output)
+        rows = current["rows"]
         index = torch.full(hidden.shape[:2], ops.KEEP, dtype=torch.long, device=hidden.device)
-        index[torch.arange(batch, device=hidden.device), bpos] = spos
+        index[torch.arange(rows.numel(), device=hidden.device), bpos[rows]] = 0
+        src = source_rows[rows].unsqueeze(1)
+        row_mask = mask[rows] if (mask is not None and mask.dim() == 2) else mask
         if not hidden.is_contiguous():
-            hidden = hidden.contiguous()
-            out = ops.interchange_hard(hidden, source, index, basis=basis, mask=mask, inplace=True, backend=backend)
-            return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
-        ops.interchange_hard(hidden, source, index, basis=basis, mask=mask, inplace=True, backend=backend)
+            hidden = ops.interchange_hard(hidden.contiguous(), src, index, basis=basis, mask=row_mask,
+                                          inplace=True, backend=backend)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        ops.interchange_hard(hidden, src, index, basis=basis, mask=row_mask, inplace=True, backend=backend)
         return output
 
+    attention = base_inputs.get("attention_mask")
+    if attention is None:
+        lengths = [base_inputs["input_ids"].shape[1]] * batch
+    else:
+        lengths = attention.long().sum(dim=1).tolist()
     handle = block.register_forward_hook(patch)
     try:
-        prefix = getattr(model, "base_model_prefix", "model")
-        body = getattr(model, prefix, None)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if body is None or head is None or logits_at == "all":
+        if logits_at == "all":
+            current["rows"] = torch.arange(batch, device=device)
             return model(**base_inputs, use_cache=False).logits
-        hidden = body(**base_inputs, use_cache=False).last_hidden_state
+        groups = length_groups(lengths) if regroup else [list(range(batch))]
+        out: Optional[Tensor] = None
+        for group in groups:
+            rows = torch.tensor(group, device=device)
+            current["rows"] = rows
+            width = max(lengths[i] for i in group)
+            hidden = body(**_select_rows(base_inputs, rows, width), use_cache=False).last_hidden_state
+            last = torch.tensor([lengths[i] - 1 for i in group], device=device)
+            logits = head(hidden[torch.arange(len(group), device=device), last])
+            if out is None:
+                out = logits.new_empty(batch, logits.shape[-1])
+            out[rows] = logits
+        return out
     finally:
         handle.remove()
-    mask_in = base_inputs.get("attention_mask")
-    if mask_in is None:
-        last = torch.full((batch,), hidden.shape[1] - 1, device=device, dtype=torch.long)
-    else:
-        last = mask_in.long().sum(dim=1) - 1
-    return head(hidden[torch.arange(batch, device=device), last])
 
 
 __all__ = [
@@ -647,4 +716,5 @@ __all__ = [
     "convert",
     "das_interchange",
     "decoder_layers",
+    "length_groups",
 ]
