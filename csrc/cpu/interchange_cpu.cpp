@@ -114,6 +114,23 @@ void check_soft(const at::Tensor& base, const at::Tensor& source, const at::Tens
   check_subspace(base, basis, reflect, mask);
 }
 
+// Grow-only per-thread scratch buffers, one per (slot, float/double). The backward's
+// large temporaries would otherwise be handed back to the OS on every call (glibc trims
+// the heap) and cost a page fault per 4 KiB page on the next call: measured ~1 ms of
+// system time per backward at the SmolLM2 shape. Never returned to the caller.
+enum ScratchSlot { kDG = 0, kCE, kGD, kPartial, kGW, kRowsD, kRowsC, kNumSlots };
+
+at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  thread_local at::Tensor buffers[kNumSlots][2];
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  at::Tensor& buf = buffers[slot][opts.dtype() == at::kDouble ? 1 : 0];
+  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != opts.dtype().toScalarType()) {
+    buf = at::empty({numel}, opts);
+  }
+  return buf.narrow(0, 0, numel).view(shape);
+}
+
 // Raw views of the subspace arguments.
 template <typename scalar_t>
 struct Subspace {
@@ -288,7 +305,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
 
     // DG = [delta; g] [2N, d] with delta = W_src^T source + (w_self - 1) base;
     // dv = delta.v; vg = v.g. Stacking lets one GEMM give [c; g R] and one give g_basis.
-    at::Tensor DG = at::empty({2 * N, d}, opts);
+    at::Tensor DG = scratch(kDG, {2 * N, d}, opts);
     at::Tensor D = DG.narrow(0, 0, N).view({B, T, d});
     at::bmm_out(D, Wsrc.transpose(1, 2), source);
     scalar_t* Dp = DG.data_ptr<scalar_t>();
@@ -311,7 +328,8 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     });
     // CE = DG R = [c; g R]; rewritten in place below as [g_c; e] so that
     // g_basis = DG^T CE = D^T g_c + G^T e (the H_b parts are the -2 V^T Q term).
-    at::Tensor CE = at::mm(DG, R);
+    at::Tensor CE = scratch(kCE, {2 * N, k}, opts);
+    at::mm_out(CE, DG, R);
     scalar_t* GCp = CE.data_ptr<scalar_t>();  // rows [0, N): c in, g_c out
     scalar_t* Ep = GCp + N * k;                // rows [N, 2N): g R in, e out
     at::Tensor GC = CE.narrow(0, 0, N);
@@ -366,7 +384,9 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     if (has_v) g_basis.addmm_(reflect->t(), Q, /*beta=*/1, /*alpha=*/-2);
 
     // g_delta = Gc R^T - 2 (u.g_c) v; g_base; g_w[:, S]; g_reflect
-    GD = at::mm(GC, R.t()).view({B, T, d});
+    GD = scratch(kGD, {B, T, d}, opts);
+    at::Tensor GD2 = GD.view({N, d});
+    at::mm_out(GD2, GC, R.t());
     scalar_t* GDp = GD.data_ptr<scalar_t>();
     at::Tensor RQ;
     const int64_t TT = 8;  // rows per reduction tile
@@ -377,7 +397,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     if (has_v) {
       RQ = at::mm(Q, R.t());  // [B, d]
       rqp = RQ.const_data_ptr<scalar_t>();
-      partial = at::empty({B * tiles_per_b, d}, opts);
+      partial = scratch(kPartial, {B * tiles_per_b, d}, opts);
       pp = partial.data_ptr<scalar_t>();
     }
     at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t i0, int64_t i1) {
@@ -438,7 +458,9 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
 
   // g_source = W_src g_delta; g_w[:, :S] = source g_delta^T
   at::Tensor g_source = at::bmm(Wsrc, GD);
-  g_weights.narrow(1, 0, S).copy_(at::bmm(source, GD.transpose(1, 2)));
+  at::Tensor gw = scratch(kGW, {B, S, T}, opts);
+  at::bmm_out(gw, source, GD.transpose(1, 2));
+  g_weights.narrow(1, 0, S).copy_(gw);
   return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
 }
 
@@ -476,7 +498,7 @@ void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* 
     sub.m = mask->const_data_ptr<scalar_t>();
     sub.m_stride = mask->dim() == 2 ? k : 0;
   }
-  at::Tensor Dl = at::empty({P, d}, base.options());
+  at::Tensor Dl = scratch(kRowsD, {P, d}, base.options());
   scalar_t* Dp = Dl.data_ptr<scalar_t>();
   std::vector<scalar_t> dv(has_v ? P : 0), eu(has_v ? P : 0);
   at::parallel_for(0, P, kRowGrain, [&](int64_t p0, int64_t p1) {
@@ -489,7 +511,8 @@ void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* 
       if (has_v) dv[p] = dot(row, sub.v + bi[p] * d, d);
     }
   });
-  at::Tensor C = at::mm(Dl, R);
+  at::Tensor C = scratch(kRowsC, {P, k}, base.options());
+  at::mm_out(C, Dl, R);
   scalar_t* Cp = C.data_ptr<scalar_t>();
   at::parallel_for(0, P, std::max<int64_t>(1, 4096 / k), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
