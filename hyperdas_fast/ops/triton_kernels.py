@@ -428,21 +428,26 @@ def _config(x: Tensor, rows_per_batch: int, batches: int, d: int, k: Optional[in
                     DSPLIT=triton.cdiv(nch, span), SPAN1=span * BD1,
                     BT2=16, BD2=32, DSPAN2=64, W2=1, BT3=16, BD3=32, W3=1)
     sms = _num_sms(x.device)
+    ieee = x.dtype == torch.float32
     BK = _p2(kk, 16, 128)
     BS = _p2(S, 16, 64)
-    BT1, BD1 = 64, 64
+    # Sizes checked by AOT-compiling for sm_90 (no spills for bf16/fp16 at <= ~200 registers;
+    # fp32 "ieee" dots run on FMA units and need smaller tiles to avoid spilling and to stay
+    # inside the A100's 164 KB of shared memory).
+    BT1, BD1 = (32, 32) if ieee else (64, 32)
     tiles1 = triton.cdiv(rows_per_batch, BT1) * batches * triton.cdiv(kk, BK)
     nch = triton.cdiv(d, BD1)
     want = max(1, min(nch, 16, triton.cdiv(2 * sms, tiles1)))
     span = triton.cdiv(nch, want)
-    BT2, BD2 = 64, 128
+    BT2, BD2 = (32, 64 if kk <= BK else 32) if ieee else (64, 64)
     tiles2 = triton.cdiv(rows_per_batch, BT2) * batches
     nch2 = triton.cdiv(d, BD2)
     spans = max(1, min(nch2, triton.cdiv(4 * sms, tiles2)))
     BT3 = 32 if triton.cdiv(rows_per_batch, 32) * batches >= 2 * sms else 16
+    BD3 = 32 if ieee else (64 if BK >= 128 else 128)
     return dict(BT1=BT1, BK=BK, BD1=BD1, BS=BS, W1=8, DSPLIT=triton.cdiv(nch, span), SPAN1=span * BD1,
                 BT2=BT2, BD2=BD2, DSPAN2=triton.cdiv(nch2, spans) * BD2, W2=8,
-                BT3=BT3, BD3=64 if BK >= 128 else 128, W3=4)
+                BT3=BT3, BD3=BD3, W3=4)
 
 
 def _ieee(x: Tensor) -> bool:
