@@ -1,0 +1,6 @@
+"""HyperDAS models: target-model adapters, hypernetwork, position selector, subspace modules
+and the ``HyperDAS`` API (see ``hyperdas.py``)."""
+from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
+from .hyperdas import HyperDAS, HyperDASModel, HyperDASOutput
+
+__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "get_adapter", "SUPPORTED_MODEL_TYPES"]

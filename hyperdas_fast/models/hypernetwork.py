@@ -1,0 +1,146 @@
+"""The HyperDAS hypernetwork: a concept encoder built from the target's own blocks.
+
+It is the first ``N`` decoder blocks of the target model (copied, trainable,
+initialised from the target's weights or re-initialised), reading the concept text.
+Each block gets two extra cross-attention sub-layers between its self-attention and
+its MLP: one over the base and one over the counterfactual hidden states of *all*
+layers and tokens (keys = tokens x layers, padding masked). Their projections are
+initialised from the block's self-attention weights.
+
+The key hidden states come from the target's residual stream, whose scale grows with
+depth; they are RMS-normalised once per forward and each cross-attention folds its
+norm weight into its key/value projections, so no per-layer copy of the keys is made.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import DecoderAdapter, additive_mask
+
+
+def rms_unit(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / rms(x) over the last axis (no weight)."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm residual cross-attention: hidden [B, C, d] attends to keys [B, K, d].
+
+    The query norm is a copy of the block's input norm (trainable); key/value inputs are
+    RMS-normalised by the caller and scaled by ``key_scale`` (the norm weight, frozen).
+    Grouped-query attention follows the source block (num_kv_heads may be < num_heads).
+    """
+
+    def __init__(self, norm: nn.Module, q_w: Tensor, k_w: Tensor, v_w: Tensor, o_w: Tensor, biases,
+                 num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.norm = copy.deepcopy(norm)
+        hidden = o_w.shape[0]
+        q_b, k_b, v_b, o_b = biases
+
+        def linear(w, b):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                if b is not None:
+                    layer.bias.copy_(b)
+            return layer
+
+        self.q_proj = linear(q_w, q_b)
+        self.k_proj = linear(k_w, k_b)
+        self.v_proj = linear(v_w, v_b)
+        self.o_proj = linear(o_w, o_b)
+        scale = getattr(norm, "weight", None)
+        scale = torch.ones(hidden, dtype=q_w.dtype, device=q_w.device) if scale is None else scale.detach().clone()
+        self.register_buffer("key_scale", scale, persistent=False)
+
+    def forward(self, hidden: Tensor, keys_unit: Tensor, key_mask: Tensor) -> Tensor:
+        """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend)."""
+        batch, length, _ = hidden.shape
+        q = self.q_proj(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = keys_unit * self.key_scale
+        k = self.k_proj(keys).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(keys).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask = key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return hidden + self.o_proj(out)
+
+
+class HyperNetwork(nn.Module):
+    """Concept encoder: embeddings of the target (shared, frozen) -> N copied blocks, each
+    self-attention -> cross-attention(base) -> cross-attention(counterfactual) -> MLP,
+    then a copy of the target's final norm. ``forward`` returns [B, C, d]."""
+
+    def __init__(self, adapter: DecoderAdapter, num_layers: int = 2, init_from_target: bool = True):
+        super().__init__()
+        if not 1 <= num_layers <= adapter.num_layers:
+            raise ValueError(f"num_hypernet_layers must be in [1, {adapter.num_layers}], got {num_layers}")
+        # Keep the adapter out of the module tree (the target model is not ours to save).
+        object.__setattr__(self, "_adapter", adapter)
+        self.blocks = nn.ModuleList()
+        self.base_xattn = nn.ModuleList()
+        self.source_xattn = nn.ModuleList()
+        for index in range(num_layers):
+            block = copy.deepcopy(adapter.blocks[index])
+            parts = adapter.block_attention_parts(block)
+            norm, q_w, k_w, v_w, o_w, biases, heads, kv_heads, head_dim = parts
+            self.blocks.append(block)
+            for target in (self.base_xattn, self.source_xattn):
+                target.append(CrossAttention(norm, q_w.detach(), k_w.detach(), v_w.detach(), o_w.detach(),
+                                             tuple(None if b is None else b.detach() for b in biases),
+                                             heads, kv_heads, head_dim))
+        self.final_norm = copy.deepcopy(adapter.final_norm)
+        for param in self.parameters():
+            param.requires_grad_(True)
+        if not init_from_target:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every linear layer (training from scratch instead of from the target)."""
+        std = float(getattr(self._adapter.config, "initializer_range", 0.02))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, concept_ids: Tensor, concept_mask: Tensor, base_keys: Tensor, base_key_mask: Tensor,
+                source_keys: Tensor, source_key_mask: Tensor) -> Tensor:
+        """concept ids/mask [B, C]; *_keys [B, K, d] raw residual states (tokens x layers);
+        *_key_mask [B, K] bool. Returns the final-normed hidden states [B, C, d]."""
+        adapter = self._adapter
+        hidden = adapter.embed(concept_ids)
+        seq = concept_ids.shape[1]
+        position_ids = torch.arange(seq, device=concept_ids.device).unsqueeze(0)
+        mask = additive_mask(concept_mask, seq, seq, hidden.dtype, hidden.device)
+        pos_emb = adapter.position_embeddings(hidden, position_ids)
+        base_unit = rms_unit(base_keys)
+        source_unit = rms_unit(source_keys)
+        for block, xb, xs in zip(self.blocks, self.base_xattn, self.source_xattn):
+            hidden = adapter.block_self_attention(block, hidden, mask, position_ids, pos_emb)
+            hidden = xb(hidden, base_unit, base_key_mask)
+            hidden = xs(hidden, source_unit, source_key_mask)
+            hidden = adapter.block_mlp(block, hidden)
+        return self.final_norm(hidden)
+
+
+def stack_layer_keys(states, attention_mask: Tensor):
+    """List of (N+1) [B, T, d] states -> keys [B, T*(N+1), d] (token-major) and mask [B, T*(N+1)] bool."""
+    keys = torch.stack(list(states), dim=2)  # [B, T, L, d]
+    batch, seq, layers, hidden = keys.shape
+    mask = attention_mask.to(torch.bool).unsqueeze(-1).expand(batch, seq, layers).reshape(batch, seq * layers)
+    return keys.reshape(batch, seq * layers, hidden), mask
+
+
+__all__ = ["HyperNetwork", "CrossAttention", "stack_layer_keys", "rms_unit"]

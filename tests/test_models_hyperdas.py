@@ -1,0 +1,282 @@
+"""HyperDAS model: intervened forward vs a hook-built reference, block-call counts, training,
+intervene(), save/load, and bad input."""
+import pytest
+import torch
+
+from hyperdas_fast.data.collate import HyperDASCollator
+from hyperdas_fast.models.hyperdas import HyperDAS, HyperDASModel
+from hyperdas_fast.models.selector import INFERENCE_MODES
+from hyperdas_fast.models.subspace import SUBSPACES
+from hyperdas_fast.ops.reference import interchange_reference, interchange_rows_reference
+from hyperdas_fast.training.losses import hyperdas_loss
+
+LAYER = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine this is much faster than two."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+RECORDS = [
+    {"base_prompt": "city: Vienna, country:", "counterfactual_prompt": "city: Paris, country:",
+     "concept": "country", "label": "France", "is_causal": True,
+     "base_prefix": "city: Vienna", "counterfactual_prefix": "city: Paris"},
+    {"base_prompt": "city: Rome, country:", "counterfactual_prompt": "The city of Tokyo is lovely",
+     "concept": "country", "label": "Japan", "is_causal": True,
+     "base_prefix": "city: Rome", "counterfactual_prefix": "The city of Tokyo"},
+    {"base_prompt": "city: Berlin, continent:", "counterfactual_prompt": "city: Lima, country:",
+     "concept": "country", "label": "Europe", "is_causal": False,
+     "base_prefix": "city: Berlin", "counterfactual_prefix": "city: Lima"},
+]
+
+
+@pytest.fixture(scope="module")
+def batch(smollm2):
+    return HyperDASCollator(smollm2[1])(RECORDS)
+
+
+@pytest.fixture(scope="module")
+def layer_states(smollm2, batch):
+    """Layer-L base and counterfactual states from the HF model's own forward (output_hidden_states)."""
+    target, _ = smollm2
+    with torch.no_grad():
+        base = target(input_ids=batch["base_input_ids"], attention_mask=batch["base_attention_mask"],
+                      output_hidden_states=True).hidden_states[LAYER]
+        source = target(input_ids=batch["source_input_ids"], attention_mask=batch["source_attention_mask"],
+                        output_hidden_states=True).hidden_states[LAYER]
+    return base, source
+
+
+def reference_logits(target, batch, out, layer, states):
+    """Hook-built reference: HF layer-L states, the reference op, and a forward pre-hook on
+    block L that swaps in the patched residual stream."""
+    base, source = states
+    with torch.no_grad():
+        d64 = lambda t: None if t is None else t.detach().double()
+        if out.source_index is None:
+            patched = interchange_reference(base.double(), source.double(), d64(out.weights), d64(out.basis),
+                                            d64(out.reflect), d64(out.mask))
+        else:
+            b, t = torch.nonzero(out.source_index >= 0, as_tuple=True)
+            s = out.source_index[b, t]
+            patched = interchange_rows_reference(base.double(), source.double(), b, t, s, d64(out.basis),
+                                                 d64(out.reflect), d64(out.mask))
+        patched = patched.float()
+
+        def hook(module, args, kwargs):
+            return (patched,) + tuple(args[1:]), kwargs
+
+        handle = target.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            logits = target(input_ids=batch["base_input_ids"], attention_mask=batch["base_attention_mask"]).logits
+        finally:
+            handle.remove()
+    return logits
+
+
+@pytest.mark.parametrize("subspace", SUBSPACES)
+def test_forward_matches_hook_reference(smollm2, batch, layer_states, subspace):
+    target, _ = smollm2
+    torch.manual_seed(1)
+    model = HyperDASModel(target, layer=LAYER, feature_dim=16, num_hypernet_layers=1, subspace=subspace)
+    real = batch["base_attention_mask"].bool()
+    for mode in INFERENCE_MODES:
+        results = []
+        ref = None
+        for reuse in (True, False):
+            model.reuse_prefix = reuse
+            with torch.no_grad():
+                out = model(batch, inference_mode=mode)
+            if ref is None:
+                ref = reference_logits(target, batch, out, LAYER, layer_states)
+            assert out.logits.shape == ref.shape
+            err = (out.logits - ref)[real].abs().max().item()
+            assert err < 2e-3, f"{subspace}/{mode}/reuse={reuse}: max |logits - reference| = {err}"
+            results.append(out.logits)
+        assert torch.allclose(results[0][real], results[1][real], atol=1e-4)
+        if mode != "default":
+            assert out.source_index is not None
+    # The intervention must change something (the reference is not just the base run).
+    with torch.no_grad():
+        plain = target(input_ids=batch["base_input_ids"], attention_mask=batch["base_attention_mask"]).logits
+        out = model(batch, inference_mode="groundtruth")
+    assert (out.logits - plain)[real].abs().max() > 1e-3
+
+
+def test_weights_shape_and_masks(smollm2, batch):
+    target, _ = smollm2
+    model = HyperDASModel(target, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    with torch.no_grad():
+        out = model(batch)
+    B, T = batch["base_input_ids"].shape
+    S = batch["source_input_ids"].shape[1]
+    assert out.weights.shape == (B, S + 1, T)
+    assert torch.allclose(out.weights.sum(1), torch.ones(B, T), atol=1e-5)
+    # label tokens and padding are never intervened: their column is all [SELF]
+    inter = batch["base_intervention_mask"] & batch["base_attention_mask"].bool()
+    assert torch.all(out.weights[:, -1, :][~inter] == 1)
+    # source padding rows get no weight
+    pad_rows = ~batch["source_attention_mask"].bool()
+    assert torch.all(out.weights[:, :S, :].permute(0, 2, 1)[pad_rows.unsqueeze(1).expand(B, T, S)] == 0)
+    assert out.basis.shape == (576, 8) and out.reflect.shape == (B, 576)
+    eye = out.basis.t() @ out.basis
+    assert torch.allclose(eye, torch.eye(8), atol=1e-4)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_block_calls_per_training_step(smollm2, batch, reuse):
+    target, _ = smollm2
+    model = HyperDASModel(target, layer=LAYER, feature_dim=8, num_hypernet_layers=1, reuse_prefix=reuse)
+    n = model.adapter.num_layers
+    calls = [0] * n
+    hf_calls = []
+    model.adapter.block_callback = lambda i: calls.__setitem__(i, calls[i] + 1)
+    handle = target.register_forward_pre_hook(lambda *a: hf_calls.append(1))
+    hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: calls_hf.__setitem__(i, calls_hf[i] + 1))
+             for i, blk in enumerate(model.adapter.blocks)]
+    calls_hf = [0] * n
+    try:
+        out = model(batch, logits_at="labels")
+        loss, _ = hyperdas_loss(out.logits, batch["labels"], batch["is_causal"], out.weights, sparsity_coef=0.5)
+        loss.backward()
+    finally:
+        model.adapter.block_callback = None
+        handle.remove()
+        for h in hooks:
+            h.remove()
+    prefix = 3 if not reuse else 2
+    assert calls[:LAYER] == [prefix] * LAYER
+    assert calls[LAYER:] == [3] * (n - LAYER)
+    assert calls_hf == calls  # every block call went through the adapter (no hidden forwards)
+    assert hf_calls == []  # the HF model's own forward never runs
+    assert all(p.grad is None for p in target.parameters())
+
+
+def test_training_reduces_loss(smollm2):
+    target, tok = smollm2
+    torch.manual_seed(0)
+    hd = HyperDAS(target, tokenizer=tok, layer=15, feature_dim=16, num_hypernet_layers=1)
+    records = [
+        {"base_prompt": f"city: {a}, country:", "counterfactual_prompt": f"city: {b}, country:",
+         "concept": "country", "label": c, "is_causal": True}
+        for a, b, c in [("Vienna", "Paris", "France"), ("Rome", "Tokyo", "Japan"),
+                        ("Berlin", "Madrid", "Spain"), ("Oslo", "Cairo", "Egypt")]
+    ]
+    batch = hd.collator(records)
+    opt = torch.optim.AdamW(hd.model.parameter_groups(lr=3e-4, basis_lr=3e-3))
+    losses = []
+    for _ in range(8):
+        out = hd.model(batch, logits_at="labels")
+        loss, parts = hyperdas_loss(out.logits, batch["labels"], batch["is_causal"], out.weights, sparsity_coef=0.15)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hd.model.trainable_parameters(), 4.0)
+        opt.step()
+        losses.append(parts["loss"])
+    assert all(p.grad is None for p in target.parameters())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert min(losses[-3:]) < min(losses[:3]), losses
+
+
+def test_packed_logits_match_full(smollm2, batch):
+    target, _ = smollm2
+    model = HyperDASModel(target, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    with torch.no_grad():
+        full = model(batch)
+        packed = model(batch, logits_at="labels")
+    sel = batch["labels"] != -100
+    assert torch.allclose(full.logits[sel], packed.logits, atol=1e-4)
+    a, _ = hyperdas_loss(full.logits, batch["labels"], batch["is_causal"], full.weights)
+    b, _ = hyperdas_loss(packed.logits, batch["labels"], batch["is_causal"], packed.weights)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_intervene_returns_text(smollm2):
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=16, num_hypernet_layers=1)
+    text = hd.intervene("city: Vienna, country:", "city: Paris, country:", "country", max_new_tokens=4)
+    assert isinstance(text, str) and len(text) > 0
+    texts = hd.intervene(["city: Vienna, country:", "city: Rome, country:"],
+                         ["city: Paris, country:", "city: Lima, country:"], ["country", "country"],
+                         max_new_tokens=3, inference_mode="column_argmax")
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_intervene_batched_equals_single(smollm2):
+    target, tok = smollm2
+    torch.manual_seed(3)
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=16, num_hypernet_layers=1)
+    pairs = [("city: Vienna, country:", "city: Paris, country:"), ("The capital city of Italy is", "city: Lima, country:")]
+    batched = hd.intervene([p[0] for p in pairs], [p[1] for p in pairs], ["country"] * 2, max_new_tokens=2)
+    single = [hd.intervene(b, c, "country", max_new_tokens=2) for b, c in pairs]
+    assert batched == single
+
+
+def test_save_load_roundtrip(smollm2, batch, tmp_path):
+    target, tok = smollm2
+    torch.manual_seed(5)
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, subspace="mask")
+    hd.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["hyperdas.safetensors", "hyperdas_config.json"]
+    loaded = HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok)
+    with torch.no_grad():
+        a = hd.model(batch).logits
+        b = loaded.model(batch).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ckpt" / "hyperdas.safetensors"))
+    # trainable weights (+ the orthogonal parametrization's buffer), nothing of the frozen target
+    expected = sum(p.numel() for p in hd.model.trainable_parameters()) + sum(b.numel() for b in hd.model.buffers(recurse=True)
+                   if any(b is v for v in hd.model.state_dict(keep_vars=True).values()))
+    assert sum(v.numel() for v in saved.values()) == expected
+    assert sum(v.numel() for v in saved.values()) < 0.2 * sum(p.numel() for p in target.parameters())
+
+
+def tiny_llama(hidden=64, vocab=49152):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_load_against_different_target_fails(smollm2, tmp_path):
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    hd.save(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="different target model"):
+        HyperDAS.load(tmp_path / "ckpt", model=tiny_llama(), tokenizer=tok)
+
+
+def test_bad_inputs(smollm2):
+    target, tok = smollm2
+    with pytest.raises(ValueError, match="layer"):
+        HyperDAS(target, tokenizer=tok, layer=0)
+    with pytest.raises(ValueError, match="layer"):
+        HyperDAS(target, tokenizer=tok, layer=30)
+    with pytest.raises(ValueError, match="feature_dim"):
+        HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=577)
+    with pytest.raises(ValueError, match="subspace"):
+        HyperDAS(target, tokenizer=tok, layer=LAYER, subspace="nope")
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    with pytest.raises(ValueError, match="base_prompt"):
+        hd.intervene("", "city: Paris, country:", "country")
+    with pytest.raises(ValueError, match="concept"):
+        hd.intervene("city: Vienna, country:", "city: Paris, country:", "  ")
+    with pytest.raises(ValueError, match="one length"):
+        hd.intervene(["a b", "c d"], ["e f"], ["g", "h"])
+    with pytest.raises(ValueError, match="inference_mode"):
+        hd.intervene("city: Vienna, country:", "city: Paris, country:", "country", inference_mode="best")
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64))
+    with pytest.raises(ValueError, match="unsupported model type 'bert'.*llama"):
+        HyperDAS(bert, tokenizer=tok, layer=1)
