@@ -1,0 +1,186 @@
+"""Adapters (Llama family, GPT-2), the collator, the loss and the plot."""
+import pytest
+import torch
+
+from hyperdas_fast.data.collate import HyperDASCollator
+from hyperdas_fast.models.adapters import get_adapter
+from hyperdas_fast.models.hyperdas import HyperDASModel
+from hyperdas_fast.training.losses import hyperdas_loss, sparsity_penalty, sparsity_schedule
+
+
+def tiny(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, num_hidden_layers=4)
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=4, vocab_size=100, n_positions=64)).eval()
+    cfg_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[kind]
+    cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common)
+    return model_cls(cfg).eval()
+
+
+def toy_batch(batch=3, seq=7, src=6, concept=3, vocab=100):
+    g = torch.Generator().manual_seed(0)
+    am = torch.ones(batch, seq, dtype=torch.long)
+    am[0, -2:] = 0
+    sam = torch.ones(batch, src, dtype=torch.long)
+    sam[1, -1] = 0
+    labels = torch.full((batch, seq), -100)
+    labels[:, 3] = torch.randint(0, vocab, (batch,), generator=g)
+    inter = am.bool().clone()
+    inter[:, 4:] = False
+    return {
+        "base_input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "base_attention_mask": am,
+        "base_intervention_mask": inter, "labels": labels,
+        "source_input_ids": torch.randint(0, vocab, (batch, src), generator=g), "source_attention_mask": sam,
+        "concept_input_ids": torch.randint(0, vocab, (batch, concept), generator=g),
+        "concept_attention_mask": torch.ones(batch, concept, dtype=torch.long),
+        "is_causal": torch.tensor([True, False, True][:batch]),
+        "base_entity_pos": torch.tensor([1, 2, 0][:batch]), "source_entity_pos": torch.tensor([2, 1, -1][:batch]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_adapter_reproduces_hf_forward(kind):
+    model = tiny(kind)
+    ad = get_adapter(model)
+    assert ad.num_layers == 4 and ad.hidden_size == 32
+    b = toy_batch()
+    ids, am = b["base_input_ids"], b["base_attention_mask"]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        states = ad.hidden_states(ids, am)
+        # split run: blocks [0, 2) then [2, 4)
+        mid = ad.run_blocks(ad.embed(ids), 0, 2, am)
+        out = ad.logits(ad.run_blocks(mid, 2, 4, am))
+    real = am.bool()
+    for l in range(4):  # HF's last entry is after the final norm
+        assert torch.allclose(states[l][real], ref.hidden_states[l][real], atol=1e-5), l
+    assert torch.allclose(out[real], ref.logits[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("subspace", ["reflect", "boundless"])
+def test_hyperdas_model_on_other_families(kind, subspace):
+    model = tiny(kind)
+    hd = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=2, subspace=subspace)
+    b = toy_batch()
+    out = hd(b, logits_at="labels")
+    loss, parts = hyperdas_loss(out.logits, b["labels"], b["is_causal"], out.weights, sparsity_coef=1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in hd.trainable_parameters()]
+    assert all(g is not None for g in grads[:5])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    for mode in ("column_argmax", "global_argmax", "bidding_argmax", "groundtruth"):
+        with torch.no_grad():
+            o = hd(b, inference_mode=mode)
+        assert o.logits.shape == (3, 7, 100) and o.source_index.shape == (3, 7)
+    gt = hd(b, inference_mode="groundtruth").source_index
+    assert gt[0, 1] == 2 and gt[1, 2] == 1 and torch.all(gt[2] == -1)
+
+
+def test_unknown_model_type():
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(ValueError, match="unsupported model type 'bert'.*gpt2"):
+        get_adapter(BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32)))
+    with pytest.raises(ValueError, match="unsupported model type"):
+        get_adapter(torch.nn.Linear(2, 2))
+
+
+def test_parameter_groups_split_basis():
+    hd = HyperDASModel(tiny("llama"), layer=2, feature_dim=8, num_hypernet_layers=1)
+    groups = hd.parameter_groups(lr=1e-4, basis_lr=1e-3, weight_decay=0.1)
+    basis = {id(p) for p in hd.subspace.basis.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == basis and groups[1]["weight_decay"] == 0.0
+    assert not basis & {id(p) for p in groups[0]["params"]}
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == sum(p.numel() for p in hd.trainable_parameters())
+    assert not any(p.requires_grad for p in hd.target.parameters())
+
+
+def test_hard_modes():
+    from hyperdas_fast.models.selector import hard_source_index
+
+    # B=1, S=2 (+SELF), T=3
+    w = torch.tensor([[[0.6, 0.1, 0.5], [0.3, 0.2, 0.1], [0.1, 0.7, 0.4]]])
+    assert hard_source_index(w, "column_argmax").tolist() == [[0, -1, 0]]
+    assert hard_source_index(w, "global_argmax").tolist() == [[0, -1, -1]]
+    # source 0 bids for column 0 (0.6), source 1 for column 0 too (0.3): column 0 takes source 0
+    assert hard_source_index(w, "bidding_argmax").tolist() == [[0, -1, -1]]
+    mask = torch.tensor([[False, True, True]])
+    assert hard_source_index(w, "column_argmax", base_mask=mask).tolist() == [[-1, -1, 0]]
+    with pytest.raises(ValueError, match="inference_mode"):
+        hard_source_index(w, "nope")
+
+
+def test_collator_alignment(smollm2):
+    _, tok = smollm2
+    col = HyperDASCollator(tok)
+    recs = [
+        {"base_prompt": "city: Vienna, country:", "counterfactual_prompt": "city: Paris, country:",
+         "concept": "country", "label": "Austria", "is_causal": True, "base_prefix": "city: Vienna",
+         "counterfactual_prefix": "city: Paris"},
+        {"base_prompt": 'x: "', "counterfactual_prompt": "y", "concept": "c", "label": "France",
+         "is_causal": False, "base_entity_pos": 0},
+    ]
+    b = col(recs)
+    n0 = len(tok("city: Vienna, country:")["input_ids"])
+    lab = tok(" Austria", add_special_tokens=False)["input_ids"]
+    assert b["base_input_ids"][0, n0:n0 + len(lab)].tolist() == lab
+    assert b["labels"][0, n0 - 1:n0 - 1 + len(lab)].tolist() == lab
+    assert (b["labels"][0] != -100).sum() == len(lab)
+    assert b["base_intervention_mask"][0].tolist() == [True] * n0 + [False] * (b["base_input_ids"].shape[1] - n0)
+    lab1 = tok("France", add_special_tokens=False)["input_ids"]  # no space after a quote
+    n1 = len(tok('x: "')["input_ids"])
+    assert b["base_input_ids"][1, n1:n1 + len(lab1)].tolist() == lab1
+    assert b["is_causal"].tolist() == [True, False]
+    assert b["base_entity_pos"].tolist() == [len(tok("city: Vienna")["input_ids"]) - 1, 0]
+    assert b["source_entity_pos"].tolist()[1] == -1
+    inf = col([{**recs[0], "label": ""}])
+    assert (inf["labels"] == -100).all() and inf["base_intervention_mask"].all()
+    with pytest.raises(ValueError, match="base_prompt"):
+        col([{**recs[0], "base_prompt": ""}])
+
+
+def test_loss_parts_and_schedule():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 10, requires_grad=True)
+    labels = torch.full((2, 4), -100)
+    labels[0, 1], labels[1, 2], labels[1, 3] = 3, 4, 5
+    causal = torch.tensor([True, False])
+    w = torch.softmax(torch.randn(2, 3, 4), dim=1)
+    loss, parts = hyperdas_loss(logits, labels, causal, w, causal_weight=3.5, isolation_weight=0.5, sparsity_coef=2.0)
+    ce = torch.nn.functional.cross_entropy
+    c = ce(logits[0, 1:2], labels[0, 1:2])
+    i = ce(logits[1, 2:4], labels[1, 2:4])
+    sp = torch.relu(w[:, :2].sum(-1) - 1).mean()
+    assert torch.allclose(loss, 3.5 * c + 0.5 * i + 2.0 * sp, atol=1e-5)
+    assert parts["num_label_tokens"] == 3
+    assert torch.allclose(sparsity_penalty(w), sp)
+    loss.backward()
+    assert logits.grad is not None
+    assert sparsity_schedule(0, 10, 100) == 0.15 and sparsity_schedule(9, 10, 100) == 0.15
+    assert abs(sparsity_schedule(55, 10, 100) - (0.15 + 1.35 * 0.5)) < 1e-9
+    assert sparsity_schedule(100, 10, 100) == 1.5 and sparsity_schedule(500, 10, 100) == 1.5
+    with pytest.raises(ValueError, match="label"):
+        hyperdas_loss(logits, torch.full((2, 4), -100), causal)
+
+
+def test_plot_positions(smollm2, tmp_path):
+    from hyperdas_fast.models.hyperdas import HyperDAS
+
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=10, feature_dim=8, num_hypernet_layers=1)
+    fig = hd.plot_positions("city: Vienna, country:", "city: Paris, country:", "country", path=tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    n_src = len(tok("city: Paris, country:")["input_ids"]) + 1
+    assert len(ax.get_yticklabels()) == n_src and ax.get_yticklabels()[-1].get_text() == "[SELF]"
