@@ -290,3 +290,100 @@ def test_gpu_backends_agree(dtype):
     lp = interchange_reference(*args)
     for o in outs:
         assert _err(o, ref) <= GPU_C[dtype] * _err(lp, ref) + torch.finfo(dtype).eps * (1 + ref.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------
+# Without a GPU: compile the kernels for sm_90 (catches what the interpreter lets through:
+# dtype mismatches in tl.dot, layout/shape errors, shared-memory and register blow-ups).
+# ------------------------------------------------------------------------------------
+
+
+def _aot_compile_all(arch: int = 90) -> list:
+    """Compiles every kernel with the block sizes _config picks for a d=4096, k=128 batch
+    (and k=512) on an H100-sized GPU. Needs TRITON_INTERPRET unset (run in a subprocess)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hyperdas_fast.ops import triton_kernels as kern
+
+    kern._interpreting = lambda t: False
+    kern._num_sms = lambda device: 132
+    target = GPUTarget("cuda", arch, 32)
+    report = []
+
+    def build(fn, ptrs, consts, warps):
+        sig, attrs = {}, {}
+        for idx, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = ptrs.get(name, "i32")
+                if sig[name].startswith("*") or name in ("d", "k"):
+                    attrs[(idx,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                                  options={"num_warps": warps})
+        smem = compiled.metadata.shared
+        assert smem <= 160 * 1024, (fn.__name__, consts, smem)  # fits an A100 as well
+        report.append((fn.__name__, dict(consts), smem))
+
+    i64, f32 = "*i64", "*fp32"
+    for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        P = "*" + dt
+        ieee = dt == "fp32"
+        for k in ((128, 512) if dt == "bf16" else (128,)):  # fp32: slow FMA dots, one size
+            cfg = kern._config(torch.empty(1, dtype=tdt), 64, 64, 4096, k, 64)
+            coords = dict(base_ptr=P, src_ptr=P, w_ptr=P, R_ptr=P, v_ptr=P, c_ptr=f32, vd_ptr=f32, g_ptr=P,
+                          ge_ptr=f32, vg_ptr=f32, delta_ptr=P, bidx_ptr=i64, tpos_ptr=i64, spos_ptr=i64)
+            for rows, grad in ((False, False), (False, True), (True, False)):
+                build(kern._coords_kernel, coords,
+                      dict(ROWS=rows, HAS_REFLECT=True, HAS_GRAD=grad, STORE_DELTA=grad, IEEE=ieee,
+                           BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"]), cfg["W1"])
+            apply = dict(base_ptr=P, out_ptr=P, c_ptr=f32, vd_ptr=f32, m_ptr=P, R_ptr=P, v_ptr=P, u_ptr=f32,
+                         bidx_ptr=i64, tpos_ptr=i64, spos_ptr=i64)
+            for rows in (False, True):
+                build(kern._apply_kernel, apply,
+                      dict(ROWS=rows, HAS_REFLECT=True, HAS_MASK=True, IEEE=ieee, ONE_K=k <= cfg["BK"],
+                           BT=cfg["BT2"], BK=cfg["BK"], BD=min(cfg["BD2"], cfg["DSPAN2"])), cfg["W2"])
+            build(kern._bwd_delta_kernel,
+                  dict(g_ptr=P, base_ptr=P, src_ptr=P, w_ptr=P, R_ptr=P, v_ptr=P, gc_ptr=f32, ugc_ptr=f32,
+                       gbase_ptr=P, gdelta_ptr=P, gw_ptr=f32),
+                  dict(HAS_BASIS=True, HAS_REFLECT=True, IEEE=ieee, ONE_K=k <= cfg["BK"], BT=cfg["BT3"],
+                       BK=cfg["BK"], BD=cfg["BD3"], BS=cfg["BS"]), cfg["W3"])
+        build(kern._mix_kernel, dict(base_ptr=P, src_ptr=P, w_ptr=P, out_ptr=P),
+              dict(IEEE=ieee, BT=cfg["BT2"], BD=cfg["BD2"], BS=cfg["BS"]), cfg["W2"])
+        build(kern._bwd_delta_kernel,
+              dict(g_ptr=P, base_ptr=P, src_ptr=P, w_ptr=P, R_ptr=f32, v_ptr=f32, gc_ptr=f32, ugc_ptr=f32,
+                   gbase_ptr=P, gdelta_ptr=f32, gw_ptr=f32),
+              dict(HAS_BASIS=False, HAS_REFLECT=False, IEEE=ieee, ONE_K=True, BT=cfg["BT3"], BK=16,
+                   BD=cfg["BD3"], BS=cfg["BS"]), cfg["W3"])
+    return report
+
+
+def test_kernels_compile_for_sm90():
+    """AOT compile for sm_90 in a subprocess (the interpreter is on in this process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--aot"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "compiled" in result.stdout
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--aot" in sys.argv:
+        compiled = _aot_compile_all()
+        for name, consts, smem in compiled:
+            print(name, consts, f"shared={smem}")
+        print(f"compiled {len(compiled)} kernels")
