@@ -31,3 +31,15 @@ def test_every_cuda_source_is_checked():
     """The script globs csrc/cuda; make sure the sources it must see are there."""
     names = {p.name for p in (ROOT / "csrc" / "cuda").iterdir()}
     assert {"interchange_kernels.cu", "interchange_kernels.cuh", "interchange_cuda.cpp"} <= names
+
+
+def test_kernel_sources_do_not_include_torch():
+    """Kernels and launchers stay torch-free (raw pointers + cudaStream_t); only the binding
+    (.cpp) includes torch, so the .cu files compile with plain nvcc."""
+    import re
+
+    for path in (ROOT / "csrc" / "cuda").glob("*.cu*"):
+        text = path.read_text()
+        includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', text)
+        bad = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10")]
+        assert not bad, f"{path.name} includes torch headers {bad}; keep them in the binding"

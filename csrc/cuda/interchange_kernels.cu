@@ -294,8 +294,10 @@ struct CoordsSmem {
   static constexpr size_t bytes = off_mix + sizeof(float) * BM * LDM;
 };
 
+// Two blocks per SM for KP <= 128 (caps registers at 128: latency hiding matters more than
+// a few spilled registers for this memory-bound loop).
 template <typename T, int KP, bool kRows>
-__global__ void __launch_bounds__(kThreads) coords_kernel(CoordsParams<T> p) {
+__global__ void __launch_bounds__(kThreads, (KP <= 128 && sizeof(T) == 2) ? 2 : 1) coords_kernel(CoordsParams<T> p) {
   using L = CoordsSmem<T, KP>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sDelta = reinterpret_cast<T*>(smem + L::off_delta);
@@ -648,7 +650,8 @@ Plan make_plan(const Dims& dm, int num_sms, bool rows) {
   const int sms = std::max(num_sms, 1);
   // coords: split d until there are about 2 blocks per SM.
   const int64_t nch = (dm.d + DC - 1) / DC;
-  int64_t want = (2 * sms + pl.tiles - 1) / mx(pl.tiles, 1);
+  // (floor: one wave of about 2 blocks per SM; a second, mostly empty wave costs as much.)
+  int64_t want = (2 * sms) / mx(pl.tiles, 1);
   want = mx(1, mn(mn(want, nch), 16));
   pl.chunks_per_split = (int)((nch + want - 1) / want);
   pl.dsplit = (int)((nch + pl.chunks_per_split - 1) / pl.chunks_per_split);

@@ -437,7 +437,7 @@ def _config(x: Tensor, rows_per_batch: int, batches: int, d: int, k: Optional[in
     BT1, BD1 = (32, 32) if ieee else (64, 32)
     tiles1 = triton.cdiv(rows_per_batch, BT1) * batches * triton.cdiv(kk, BK)
     nch = triton.cdiv(d, BD1)
-    want = max(1, min(nch, 16, triton.cdiv(2 * sms, tiles1)))
+    want = max(1, min(nch, 16, (2 * sms) // tiles1))  # one wave of ~2 CTAs per SM
     span = triton.cdiv(nch, want)
     BT2, BD2 = (32, 64 if kk <= BK else 32) if ieee else (64, 64)
     tiles2 = triton.cdiv(rows_per_batch, BT2) * batches
