@@ -185,6 +185,24 @@ def test_rows_through_public_api_and_empty_selection():
     torch.testing.assert_close(out, expected)
 
 
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_the_interpreter_runs_in_fp32(dtype):
+    """The interpreter mis-evaluates bf16/fp16 tl.dot, so CPU low-precision calls run in fp32."""
+    args = [None if a is None else a.to(dtype) for a in make_inputs(2, 3, 4, 40, 5, True, "batch")]
+    out = tk.interchange_soft(*args)
+    assert out.dtype == dtype
+    expected = interchange_reference(*[None if a is None else a.double() for a in args])
+    torch.testing.assert_close(out.double(), expected, atol=2 * torch.finfo(dtype).eps * 8, rtol=2e-2)
+    (base, source, _, basis, v, m), (bi, tp, sp) = _rows_case()
+    base, source, basis, v, m = [None if a is None else a.to(dtype) for a in (base, source, basis, v, m)]
+    rows = tk.interchange_rows(base, source, bi, tp, sp, basis, v, m, False)
+    expected = interchange_rows_reference(base.double(), source.double(), bi, tp, sp, basis.double(), v.double(),
+                                          m.double())
+    assert rows.dtype == dtype
+    torch.testing.assert_close(rows.double(), expected, atol=2 * torch.finfo(dtype).eps * 8, rtol=2e-2)
+
+
 def test_is_available_rules():
     assert tk.ROWS_AUTOGRAD is False
     assert tk.is_available(torch.device("cpu")) == (__import__("os").environ.get("TRITON_INTERPRET") == "1")

@@ -710,10 +710,23 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------
 
 
+def _interpreter_low_precision(t: Tensor) -> bool:
+    # The Triton interpreter (CPU tensors) evaluates fp16/bf16 tl.dot wrongly: run those in
+    # fp32 there and round the result back.
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
+
+
 def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
     if base.dtype not in _KERNEL_DTYPES:
         # float64: the kernels target fp32/fp16/bf16; the torch reference is exact enough.
         return interchange_reference(base, source, weights, basis, reflect, mask)
+    if _interpreter_low_precision(base):
+        args = [_f32(t) for t in (base, source, weights, basis, reflect, mask)]
+        return torch.ops.hyperdas_fast.interchange_triton(*args).to(base.dtype)
     return torch.ops.hyperdas_fast.interchange_triton(base, source, weights, basis, reflect, mask)
 
 
@@ -729,6 +742,11 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
         # float64: the torch formula (the kernels target fp32/fp16/bf16).
         ref = interchange_rows_reference(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
         out[batch_index, base_pos] = ref[batch_index, base_pos]
+        return out
+    if _interpreter_low_precision(base):
+        rows32 = interchange_rows(base.float(), _f32(source), batch_index, base_pos, source_pos,
+                                  _f32(basis), _f32(reflect), _f32(mask), True)
+        out[batch_index, base_pos] = rows32[batch_index, base_pos].to(base.dtype)
         return out
     source = source.contiguous()
     basis = basis.contiguous()
