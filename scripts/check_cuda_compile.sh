@@ -10,7 +10,7 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SRC="$ROOT/csrc/cuda"
+SRC="${HYPERDAS_FAST_CUDA_SRC:-$ROOT/csrc/cuda}"  # override: tests point it at a broken file
 PYTHON="${PYTHON:-python}"
 CXX="${CXX:-g++}"
 ARCHS="${HYPERDAS_FAST_CUDA_ARCHS:-80 90}"
@@ -61,7 +61,7 @@ for f in "$SRC"/*.cu; do
     extra=("${TORCH_INC[@]}")
   fi
   echo "nvcc -c $name (archs: $ARCHS)"
-  "$NVCC" "${NVCC_FLAGS[@]}" "${extra[@]}" -c "$f" -o "$TMP/${name%.cu}.o" >"$TMP/$name.log" 2>&1 &
+  "$NVCC" "${NVCC_FLAGS[@]}" ${extra[@]+"${extra[@]}"} -c "$f" -o "$TMP/${name%.cu}.o" >"$TMP/$name.log" 2>&1 &
   pids+=($!); names+=("$name")
 done
 for f in "$SRC"/*.cpp; do

@@ -43,3 +43,16 @@ def test_kernel_sources_do_not_include_torch():
         includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', text)
         bad = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10")]
         assert not bad, f"{path.name} includes torch headers {bad}; keep them in the binding"
+
+
+def test_checker_reports_a_compile_error(tmp_path):
+    """The script fails (exit 1, with the compiler's message) on a broken kernel."""
+    if os.environ.get("HYPERDAS_FAST_SKIP_NVCC") == "1":
+        pytest.skip("HYPERDAS_FAST_SKIP_NVCC=1")
+    (tmp_path / "broken.cu").write_text("__global__ void k(float* x) { x[0] = undefined_name; }\n")
+    env = dict(os.environ, PYTHON=sys.executable, HYPERDAS_FAST_CUDA_SRC=str(tmp_path), HYPERDAS_FAST_CUDA_ARCHS="90")
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode == 2:
+        pytest.fail("nvcc not found (set HYPERDAS_FAST_SKIP_NVCC=1 to skip)")
+    assert result.returncode == 1
+    assert "undefined_name" in result.stdout + result.stderr
