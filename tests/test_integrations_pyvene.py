@@ -3,8 +3,6 @@
 Tests marked ``needs_pyvene`` skip only when pyvene is not importable; the rest check the
 drop-in classes against the formula and the native path without pyvene.
 """
-import os
-import pickle
 
 import pytest
 import torch
@@ -170,6 +168,21 @@ def test_same_state_dict_and_outputs_as_pyvene(name):
         torch.testing.assert_close(back.state_dict()[key], value)
     with torch.no_grad():
         torch.testing.assert_close(ours(base, source), back(base.clone(), source.clone()), atol=2e-5, rtol=1e-5)
+
+
+@needs_pyvene
+@pytest.mark.parametrize("name", list(CLASS_KWARGS))
+def test_fallback_bases_have_pyvenes_state_dict(name):
+    """Without pyvene the drop-ins stand on fallback bases: same keys, shapes and loading."""
+    fallback = {"VanillaIntervention": hp._FallbackVanilla, "RotatedSpaceIntervention": hp._FallbackRotated,
+                "LowRankRotatedSpaceIntervention": hp._FallbackLowRank,
+                "BoundlessRotatedSpaceIntervention": hp._FallbackBoundless}[name]
+    theirs = getattr(pv, name)(embed_dim=24, **CLASS_KWARGS[name])
+    ours = fallback(embed_dim=24, **CLASS_KWARGS[name])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    if hasattr(ours, "rotate_layer"):
+        torch.testing.assert_close(ours.rotate_layer.weight, theirs.rotate_layer.weight)
 
 
 @needs_pyvene
@@ -349,3 +362,40 @@ def test_native_rejects_bad_arguments(smollm2, ravel_batch):
         hp.das_interchange(model, base, source, base_pos, cf_pos, 99, None)
     with pytest.raises(ValueError, match="base_positions"):
         hp.das_interchange(model, base, source, base_pos[:2], cf_pos, LAYER, None)
+
+
+@needs_pyvene
+def test_smollm2_dropin_model_cuts_source_forward_and_trains_like_pyvene(smollm2, ravel_batch):
+    """Our IntervenableModel runs the source only up to the intervened block; training
+    through it gives pyvene's gradients for the rotation."""
+    model, _ = smollm2
+    base, source, base_pos, cf_pos = ravel_batch
+    units = {"sources->base": ([[[p] for p in cf_pos]], [[[p] for p in base_pos]])}
+    torch.manual_seed(9)
+    theirs = pv.IntervenableModel(_config(pv.LowRankRotatedSpaceIntervention, low_rank_dimension=RANK), model)
+    ours = hp.IntervenableModel(_config(hp.LowRankRotatedSpaceIntervention, low_rank_dimension=RANK), model)
+    key = next(iter(theirs.interventions))
+    ours.interventions[key].load_state_dict(theirs.interventions[key].state_dict())
+    calls = {"n": 0}
+    last = model.model.layers[-1]
+    original_forward = last.forward
+
+    def counting_forward(*args, **kwargs):  # pyvene removes every forward hook of the model
+        calls["n"] += 1
+        return original_forward(*args, **kwargs)
+
+    last.forward = counting_forward
+    grads = []
+    try:
+        for intervenable, expected_calls in ((theirs, 2), (ours, 1)):
+            calls["n"] = 0
+            logits = _last_logits(intervenable(base, [source], units)[1].logits, base)
+            assert calls["n"] == expected_calls  # pyvene: source + base; ours: base only
+            target = torch.zeros(logits.shape[0], dtype=torch.long)
+            torch.nn.functional.cross_entropy(logits, target).backward()
+            grads.append(intervenable.interventions[key].rotate_layer.parametrizations.weight.original.grad)
+    finally:
+        del last.forward
+    assert all(p.grad is None for p in model.parameters())  # the model itself stays frozen
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)

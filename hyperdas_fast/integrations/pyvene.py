@@ -52,13 +52,16 @@ Known transformers 5.x notes (pyvene 0.1.8 was written for transformers 4.x): fo
 Llama-family models the "block_output" component works unchanged (decoder layers now
 return a tensor instead of a tuple; pyvene handles both). ``print(intervenable)`` fails
 in pyvene 0.1.8 (``__str__`` reads a missing attribute), unrelated to transformers.
+pyvene's IntervenableModel removes every forward hook registered on the wrapped model
+at each call (its state cleanup), so hooks of your own on that model do not survive a
+pyvene call; ``das_interchange`` registers and removes its hooks within each call.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,20 +71,16 @@ from .. import ops
 try:  # pyvene prints a notice about nnsight on import; keep it quiet.
     with contextlib.redirect_stdout(io.StringIO()):
         import pyvene as _pv
-        from pyvene.models import basic_utils as _pv_basic_utils
-        from pyvene.models import intervenable_base as _pv_base
     PYVENE_AVAILABLE = True
     PYVENE_IMPORT_ERROR: Optional[BaseException] = None
 except Exception as error:  # ImportError, or pyvene failing against this transformers
     _pv = None
-    _pv_base = None
-    _pv_basic_utils = None
     PYVENE_AVAILABLE = False
     PYVENE_IMPORT_ERROR = error
 
 INSTALL_HINT = (
-    "pip install --no-deps pyvene==0.1.8 "
-    "(its other requirements are already in requirements.txt or unused by the drop-in)"
+    "install it with: python -m pip install --no-deps -r requirements-pyvene.txt (pyvene==0.1.8; "
+    "--no-deps keeps torch/transformers: what pyvene imports is already installed)"
 )
 
 
