@@ -8,6 +8,8 @@
   strings (aliases: ``base_prompt``; ``counterfactual_prompt``/``source``; ``edit_instruction``)
   and optionally an ``id`` (str or int; default: the record's 0-based position, or for a
   JSONL file its 1-based line number). Ids must be unique; a repeated id is skipped.
+  Give explicit ids if the input may be edited between a run and its resume (deleting
+  a line shifts the default ids of the lines after it).
 - Records are read in windows of ``sort_window``, sorted by length inside the window (so
   padding stays small) and cut into batches whose padded size, batch size x longest
   record in tokens, stays within ``batch_tokens`` (at most ``max_batch_size`` records).
@@ -419,6 +421,8 @@ def default_intervene_fn(model_path: Optional[str] = None, max_new_tokens: int =
     from .models.hyperdas import HyperDAS  # heavy: imported only when used
 
     if model_path is None:
+        print("warning: no --model-path: using an untrained HyperDAS on the embedded model "
+              "(outputs are meaningless; for smoke runs)", file=sys.stderr)
         hd = HyperDAS(**load_kwargs)
     else:
         if not Path(model_path).exists():

@@ -289,3 +289,30 @@ def _run_small_model_sweep(tmp_path, torch, LlamaConfig, LlamaForCausalLM, das_i
     rows = read_output(out)
     assert Counter(r["id"] for r in rows) == Counter(reference.keys())
     assert {r["id"]: r["output"] for r in rows} == reference
+
+
+def test_main_intervene_builds_the_default_callable(tmp_path, monkeypatch):
+    """Without an injected callable, main_intervene asks default_intervene_fn (HyperDAS)
+    for one with the CLI's options, and uses its tokenizer for the lengths."""
+    seen = {}
+
+    class Tok:
+        def __call__(self, text):
+            seen.setdefault("tokenized", 0)
+            seen["tokenized"] += 1
+            return type("Enc", (), {"input_ids": text.split()})()
+
+    def fake_default(model_path, max_new_tokens=8, inference_mode="default"):
+        seen.update(model_path=model_path, max_new_tokens=max_new_tokens, inference_mode=inference_mode)
+        fn = lambda b, c, k: fake_intervene(b, c, k)  # noqa: E731
+        fn.tokenizer = Tok()
+        return fn
+
+    monkeypatch.setattr(sweep, "default_intervene_fn", fake_default)
+    inp, out, ckpt = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "ckpt"
+    write_jsonl(inp, make_records(4))
+    rc = sweep.main_intervene(["--input", str(inp), "--output", str(out), "--model-path", str(ckpt),
+                               "--max-new-tokens", "3", "--no-progress"])
+    assert rc == 0
+    assert seen["model_path"] == str(ckpt) and seen["max_new_tokens"] == 3 and seen["tokenized"] == 12
+    assert_exactly_once(out, [f"ex{i}" for i in range(4)])
