@@ -159,8 +159,10 @@ class HyperDASModel(nn.Module):
             base_states = [emb]
             ad.run_blocks(emb, 0, ad.num_layers, base_am, pos, mask4d=mask4d, pos_emb=pos_emb, collect=base_states)
             src_states = ad.hidden_states(src_ids, src_am)
-            base_keys, base_key_mask = stack_layer_keys(base_states, base_am)
-            src_keys, src_key_mask = stack_layer_keys(src_states, src_am)
+            # Keys = all layers as Hugging Face reports them (output_hidden_states: the last one
+            # after the final norm), so a pipeline built on HF forwards sees the same keys.
+            base_keys, base_key_mask = stack_layer_keys(base_states[:-1] + [ad.final_norm(base_states[-1])], base_am)
+            src_keys, src_key_mask = stack_layer_keys(src_states[:-1] + [ad.final_norm(src_states[-1])], src_am)
         base_L, src_L = base_states[L], src_states[L]
         del base_states, src_states
         hidden = self.hypernet(concept_ids, concept_am, base_keys, base_key_mask, src_keys, src_key_mask)

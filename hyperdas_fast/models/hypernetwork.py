@@ -64,15 +64,18 @@ class CrossAttention(nn.Module):
         """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend)."""
         batch, length, _ = hidden.shape
         q = self.q_proj(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = keys_unit * self.key_scale
-        k = self.k_proj(keys).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(keys).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        mask = key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # Fold the key norm weight into the projections: (x * s) W^T = x (W diag(s))^T, so every
+        # cross-attention reads (and saves for backward) the one shared normalised key tensor.
+        k = F.linear(keys_unit, self.k_proj.weight * self.key_scale, self.k_proj.bias)
+        v = F.linear(keys_unit, self.v_proj.weight * self.key_scale, self.v_proj.bias)
+        k = k.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, K, hd]
+        v = v.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Grouped-query attention without repeating K/V: the `rep` query heads sharing a KV head
+        # become extra query rows (the key mask is the same for every query row).
+        rep = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, rep * length, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        out = out.reshape(batch, self.num_heads, length, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return hidden + self.o_proj(out)
 
