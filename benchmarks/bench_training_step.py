@@ -29,8 +29,9 @@ Measurements
     the step (after a warm-up step, so optimizer state already exists). The same
     subprocess also reports the ru_maxrss increase over the whole run, for reference.
 
-Usage: python benchmarks/bench_training_step.py [--batch 16] [--steps 3] [--threads 1]
-Writes benchmarks/results/training_step_cpu.json (atomically).
+Usage: python benchmarks/bench_training_step.py [--batch 16] [--steps 3] [--threads 1] [--device cpu|cuda]
+Writes benchmarks/results/training_step_<device>.json (atomically). On a GPU the peak memory
+is torch.cuda.max_memory_allocated above the level at step start.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def original_hypernet(model: HyperDASModel, concept_ids, concept_mask, base_keys
     hn, ad = model.hypernet, model.adapter
     hidden = ad.embed(concept_ids)
     seq = concept_ids.shape[1]
-    pos = torch.arange(seq).unsqueeze(0)
+    pos = torch.arange(seq, device=concept_ids.device).unsqueeze(0)
     mask = additive_mask(concept_mask, seq, seq, hidden.dtype, hidden.device)
     pos_emb = ad.position_embeddings(hidden, pos)
     base_unit, src_unit = rms_unit(base_keys), rms_unit(src_keys)
@@ -137,7 +138,7 @@ def original_forward(model: HyperDASModel, batch):
     hidden = original_hypernet(model, batch["concept_input_ids"], batch["concept_attention_mask"],
                                base_keys, base_kmask, src_keys, src_kmask)
     last = batch["concept_attention_mask"].sum(1) - 1
-    query = hidden[torch.arange(B), last]
+    query = hidden[torch.arange(B, device=hidden.device), last]
     with torch.no_grad():  # forward 3: the counterfactual again, for its layer-L states
         src_L = target(input_ids=src_ids, attention_mask=src_am, output_hidden_states=True).hidden_states[L]
     base_L = base_out.hidden_states[L]
@@ -165,7 +166,7 @@ def original_forward(model: HyperDASModel, batch):
         weighted = torch.einsum("bst,bsd->bstd", weights[:, :S, :], src_L)  # [B, S, T, d]
         mix = weighted.sum(dim=1) + weights[:, S, :].unsqueeze(-1) * base
         if reflect is not None:
-            eye = torch.eye(d, dtype=base.dtype)
+            eye = torch.eye(d, dtype=base.dtype, device=base.device)
             householder = eye.unsqueeze(0) - 2.0 * torch.einsum("bi,bj->bij", reflect, reflect)  # [B, d, d]
             rots = [householder @ r for r in bases]
         else:
@@ -205,10 +206,10 @@ def build(args):
     from hyperdas_fast.models.default_model import load_model
 
     torch.manual_seed(0)
-    target, tok = load_model(args.model)
+    target, tok = load_model(args.model, device=args.device)
     model = HyperDASModel(target, layer=args.layer, feature_dim=args.feature_dim,
                           num_hypernet_layers=args.hypernet_layers, subspace=args.subspace)
-    batch = HyperDASCollator(tok)(make_records(args.batch))
+    batch = {k: v.to(args.device) for k, v in HyperDASCollator(tok)(make_records(args.batch)).items()}
     opt = torch.optim.AdamW(model.parameter_groups(lr=4e-5, basis_lr=1e-3))
     return model, batch, opt
 
@@ -253,6 +254,18 @@ def memory_worker(args):
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = make_step(args.worker, model, batch, opt)
     step()  # warm-up: optimizer state allocated
+    if args.device.startswith("cuda"):
+        peaks = []
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        print(json.dumps({"peak_step_bytes": peaks, "peak_step_bytes_max": max(peaks),
+                          "source": "torch.cuda.max_memory_allocated minus memory_allocated at step start"}))
+        return
     live = _heap_reader()
     peaks = []
     for _ in range(args.steps):
@@ -296,7 +309,8 @@ def main():
     parser.add_argument("--subspace", default="reflect")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per pipeline")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared 2-core machine: 1)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training_step_cpu.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU: memory from torch.cuda peak stats)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/training_step_<device>.json")
     parser.add_argument("--worker", choices=["ours", "original"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -314,19 +328,23 @@ def main():
         orig_loss = original_loss(logits, batch["labels"], batch["is_causal"], weights, 0.15)
         del logits, weights, out
     times = {"ours": [], "original": []}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for kind in ("ours", "original"):
         steps[kind]()  # warm-up
     for _ in range(args.steps):
         for kind in ("ours", "original"):
+            sync()
             t0 = time.perf_counter()
             steps[kind]()
+            sync()
             times[kind].append(time.perf_counter() - t0)
     del model, opt
     memory = {}
     for kind in ("ours", "original"):
         cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--layer", str(args.layer),
                "--feature-dim", str(args.feature_dim), "--hypernet-layers", str(args.hypernet_layers),
-               "--subspace", args.subspace, "--steps", str(max(2, args.steps - 1)), "--threads", str(args.threads)]
+               "--subspace", args.subspace, "--steps", str(max(2, args.steps - 1)), "--threads", str(args.threads),
+               "--device", args.device]
         if args.model:
             cmd += ["--model", args.model]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
@@ -341,7 +359,7 @@ def main():
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg_at_start": list(os.getloadavg())},
-        "device": "cpu",
+        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "model": args.model or "smollm2-135m-instruct (embedded)",
         "shapes": {"B": B, "T_base_with_label": T, "S": int(batch["source_input_ids"].shape[1]),
                    "C": int(batch["concept_input_ids"].shape[1]), "d": model_d(args), "layer": args.layer,
@@ -355,12 +373,15 @@ def main():
         "memory_ratio_ours_over_original": peak["ours"] / peak["original"],
         "memory_detail": memory,
         "method": ("time: median of alternating steps in one process after one warm-up step each; "
-                   "memory: fresh subprocess per pipeline, glibc mallinfo2 (live heap + mmapped bytes) sampled "
-                   "every ~0.2 ms during each step after a warm-up step, peak minus the level at step start"),
+                   + ("memory: fresh subprocess per pipeline, torch.cuda.max_memory_allocated during each step "
+                      "after a warm-up step, minus memory_allocated at step start"
+                      if args.device.startswith("cuda") else
+                      "memory: fresh subprocess per pipeline, glibc mallinfo2 (live heap + mmapped bytes) sampled "
+                      "every ~0.2 ms during each step after a warm-up step, peak minus the level at step start")),
         "targets": {"time_ratio_max": 0.5, "memory_ratio_max": 0.5},
         "wall_s": time.time() - started,
     }
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"training_step_{args.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".training_step.", suffix=".json", dir=out.parent)
     with os.fdopen(fd, "w") as f:

@@ -184,3 +184,28 @@ def test_plot_positions(smollm2, tmp_path):
     ax = fig.axes[0]
     n_src = len(tok("city: Paris, country:")["input_ids"]) + 1
     assert len(ax.get_yticklabels()) == n_src and ax.get_yticklabels()[-1].get_text() == "[SELF]"
+
+
+def test_cross_attention_matches_projected_keys():
+    """The query-side cross-attention equals projecting every key (GQA, biases, padding)."""
+    import torch.nn.functional as F
+
+    from hyperdas_fast.models.hypernetwork import CrossAttention
+
+    torch.manual_seed(0)
+    d, H, kv, hd = 32, 4, 2, 8
+    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
+                        torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
+                        H, kv, hd).double()
+    with torch.no_grad():
+        xa.key_scale.uniform_(0.5, 1.5)
+    h = torch.randn(3, 5, d, dtype=torch.double)
+    keys = torch.randn(3, 11, d, dtype=torch.double)
+    mask = torch.rand(3, 11) > 0.3
+    mask[:, 0] = True
+    q = xa.q_proj(xa.norm(h)).view(3, 5, H, hd).transpose(1, 2)
+    k = xa.k_proj(keys * xa.key_scale).view(3, 11, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    v = xa.v_proj(keys * xa.key_scale).view(3, 11, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+                        .transpose(1, 2).reshape(3, 5, H * hd))
+    assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)

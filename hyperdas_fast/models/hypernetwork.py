@@ -61,23 +61,30 @@ class CrossAttention(nn.Module):
         self.register_buffer("key_scale", scale, persistent=False)
 
     def forward(self, hidden: Tensor, keys_unit: Tensor, key_mask: Tensor) -> Tensor:
-        """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend)."""
-        batch, length, _ = hidden.shape
-        q = self.q_proj(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        # Fold the key norm weight into the projections: (x * s) W^T = x (W diag(s))^T, so every
-        # cross-attention reads (and saves for backward) the one shared normalised key tensor.
-        k = F.linear(keys_unit, self.k_proj.weight * self.key_scale, self.k_proj.bias)
-        v = F.linear(keys_unit, self.v_proj.weight * self.key_scale, self.v_proj.bias)
-        k = k.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, K, hd]
-        v = v.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # Grouped-query attention without repeating K/V: the `rep` query heads sharing a KV head
-        # become extra query rows (the key mask is the same for every query row).
-        rep = self.num_heads // self.num_kv_heads
-        q = q.reshape(batch, self.num_kv_heads, rep * length, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-        out = out.reshape(batch, self.num_heads, length, self.head_dim)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        return hidden + self.o_proj(out)
+        """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend).
+
+        The K key states are never projected. With g(h) the KV head of query head h:
+            q_h . (W_k,g x_j + b_k) = (W_k,g^T q_h) . x_j + const_j   (the bias cancels in the softmax)
+            sum_j a_hj (W_v,g x_j + b_v) = W_v,g (sum_j a_hj x_j) + b_v
+        so the work is O(B C H K d) on the few concept queries instead of O(B K d hd Hkv) on the
+        many keys (tokens x layers), and only the shared key tensor is saved for backward.
+        """
+        batch, length, d = hidden.shape
+        heads, hd = self.num_heads, self.head_dim
+        group = torch.arange(heads, device=hidden.device) // (heads // self.num_kv_heads)
+        w_k = (self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d)[group]  # [H, hd, d]
+        w_v = (self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d)[group]
+        q = self.q_proj(self.norm(hidden)).view(batch, length, heads, hd)
+        q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
+        scores = torch.bmm(q_keys, keys_unit.transpose(1, 2)) * hd ** -0.5  # [B, C*H, K]
+        scores = scores.masked_fill(~key_mask.bool().unsqueeze(1), float("-inf"))
+        low = hidden.dtype in (torch.float16, torch.bfloat16)
+        probs = torch.softmax(scores.float() if low else scores, dim=-1).to(hidden.dtype)
+        context = torch.bmm(probs, keys_unit).view(batch, length, heads, d)  # [B, C, H, d]
+        out = torch.einsum("bchd,hkd->bchk", context, w_v)
+        if self.v_proj.bias is not None:
+            out = out + self.v_proj.bias.view(self.num_kv_heads, hd)[group]
+        return hidden + self.o_proj(out.reshape(batch, length, heads * hd))
 
 
 class HyperNetwork(nn.Module):
