@@ -86,8 +86,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak bytes allocated by torch during one call of fn(), above what was live before.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the profiler's
-    allocation/free events ([memory] events with profile_memory=True), in time order.
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the sizes of tensors
+    created (and freed) during the call, from the profiler's memory timeline.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -97,14 +97,21 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The memory timeline (needs shapes and stacks) lists every tensor allocation and
+    # free; count the tensors created during fn() and take the running maximum.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    created = set()
     live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
+    for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            created.add(key)
+            live += size
+        elif action == Action.DESTROY and key in created:
+            live -= size
         peak = max(peak, live)
     return int(peak)
 
