@@ -209,3 +209,33 @@ def test_cross_attention_matches_projected_keys():
     ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
                         .transpose(1, 2).reshape(3, 5, H * hd))
     assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_backward(dtype):
+    model = tiny("llama").to(dtype)
+    hd = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=1)
+    b = toy_batch()
+    out = hd(b, logits_at="labels")
+    assert out.logits.dtype == dtype and out.weights.dtype == dtype and out.basis.dtype == dtype
+    loss, _ = hyperdas_loss(out.logits, b["labels"], b["is_causal"], out.weights, sparsity_coef=1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in hd.trainable_parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert torch.isfinite(hd(b, inference_mode="bidding_argmax").logits).all()
+
+
+def test_hypernetwork_init_from_target_or_scratch():
+    model = tiny("llama")
+    warm = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=2)
+    cold = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=2, init_from_target=False)
+    src = model.model.layers[1].mlp.up_proj.weight
+    assert torch.equal(warm.hypernet.blocks[1].mlp.up_proj.weight, src)
+    assert warm.hypernet.blocks[1].mlp.up_proj.weight.data_ptr() != src.data_ptr()  # a copy, trainable
+    assert warm.hypernet.blocks[1].mlp.up_proj.weight.requires_grad and not src.requires_grad
+    # cross-attention initialised from the block's self-attention
+    assert torch.equal(warm.hypernet.base_xattn[0].q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(cold.hypernet.blocks[1].mlp.up_proj.weight, src)
+    with torch.no_grad():
+        assert torch.isfinite(cold(toy_batch()).logits).all()

@@ -25,14 +25,18 @@ SUBSPACES = ("reflect", "mask", "das", "boundless")
 
 
 class OrthogonalBasis(nn.Module):
-    """A [d, k] matrix with orthonormal columns; ``forward()`` evaluates it once."""
+    """A [d, k] matrix with orthonormal columns; ``forward()`` evaluates it once.
+
+    The parameter and the parametrization stay in float32 (half-precision QR / matrix_exp
+    are unsupported or inaccurate); the result is cast to ``dtype`` (the model's)."""
 
     def __init__(self, hidden_size: int, k: int, dtype=None, device=None):
         super().__init__()
-        self.linear = orthogonal(nn.Linear(k, hidden_size, bias=False, dtype=dtype, device=device))
+        self.out_dtype = dtype or torch.float32
+        self.linear = orthogonal(nn.Linear(k, hidden_size, bias=False, dtype=torch.float32, device=device))
 
     def forward(self) -> Tensor:
-        return self.linear.weight  # [d, k]
+        return self.linear.weight.to(self.out_dtype)  # [d, k]
 
 
 class _RMSNorm(nn.Module):
