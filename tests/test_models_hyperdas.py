@@ -280,3 +280,21 @@ def test_bad_inputs(smollm2):
                                       intermediate_size=64))
     with pytest.raises(ValueError, match="unsupported model type 'bert'.*llama"):
         HyperDAS(bert, tokenizer=tok, layer=1)
+
+
+@pytest.mark.parametrize("mode", ["default", "column_argmax"])
+def test_intervene_first_token_matches_forward(smollm2, mode):
+    """The first generated token is the argmax of the intervened forward at the last prompt token."""
+    target, tok = smollm2
+    torch.manual_seed(7)
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=16, num_hypernet_layers=1)
+    bases = ["city: Vienna, country:", "The capital city of Italy is"]
+    sources = ["city: Paris, country:", "city: Lima, country:"]
+    batch = hd.collator([{"base_prompt": b, "counterfactual_prompt": s, "concept": "country", "label": ""}
+                         for b, s in zip(bases, sources)])
+    with torch.no_grad():
+        logits = hd.model(batch, inference_mode=mode).logits
+    last = batch["base_attention_mask"].sum(1) - 1
+    expected = logits[torch.arange(2), last].argmax(-1).tolist()
+    texts = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=1, inference_mode=mode)
+    assert texts == [tok.decode([t], skip_special_tokens=True) for t in expected]
