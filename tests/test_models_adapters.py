@@ -239,3 +239,22 @@ def test_hypernetwork_init_from_target_or_scratch():
     assert not torch.equal(cold.hypernet.blocks[1].mlp.up_proj.weight, src)
     with torch.no_grad():
         assert torch.isfinite(cold(toy_batch()).logits).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_intervene_cache_on_other_families(smollm2, kind):
+    import transformers as tf
+
+    from hyperdas_fast.models.hyperdas import HyperDAS
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=4, vocab_size=49152, n_positions=64))
+    else:
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                   num_key_value_heads=2, num_hidden_layers=4, vocab_size=49152))
+    hd = HyperDAS(model.eval(), tokenizer=tok, layer=2, feature_dim=8, num_hypernet_layers=1)
+    args = (["city: Vienna, country:", "a much longer prompt about the city of Rome in"], ["city: Paris, country:"] * 2,
+            ["country"] * 2)
+    assert hd.intervene(*args, max_new_tokens=4) == hd.intervene(*args, max_new_tokens=4, use_cache=False)

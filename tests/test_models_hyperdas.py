@@ -298,3 +298,15 @@ def test_intervene_first_token_matches_forward(smollm2, mode):
     expected = logits[torch.arange(2), last].argmax(-1).tolist()
     texts = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=1, inference_mode=mode)
     assert texts == [tok.decode([t], skip_special_tokens=True) for t in expected]
+
+
+def test_intervene_cache_equals_recompute(smollm2):
+    target, tok = smollm2
+    torch.manual_seed(11)
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=16, num_hypernet_layers=1)
+    bases = ["city: Vienna, country:", "The capital city of Italy is the city of"]
+    sources = ["city: Paris, country:", "city: Lima, country:"]
+    for mode in ("default", "bidding_argmax"):
+        a = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=5, inference_mode=mode)
+        b = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=5, inference_mode=mode, use_cache=False)
+        assert a == b

@@ -91,7 +91,8 @@ class DecoderAdapter:
         """Final norm + LM head: [..., d] -> [..., V]."""
         return self.lm_head(self.final_norm(hidden))
 
-    def call_block(self, index: int, hidden: Tensor, mask: Tensor, position_ids: Tensor, pos_emb) -> Tensor:
+    def call_block(self, index: int, hidden: Tensor, mask: Tensor, position_ids: Tensor, pos_emb, cache=None) -> Tensor:
+        """Run block ``index``; with a transformers ``Cache`` its keys/values are appended to it."""
         raise NotImplementedError
 
     # -- sub-layers of one block (the hypernetwork runs them with cross-attention between) --
@@ -128,12 +129,14 @@ class DecoderAdapter:
         mask4d: Optional[Tensor] = None,
         pos_emb=None,
         collect: Optional[List[Tensor]] = None,
+        cache=None,
     ) -> Tensor:
         """Run blocks ``[start, end)`` on the residual stream ``hidden`` [B, T, d].
 
         ``attention_mask`` [B, T] (1 = token, right padding). ``mask4d`` / ``pos_emb`` may be
         passed precomputed (from ``prepare`` / ``position_embeddings``). When ``collect`` is a
-        list, the output of every block is appended to it.
+        list, the output of every block is appended to it. ``cache`` (a transformers
+        ``DynamicCache``) makes the blocks append their keys/values to it (generation).
         """
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"need 0 <= start <= end <= {self.num_layers}, got start={start}, end={end}")
@@ -146,7 +149,7 @@ class DecoderAdapter:
         for index in range(start, end):
             if self.block_callback is not None:
                 self.block_callback(index)
-            hidden = self.call_block(index, hidden, mask4d, position_ids, pos_emb)
+            hidden = self.call_block(index, hidden, mask4d, position_ids, pos_emb, cache)
             if collect is not None:
                 collect.append(hidden)
         return hidden
@@ -182,8 +185,10 @@ class LlamaAdapter(DecoderAdapter):
     def position_embeddings(self, hidden, position_ids):
         return self.rotary(hidden, position_ids=position_ids)
 
-    def call_block(self, index, hidden, mask, position_ids, pos_emb):
-        out = self.blocks[index](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
+    def call_block(self, index, hidden, mask, position_ids, pos_emb, cache=None):
+        extra = {} if cache is None else {"cache": cache, "use_cache": True}
+        out = self.blocks[index](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
+                                 **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def block_self_attention(self, block, hidden, mask, position_ids, pos_emb):
@@ -227,8 +232,9 @@ class GPT2Adapter(DecoderAdapter):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return self.embed_tokens(input_ids) + self.embed_positions(position_ids)
 
-    def call_block(self, index, hidden, mask, position_ids, pos_emb):
-        out = self.blocks[index](hidden, attention_mask=mask)
+    def call_block(self, index, hidden, mask, position_ids, pos_emb, cache=None):
+        extra = {} if cache is None else {"cache": cache, "use_cache": True}
+        out = self.blocks[index](hidden, attention_mask=mask, **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def block_self_attention(self, block, hidden, mask, position_ids, pos_emb):

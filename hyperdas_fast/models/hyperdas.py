@@ -292,59 +292,90 @@ class HyperDAS:
 
     @torch.no_grad()
     def intervene(self, base_prompt, counterfactual_prompt, concept, max_new_tokens: int = 8,
-                  inference_mode: str = "default"):
+                  inference_mode: str = "default", use_cache: bool = True):
         """Greedy generation from the base prompt with the intervention applied at the prompt positions.
 
-        Strings -> str; lists of equal length -> list[str]. Generation recomputes the
-        sequence each step: new tokens are not intervened; the prompt's layer-L states are
-        the intervened ones computed once.
+        Strings -> str; lists of equal length -> list[str]. The prompt's layer-L states are the
+        intervened ones (computed once); generated tokens are not intervened. ``use_cache``
+        decodes with a key/value cache (one prefill, then one token per step); False recomputes
+        the whole sequence every step (slower, same tokens).
         """
         if inference_mode == "groundtruth":
             raise ValueError("inference_mode='groundtruth' needs entity positions; use HyperDASModel.forward with a collated batch")
         single, (base, cf, concept) = self._as_lists(base_prompt, counterfactual_prompt, concept)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        model, ad, L = self.model, self.model.adapter, self.model.layer
+        model = self.model
         was_training = model.training
         model.eval()
         try:
             batch = self._batch(base, cf, concept)
-            enc = model.encode(batch, inference_mode)
-            patched = enc["stream"]  # [B, T, d]
-            lengths = batch["base_attention_mask"].sum(1).tolist()
-            prompts = [batch["base_input_ids"][i, : lengths[i]].tolist() for i in range(len(base))]
-            generated: List[List[int]] = [[] for _ in prompts]
+            patched = model.encode(batch, inference_mode)["stream"]  # [B, T, d]
+            generate = self._generate_cached if use_cache else self._generate_recompute
+            generated = generate(batch, patched, max_new_tokens)
             eos = self.tokenizer.eos_token_id
-            done = [False] * len(prompts)
-            for _ in range(max_new_tokens):
-                seqs = [p + g for p, g in zip(prompts, generated)]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), self.collator.pad_id, dtype=torch.long)
-                am = torch.zeros((len(seqs), width), dtype=torch.long)
-                for i, s in enumerate(seqs):
-                    ids[i, : len(s)] = torch.tensor(s)
-                    am[i, : len(s)] = 1
-                ids, am = ids.to(ad.device), am.to(ad.device)
-                mask4d, pos = ad.prepare(ids, am)
-                hidden = ad.embed(ids, pos)
-                pos_emb = ad.position_embeddings(hidden, pos)
-                hidden = ad.run_blocks(hidden, 0, L, am, pos, mask4d=mask4d, pos_emb=pos_emb)
-                for i, n in enumerate(lengths):
-                    hidden[i, :n] = patched[i, :n]
-                hidden = ad.run_blocks(hidden, L, ad.num_layers, am, pos, mask4d=mask4d, pos_emb=pos_emb)
-                last = torch.tensor([len(s) - 1 for s in seqs], device=ad.device)
-                logits = ad.logits(hidden[torch.arange(len(seqs), device=ad.device), last])
-                nxt = logits.argmax(-1).tolist()
-                for i, tok in enumerate(nxt):
-                    if not done[i]:
-                        generated[i].append(tok)
-                        done[i] = eos is not None and tok == eos
-                if all(done):
-                    break
-            texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+            cut = [g[: g.index(eos) + 1] if eos is not None and eos in g else g for g in generated]
+            texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in cut]
         finally:
             model.train(was_training)
         return texts[0] if single else texts
+
+    def _generate_cached(self, batch, patched: Tensor, max_new_tokens: int) -> List[List[int]]:
+        from transformers import DynamicCache
+
+        from .adapters import additive_mask
+
+        ad, L = self.model.adapter, self.model.layer
+        ids = batch["base_input_ids"].to(ad.device)
+        am = batch["base_attention_mask"].to(ad.device)
+        batch_size = ids.shape[0]
+        rows = torch.arange(batch_size, device=ad.device)
+        lengths = am.sum(1)
+        cache = DynamicCache()
+        mask4d, pos = ad.prepare(ids, am)
+        hidden = ad.embed(ids, pos)
+        pos_emb = ad.position_embeddings(hidden, pos)
+        ad.run_blocks(hidden, 0, L, am, pos, mask4d=mask4d, pos_emb=pos_emb, cache=cache)
+        hidden = ad.run_blocks(patched, L, ad.num_layers, am, pos, mask4d=mask4d, pos_emb=pos_emb, cache=cache)
+        token = ad.logits(hidden[rows, lengths - 1]).argmax(-1)
+        out = [token]
+        for step in range(max_new_tokens - 1):
+            am = torch.cat([am, torch.ones(batch_size, 1, dtype=am.dtype, device=am.device)], dim=1)
+            pos = (lengths + step).unsqueeze(1)
+            hidden = ad.embed(token.unsqueeze(1), pos)
+            mask = additive_mask(am, 1, am.shape[1], hidden.dtype, hidden.device, causal=False)
+            hidden = ad.run_blocks(hidden, 0, ad.num_layers, am, pos, mask4d=mask,
+                                   pos_emb=ad.position_embeddings(hidden, pos), cache=cache)
+            token = ad.logits(hidden[:, 0]).argmax(-1)
+            out.append(token)
+        return torch.stack(out, dim=1).tolist()
+
+    def _generate_recompute(self, batch, patched: Tensor, max_new_tokens: int) -> List[List[int]]:
+        ad, L = self.model.adapter, self.model.layer
+        lengths = batch["base_attention_mask"].sum(1).tolist()
+        prompts = [batch["base_input_ids"][i, : lengths[i]].tolist() for i in range(len(lengths))]
+        generated: List[List[int]] = [[] for _ in prompts]
+        for _ in range(max_new_tokens):
+            seqs = [p + g for p, g in zip(prompts, generated)]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.collator.pad_id, dtype=torch.long)
+            am = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s)
+                am[i, : len(s)] = 1
+            ids, am = ids.to(ad.device), am.to(ad.device)
+            mask4d, pos = ad.prepare(ids, am)
+            hidden = ad.embed(ids, pos)
+            pos_emb = ad.position_embeddings(hidden, pos)
+            hidden = ad.run_blocks(hidden, 0, L, am, pos, mask4d=mask4d, pos_emb=pos_emb)
+            for i, n in enumerate(lengths):
+                hidden[i, :n] = patched[i, :n]
+            hidden = ad.run_blocks(hidden, L, ad.num_layers, am, pos, mask4d=mask4d, pos_emb=pos_emb)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=ad.device)
+            nxt = ad.logits(hidden[torch.arange(len(seqs), device=ad.device), last]).argmax(-1).tolist()
+            for i, tok in enumerate(nxt):
+                generated[i].append(tok)
+        return generated
 
     @torch.no_grad()
     def position_weights(self, base_prompt: str, counterfactual_prompt: str, concept: str):
