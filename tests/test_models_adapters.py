@@ -258,3 +258,36 @@ def test_intervene_cache_on_other_families(smollm2, kind):
     args = (["city: Vienna, country:", "a much longer prompt about the city of Rome in"], ["city: Paris, country:"] * 2,
             ["country"] * 2)
     assert hd.intervene(*args, max_new_tokens=4) == hd.intervene(*args, max_new_tokens=4, use_cache=False)
+
+
+def test_mdas_groundtruth_training_gives_basis_gradient():
+    """MDAS baseline: DAS subspace + groundtruth positions, trained through the hard path."""
+    hd = HyperDASModel(tiny("llama"), layer=2, feature_dim=4, num_hypernet_layers=1, subspace="das")
+    b = toy_batch()
+    out = hd(b, inference_mode="groundtruth", logits_at="labels")
+    loss, _ = hyperdas_loss(out.logits, b["labels"], b["is_causal"])
+    loss.backward()
+    grad = hd.subspace.basis.linear.parametrizations.weight.original.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_train_delegates_to_trainer(smollm2, monkeypatch):
+    import hyperdas_fast.training.trainer as trainer_mod
+    from hyperdas_fast.models.hyperdas import HyperDAS
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, wrapper, config):
+            seen["wrapper"], seen["config"] = wrapper, config
+
+        def train(self):
+            return "done"
+
+    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=10, feature_dim=8, num_hypernet_layers=1)
+    assert hd.train(dataset_path="/data/ravel", epochs=2, batch_size=4, lr=1e-4) == "done"
+    assert seen["wrapper"] is hd
+    c = seen["config"]
+    assert (c.data_dir, c.epochs, c.batch_size, c.lr) == ("/data/ravel", 2, 4, 1e-4)
