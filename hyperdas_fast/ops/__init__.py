@@ -196,6 +196,13 @@ def interchange_hard(
     return interchange_triples(base, source, triples, basis, reflect, mask, inplace, backend)
 
 
+# Load the compiled backends now (cheap: two shared libraries) so that the first call
+# under torch.compile(fullgraph=True) does not have to trace an import. Triton is
+# imported on first use only (importing it costs about a second).
+for _name in ("cpp", "cuda"):
+    _load_backend(_name)
+
+
 def weights_to_source_index(weights: Tensor) -> Tensor:
     """One-hot weights [B, S+1, T] -> source_index [B, T] (argmax; the [SELF] row -> KEEP)."""
     num_source = weights.shape[1] - 1
