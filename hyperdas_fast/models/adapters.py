@@ -14,7 +14,7 @@ key padding), which every attention implementation of those families accepts
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor, nn

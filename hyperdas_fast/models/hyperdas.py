@@ -23,14 +23,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..data.collate import IGNORE_INDEX, HyperDASCollator
-from .adapters import DecoderAdapter, get_adapter
+from .adapters import get_adapter
 from .hypernetwork import HyperNetwork, stack_layer_keys
 from .selector import INFERENCE_MODES, PositionSelector, hard_source_index
 from .subspace import SUBSPACES, make_subspace

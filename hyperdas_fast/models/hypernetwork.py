@@ -14,10 +14,7 @@ norm weight into its key/value projections, so no per-layer copy of the keys is 
 from __future__ import annotations
 
 import copy
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import DecoderAdapter, additive_mask

@@ -14,8 +14,6 @@ once per call of ``forward`` (once per training step).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
