@@ -131,6 +131,8 @@ at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOpti
   return buf.narrow(0, 0, numel).view(shape);
 }
 
+using FwdOut = std::tuple<at::Tensor, at::Tensor>;
+
 // Raw views of the subspace arguments.
 template <typename scalar_t>
 struct Subspace {
@@ -144,9 +146,9 @@ struct Subspace {
 // forward
 // ----------------------------------------------------------------------------------------
 template <typename scalar_t>
-at::Tensor fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
-                    const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
-                    const std::optional<at::Tensor>& mask) {
+FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
+                const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
+                const std::optional<at::Tensor>& mask, bool with_coords) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
   const int64_t N = B * T;
   const int64_t Sp1 = S + 1;
@@ -168,7 +170,7 @@ at::Tensor fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::
         for (int64_t i = 0; i < d; ++i) row[i] += ws * x[i];
       }
     });
-    return D;
+    return FwdOut(D, at::empty({0}, base.options()));
   }
 
   const at::Tensor& R = *basis;
@@ -201,35 +203,41 @@ at::Tensor fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::
   });
 
   at::Tensor D2 = D.view({N, d});
-  at::Tensor C = at::mm(D2, R);  // [N, k]
+  at::Tensor C = at::mm(D2, R);  // [N, k]: delta R, corrected in place to c = R_b^T delta
   scalar_t* Cp = C.data_ptr<scalar_t>();
+  // E = m * c; a separate buffer only when c itself is returned as coords.
+  const bool has_m = sub.m != nullptr;
+  at::Tensor E = (with_coords && has_m) ? at::empty({N, k}, base.options()) : C;
+  scalar_t* Ep = E.data_ptr<scalar_t>();
   std::vector<scalar_t> eu(has_v ? N : 0);
-  if (has_v || sub.m != nullptr) {
+  if (has_v || has_m) {
     at::parallel_for(0, N, std::max<int64_t>(1, 4096 / k), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t b = n / T;
-        scalar_t* __restrict c = Cp + n * k;
+        scalar_t* c = Cp + n * k;
+        scalar_t* e = Ep + n * k;  // may alias c
         if (has_v) {
           const scalar_t* __restrict u = sub.u + b * k;
           const scalar_t a = scalar_t(-2) * dv[n];
 #pragma omp simd
           for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
         }
-        if (sub.m != nullptr) {
+        if (has_m) {
           const scalar_t* __restrict m = sub.m + b * sub.m_stride;
 #pragma omp simd
-          for (int64_t j = 0; j < k; ++j) c[j] *= m[j];
+          for (int64_t j = 0; j < k; ++j) e[j] = c[j] * m[j];
         }
-        if (has_v) eu[n] = dot(c, sub.u + b * k, k);
+        if (has_v) eu[n] = dot(e, sub.u + b * k, k);
       }
     });
   }
+  at::Tensor coords = with_coords ? C.view({B, T, k}) : at::empty({0}, base.options());
 
   if (!has_v) {
-    return at::addmm(base.view({N, d}), C, R.t()).view({B, T, d});
+    return FwdOut(at::addmm(base.view({N, d}), E, R.t()).view({B, T, d}), coords);
   }
   // out = base + E R^T - 2 (e.u) v, written over D
-  at::mm_out(D2, C, R.t());
+  at::mm_out(D2, E, R.t());
   at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t b = n / T;
@@ -241,7 +249,7 @@ at::Tensor fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::
       for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
     }
   });
-  return D;
+  return FwdOut(D, coords);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -252,7 +260,8 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 template <typename scalar_t>
 Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& source,
                const at::Tensor& weights, const std::optional<at::Tensor>& basis,
-               const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask) {
+               const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask,
+               const std::optional<at::Tensor>& coords) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
   const int64_t N = B * T;
   const int64_t Sp1 = S + 1;
@@ -328,12 +337,19 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     });
     // CE = DG R = [c; g R]; rewritten in place below as [g_c; e] so that
     // g_basis = DG^T CE = D^T g_c + G^T e (the H_b parts are the -2 V^T Q term).
+    // With the forward's coords (c = R_b^T delta, already reflected) only g R is computed.
     at::Tensor CE = scratch(kCE, {2 * N, k}, opts);
-    at::mm_out(CE, DG, R);
-    scalar_t* GCp = CE.data_ptr<scalar_t>();  // rows [0, N): c in, g_c out
+    const scalar_t* cin = nullptr;  // the forward's c [N, k], or null: c comes from CE
+    if (coords.has_value()) {
+      cin = coords->const_data_ptr<scalar_t>();
+      at::Tensor gR = CE.narrow(0, N, N);
+      at::mm_out(gR, DG.narrow(0, N, N), R);
+    } else {
+      at::mm_out(CE, DG, R);
+    }
+    scalar_t* GCp = CE.data_ptr<scalar_t>();  // rows [0, N): c in (without coords), g_c out
     scalar_t* Ep = GCp + N * k;                // rows [N, 2N): g R in, e out
     at::Tensor GC = CE.narrow(0, 0, N);
-
     // Per-example k-vector reductions: g_mask rows and Q. Absent u / m read as 0 / 1.
     at::Tensor gm_rows = at::zeros({B, k}, opts);
     at::Tensor Q = at::zeros({B, k}, opts);
@@ -350,15 +366,16 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
         for (int64_t t = 0; t < T; ++t) {
           const int64_t n = b * T + t;
           // c sits in the g_c slot and g R in the e slot: compute in registers, then swap.
-          scalar_t* __restrict gc = GCp + n * k;
+          scalar_t* gc = GCp + n * k;  // may be read as c_in (same index only)
           scalar_t* __restrict e = Ep + n * k;
-          const scalar_t a = has_v ? scalar_t(-2) * dv[n] : scalar_t(0);
+          const scalar_t* c_in = cin != nullptr ? cin + n * k : gc;
+          const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[n] : scalar_t(0);
           const scalar_t ag = has_v ? scalar_t(-2) * vg[n] : scalar_t(0);
           const scalar_t qa = has_v ? vg[n] : scalar_t(0), qd = has_v ? dv[n] : scalar_t(0);
           scalar_t s_ue = 0, s_ugc = 0;
 #pragma omp simd reduction(+ : s_ue, s_ugc)
           for (int64_t j = 0; j < k; ++j) {
-            const scalar_t cj = gc[j] + a * u[j];   // c
+            const scalar_t cj = c_in[j] + a * u[j];  // c
             const scalar_t gej = e[j] + ag * u[j];  // g_e
             gm[j] += gej * cj;
             const scalar_t ej = m[j] * cj, gcj = m[j] * gej;
@@ -556,25 +573,25 @@ void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* 
 // ----------------------------------------------------------------------------------------
 // entry points
 // ----------------------------------------------------------------------------------------
-at::Tensor interchange_fwd(const at::Tensor& base_in, const at::Tensor& source_in,
-                           const at::Tensor& weights_in, const std::optional<at::Tensor>& basis_in,
-                           const std::optional<at::Tensor>& reflect_in,
-                           const std::optional<at::Tensor>& mask_in) {
+std::tuple<at::Tensor, at::Tensor> interchange_fwd(
+    const at::Tensor& base_in, const at::Tensor& source_in, const at::Tensor& weights_in,
+    const std::optional<at::Tensor>& basis_in, const std::optional<at::Tensor>& reflect_in,
+    const std::optional<at::Tensor>& mask_in, bool with_coords) {
   check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
   c10::NoGradGuard no_grad;
   const at::ScalarType dtype = base_in.scalar_type();
   if (is_reduced(dtype)) {
     const auto f = at::kFloat;
-    return interchange_fwd(base_in.to(f), source_in.to(f), weights_in.to(f), opt_to(basis_in, f),
-                           opt_to(reflect_in, f), opt_to(mask_in, f))
-        .to(dtype);
+    auto r = interchange_fwd(base_in.to(f), source_in.to(f), weights_in.to(f), opt_to(basis_in, f),
+                             opt_to(reflect_in, f), opt_to(mask_in, f), with_coords);
+    return {std::get<0>(r).to(dtype), std::get<1>(r).to(dtype)};
   }
   const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
                    weights = weights_in.contiguous();
   const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
-  at::Tensor out;
+  FwdOut out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_fwd_cpu", [&] {
-    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask);
+    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask, with_coords);
   });
   return out;
 }
@@ -583,18 +600,33 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                       const at::Tensor& source_in, const at::Tensor& weights_in,
                       const std::optional<at::Tensor>& basis_in,
                       const std::optional<at::Tensor>& reflect_in,
-                      const std::optional<at::Tensor>& mask_in) {
+                      const std::optional<at::Tensor>& mask_in,
+                      const std::optional<at::Tensor>& coords_in) {
   check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
   TORCH_CHECK(grad_in.sizes() == base_in.sizes(), "hyperdas_fast: grad_out must have base's shape ",
               base_in.sizes(), ", got ", grad_in.sizes());
   TORCH_CHECK(grad_in.device() == base_in.device(), "hyperdas_fast: grad_out is on ",
               grad_in.device(), " but base is on ", base_in.device());
+  // coords: the forward's c = R_b^T (mix - base) [B, T, k]; empty (numel 0) or None: recompute.
+  std::optional<at::Tensor> coords;
+  if (coords_in.has_value() && coords_in->numel() > 0) {
+    TORCH_CHECK(basis_in.has_value(), "hyperdas_fast: coords need a basis [d, k]");
+    check_same(*coords_in, base_in, "coords");
+    const int64_t k = basis_in->size(1);
+    TORCH_CHECK(coords_in->dim() == 3 && coords_in->size(0) == base_in.size(0) &&
+                    coords_in->size(1) == base_in.size(1) && coords_in->size(2) == k,
+                "hyperdas_fast: coords must be [B, T, k] = [", base_in.size(0), ", ", base_in.size(1),
+                ", ", k, "], got ", coords_in->sizes());
+    coords = coords_in;
+  }
   c10::NoGradGuard no_grad;
   const at::ScalarType dtype = base_in.scalar_type();
   if (is_reduced(dtype)) {
+    // Recompute c in float rather than reuse the forward's coords rounded to half precision.
     const auto f = at::kFloat;
     Grads g = interchange_bwd(grad_in.to(f), base_in.to(f), source_in.to(f), weights_in.to(f),
-                              opt_to(basis_in, f), opt_to(reflect_in, f), opt_to(mask_in, f));
+                              opt_to(basis_in, f), opt_to(reflect_in, f), opt_to(mask_in, f),
+                              std::nullopt);
     return Grads(std::get<0>(g).to(dtype), std::get<1>(g).to(dtype), std::get<2>(g).to(dtype),
                  std::get<3>(g).to(dtype), std::get<4>(g).to(dtype), std::get<5>(g).to(dtype));
   }
@@ -602,9 +634,10 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
   const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
                    weights = weights_in.contiguous();
   const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  coords = opt_contig(coords);
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_bwd_cpu", [&] {
-    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask);
+    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask, coords);
   });
   return out;
 }

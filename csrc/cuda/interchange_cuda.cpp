@@ -3,9 +3,14 @@
 // TORCH_LIBRARY(hyperdas_fast, m):
 //
 //   interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect,
-//                   Tensor? mask) -> Tensor
+//                   Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)
 //   interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis,
-//                   Tensor? reflect, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
+//                   Tensor? reflect, Tensor? mask, Tensor? coords=None)
+//                   -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
+//
+// coords = R_b^T (mix - base) [B, T, k]: the fused forward does not keep it, so with_coords
+// computes it with ATen (hyperdas_fast.ops.cuda passes with_coords=False); the backward uses
+// it when given and recomputes it otherwise.
 //   interchange_rows_(Tensor(a!) base, Tensor source, Tensor batch_index, Tensor base_pos,
 //                     Tensor source_pos, Tensor? basis, Tensor? reflect, Tensor? mask) -> ()
 //
@@ -101,6 +106,18 @@ Tensor fwd_aten(const Tensor& base, const Tensor& source, const Tensor& weights,
   return base + subspace_project(mix - base, *basis, reflect, mask);
 }
 
+// c = R_b^T (mix - base) [B, T, k] (before the mask).
+Tensor coords_aten(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& basis,
+                   const std::optional<Tensor>& reflect) {
+  Tensor delta = soft_mix(base, source, weights) - base;
+  Tensor c = at::matmul(delta, basis);
+  if (reflect.has_value()) {
+    Tensor u = at::matmul(*reflect, basis);  // [B, k]
+    c = c - 2.0 * at::matmul(delta, reflect->unsqueeze(-1)) * u.unsqueeze(1);
+  }
+  return c.contiguous();
+}
+
 // ----------------------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------------------
@@ -143,13 +160,18 @@ hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
   return sub;
 }
 
-Tensor interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in, const Tensor& weights_in,
-                            const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect,
-                            const std::optional<Tensor>& mask) {
+std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
+                                                const Tensor& weights_in, const std::optional<Tensor>& basis,
+                                                const std::optional<Tensor>& reflect,
+                                                const std::optional<Tensor>& mask, bool with_coords) {
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  if (!fused_dtype(base_in) || k > hk::kMaxFusedK) return fwd_aten(base_in, source_in, weights_in, basis, reflect, mask);
+  Tensor coords = (with_coords && basis.has_value())
+                      ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
+                      : at::empty({0}, base_in.options());
+  if (!fused_dtype(base_in) || k > hk::kMaxFusedK)
+    return {fwd_aten(base_in, source_in, weights_in, basis, reflect, mask), coords};
 
   Tensor base = base_in.contiguous(), source = source_in.contiguous(), weights = weights_in.contiguous();
   SubspaceTensors st = prepare_subspace(basis, reflect, mask);
@@ -171,7 +193,7 @@ Tensor interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in, cons
         reinterpret_cast<const CT*>(weights.data_ptr()), view_subspace<CT>(st),
         reinterpret_cast<CT*>(out.data_ptr()), ws.data_ptr<float>(), dims, sms, stream));
   });
-  return out;
+  return {out, coords};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -238,7 +260,8 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const Tensor& grad_out, const Tensor& base_in, const Tensor& source_in, const Tensor& weights,
-    const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+    const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& coords) {
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
@@ -256,7 +279,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     Tensor R = basis->contiguous();
     const int64_t k = R.size(1);
     Tensor delta = soft_mix(base, source, weights) - base;  // [B, T, d], dt
-    Tensor c = at::mm(delta.view({N, d}), R).to(f32).view({B, T, k});
+    // c from the forward's coords when given (already reflected), else recomputed.
+    const bool have_c = coords.has_value() && coords->numel() > 0;
+    if (have_c) {
+      TORCH_CHECK(coords->dim() == 3 && coords->size(0) == B && coords->size(1) == T && coords->size(2) == k,
+                  "interchange_bwd (cuda): coords must be [B, T, k] = [", B, ", ", T, ", ", k, "], got ",
+                  coords->sizes());
+    }
+    Tensor c = have_c ? coords->to(f32) : at::mm(delta.view({N, d}), R).to(f32).view({B, T, k});
     Tensor ge = at::mm(g.view({N, d}), R).to(f32).view({B, T, k});
     Tensor v, vf, u, vd, vg;
     if (reflect.has_value()) {
@@ -265,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
       u = at::mm(vf, R.to(f32));                        // [B, k]
       vd = at::bmm(delta, v.unsqueeze(-1)).to(f32);     // [B, T, 1]
       vg = at::bmm(g, v.unsqueeze(-1)).to(f32);
-      c = c - 2.0 * vd * u.unsqueeze(1);
+      if (!have_c) c = c - 2.0 * vd * u.unsqueeze(1);
       ge = ge - 2.0 * vg * u.unsqueeze(1);
     }
     Tensor e = c, gc = ge;

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .library import ops  # ImportError when hyperdas_fast._C is missing
+from .library import interchange_fwd, ops  # ImportError when hyperdas_fast._C is missing
 
 # interchange_rows runs the in-place C++ kernel, which has no autograd.
 ROWS_AUTOGRAD = False
@@ -19,7 +19,9 @@ def is_available(device) -> bool:
 
 
 def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
-    return ops.interchange_fwd(base, source, weights, basis, reflect, mask)
+    # With a gradient needed, the forward also returns the coordinates that the backward
+    # reuses (one [B*T, d] x [d, k] GEMM fewer).
+    return interchange_fwd(base, source, weights, basis, reflect, mask)
 
 
 def interchange_rows(

@@ -31,7 +31,8 @@ def is_available(device) -> bool:
 
 
 def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
-    return torch.ops.hyperdas_fast.interchange_fwd(base, source, weights, basis, reflect, mask)
+    # with_coords=False: the fused CUDA forward does not keep c; the backward recomputes it.
+    return torch.ops.hyperdas_fast.interchange_fwd(base, source, weights, basis, reflect, mask, False)[0]
 
 
 def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask, inplace) -> Tensor:
