@@ -41,6 +41,33 @@ inline scalar_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, 
   return s;
 }
 
+// out[s * stride] = <g, y_s> for the S rows y_s = y + s * n (g_w[b, :S, t] for one token):
+// four dot products at a time so that each load of g feeds four FMAs.
+template <typename scalar_t>
+inline void dots_with_rows(const scalar_t* __restrict g, const scalar_t* __restrict y, int64_t S,
+                           int64_t n, scalar_t* __restrict out, int64_t stride) {
+  int64_t s = 0;
+  for (; s + 4 <= S; s += 4) {
+    const scalar_t* __restrict y0 = y + s * n;
+    const scalar_t* __restrict y1 = y0 + n;
+    const scalar_t* __restrict y2 = y1 + n;
+    const scalar_t* __restrict y3 = y2 + n;
+    scalar_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t i = 0; i < n; ++i) {
+      a0 += g[i] * y0[i];
+      a1 += g[i] * y1[i];
+      a2 += g[i] * y2[i];
+      a3 += g[i] * y3[i];
+    }
+    out[s * stride] = a0;
+    out[(s + 1) * stride] = a1;
+    out[(s + 2) * stride] = a2;
+    out[(s + 3) * stride] = a3;
+  }
+  for (; s < S; ++s) out[s * stride] = dot(g, y + s * n, n);
+}
+
 bool is_reduced(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
 }
@@ -118,7 +145,7 @@ void check_soft(const at::Tensor& base, const at::Tensor& source, const at::Tens
 // large temporaries would otherwise be handed back to the OS on every call (glibc trims
 // the heap) and cost a page fault per 4 KiB page on the next call: measured ~1 ms of
 // system time per backward at the SmolLM2 shape. Never returned to the caller.
-enum ScratchSlot { kDG = 0, kCE, kGD, kPartial, kGW, kRowsD, kRowsC, kNumSlots };
+enum ScratchSlot { kDG = 0, kCE, kGD, kPartial, kRowsD, kRowsC, kNumSlots };
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   thread_local at::Tensor buffers[kNumSlots][2];
@@ -269,6 +296,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
   const scalar_t* wp = weights.const_data_ptr<scalar_t>();
   const scalar_t* xp = base.const_data_ptr<scalar_t>();
   const scalar_t* gp = G.const_data_ptr<scalar_t>();
+  const scalar_t* sp = source.const_data_ptr<scalar_t>();
   const at::Tensor Wsrc = weights.narrow(1, 0, S);  // [B, S, T]
 
   at::Tensor g_base = at::empty({B, T, d}, opts);
@@ -290,6 +318,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) gb[i] = ws * g[i];
         gwp[(b * Sp1 + S) * T + t] = dot(g, xp + n * d, d);
+        dots_with_rows(g, sp + b * S * d, S, d, gwp + b * Sp1 * T + t, T);
       }
     });
     g_basis = at::empty({0}, opts);
@@ -447,6 +476,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
             for (int64_t i = 0; i < d; ++i) gb[i] = g[i] - one_m_ws * gd[i];
           }
           gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
+          dots_with_rows<scalar_t>(gd, sp + b * S * d, S, d, gwp + b * Sp1 * T + t, T);
         }
       }
     });
@@ -473,11 +503,9 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     }
   }
 
-  // g_source = W_src g_delta; g_w[:, :S] = source g_delta^T
+  // g_source = W_src g_delta (g_w[:, :S] = source g_delta^T is written row by row above,
+  // while each g_delta row is in cache)
   at::Tensor g_source = at::bmm(Wsrc, GD);
-  at::Tensor gw = scratch(kGW, {B, S, T}, opts);
-  at::bmm_out(gw, source, GD.transpose(1, 2));
-  g_weights.narrow(1, 0, S).copy_(gw);
   return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
 }
 
