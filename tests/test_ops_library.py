@@ -50,65 +50,56 @@ def test_opcheck_interchange_fwd(config, requires_grad, with_coords):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_fwd_coords(config):
-    # delta = mix - base and coords = R_b^T delta (before the mask) with a basis and
-    # with_coords; else empty
+    # coords = R_b^T (mix - base) before the mask with a basis and with_coords; else empty
     args = make_inputs(**config)
-    out, coords, delta_out = OPS.interchange_fwd(*args, True)
-    out_plain, empty, empty_delta = OPS.interchange_fwd(*args)
+    out, coords = OPS.interchange_fwd(*args, True)
+    out_plain, empty = OPS.interchange_fwd(*args)
     torch.testing.assert_close(out, interchange_reference(*args))
     torch.testing.assert_close(out_plain, out, rtol=0, atol=0)
-    assert empty.numel() == 0 and empty_delta.numel() == 0
+    assert empty.numel() == 0
     base, source, weights, basis, v, _ = args
     if basis is None:
-        assert coords.numel() == 0 and delta_out.numel() == 0
+        assert coords.numel() == 0
         return
     delta = torch.bmm(weights[:, :-1].transpose(1, 2), source) + (weights[:, -1:].transpose(1, 2) - 1) * base
-    torch.testing.assert_close(delta_out, delta)
     expected = delta @ basis
     if v is not None:
         expected = expected - 2 * (delta @ v.unsqueeze(-1)) * (v @ basis).unsqueeze(1)
     torch.testing.assert_close(coords, expected)
 
 
-@pytest.mark.parametrize("saved", ["coords+delta", "coords", "delta", "none"])
+@pytest.mark.parametrize("use_coords", [True, False])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_opcheck_interchange_bwd(config, saved):
+def test_opcheck_interchange_bwd(config, use_coords):
     args = make_inputs(**config)
     grad = torch.randn_like(args[0])
-    _, coords, delta = OPS.interchange_fwd(*args, True)
-    coords = coords if "coords" in saved else None
-    delta = delta if "delta" in saved else None
-    torch.library.opcheck(OPS.interchange_bwd, (grad, *args, coords, delta), test_utils=TEST_UTILS)
+    coords = OPS.interchange_fwd(*args, True)[1] if use_coords else None
+    torch.library.opcheck(OPS.interchange_bwd, (grad, *args, coords), test_utils=TEST_UTILS)
     # None inputs get empty gradients; present ones get their input's shape
-    grads = OPS.interchange_bwd(grad, *args, coords, delta)
+    grads = OPS.interchange_bwd(grad, *args, coords)
     for g, a in zip(grads, args):
         assert g.shape == (a.shape if a is not None else (0,))
-    # the forward's coords / delta give the same gradients as recomputing them
+    # the forward's coords give the same gradients as recomputing them
     for g, r in zip(grads, OPS.interchange_bwd(grad, *args)):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_bwd_rejects_bad_coords_and_delta():
+def test_bwd_rejects_bad_coords():
     args = make_inputs()
     grad = torch.randn_like(args[0])
-    _, coords, delta = OPS.interchange_fwd(*args, True)
+    coords = OPS.interchange_fwd(*args, True)[1]
     with pytest.raises(RuntimeError, match="coords must be"):
         OPS.interchange_bwd(grad, *args, coords[:, :-1])
     with pytest.raises(RuntimeError, match="coords"):
         OPS.interchange_bwd(grad, *args, coords.double())
-    with pytest.raises(RuntimeError, match="delta must have"):
-        OPS.interchange_bwd(grad, *args, coords, delta[:, :-1])
-    with pytest.raises(RuntimeError, match="delta"):
-        OPS.interchange_bwd(grad, *args, coords, delta.double())
 
 
 def test_autograd_saves_coords_and_matches_reference():
-    # library.interchange_fwd asks for coords and delta when a gradient is needed; the
-    # backward reuses them
+    # library.interchange_fwd asks for coords when a gradient is needed; the backward reuses them
     args = [None if a is None else a.clone().double().requires_grad_() for a in make_inputs()]
     out = library.interchange_fwd(*args)
-    _, coords, delta = OPS.interchange_fwd(*args, True)
-    assert not coords.requires_grad and not delta.requires_grad
+    _, coords = OPS.interchange_fwd(*args, True)
+    assert not coords.requires_grad
     torch.autograd.gradcheck(lambda *a: library.interchange_fwd(*a), tuple(args))
     ref = [a.detach().clone().requires_grad_() for a in args]
     g = torch.randn_like(out)
@@ -136,12 +127,11 @@ def test_fake_kernels_shapes():
 
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(a) if a is not None else None for a in make_inputs(mask="shared")]
-        out, coords, delta = OPS.interchange_fwd(*args, True)
-        grads = OPS.interchange_bwd(torch.empty_like(out), *args, coords, delta)
-        _, no_coords, no_delta = OPS.interchange_fwd(*args)
+        out, coords = OPS.interchange_fwd(*args, True)
+        grads = OPS.interchange_bwd(torch.empty_like(out), *args, coords)
+        _, no_coords = OPS.interchange_fwd(*args)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     assert coords.shape == (*args[0].shape[:2], args[3].shape[1]) and no_coords.shape == (0,)
-    assert delta.shape == args[0].shape and no_delta.shape == (0,)
     assert [tuple(g.shape) for g in grads] == [tuple(a.shape) for a in args]
 
 

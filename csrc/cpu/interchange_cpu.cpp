@@ -158,7 +158,7 @@ at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOpti
   return buf.narrow(0, 0, numel).view(shape);
 }
 
-using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using FwdOut = std::tuple<at::Tensor, at::Tensor>;
 
 // Raw views of the subspace arguments.
 template <typename scalar_t>
@@ -197,7 +197,7 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
         for (int64_t i = 0; i < d; ++i) row[i] += ws * x[i];
       }
     });
-    return FwdOut(D, at::empty({0}, base.options()), at::empty({0}, base.options()));
+    return FwdOut(D, at::empty({0}, base.options()));
   }
 
   const at::Tensor& R = *basis;
@@ -259,20 +259,16 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
     });
   }
   at::Tensor coords = with_coords ? C.view({B, T, k}) : at::empty({0}, base.options());
-  at::Tensor delta = with_coords ? D : at::empty({0}, base.options());
 
   if (!has_v) {
-    return FwdOut(at::addmm(base.view({N, d}), E, R.t()).view({B, T, d}), coords, delta);
+    return FwdOut(at::addmm(base.view({N, d}), E, R.t()).view({B, T, d}), coords);
   }
-  // out = base + E R^T - 2 (e.u) v, written over D unless delta is returned
-  at::Tensor O = with_coords ? at::empty({B, T, d}, base.options()) : D;
-  at::Tensor O2 = O.view({N, d});
-  at::mm_out(O2, E, R.t());
-  scalar_t* Op = O.data_ptr<scalar_t>();
+  // out = base + E R^T - 2 (e.u) v, written over D
+  at::mm_out(D2, E, R.t());
   at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t b = n / T;
-      scalar_t* __restrict row = Op + n * d;
+      scalar_t* __restrict row = Dp + n * d;
       const scalar_t* __restrict x = xp + n * d;
       const scalar_t* __restrict v = sub.v + b * d;
       const scalar_t a = scalar_t(-2) * eu[n];
@@ -280,7 +276,7 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
       for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
     }
   });
-  return FwdOut(O, coords, delta);
+  return FwdOut(D, coords);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -292,7 +288,7 @@ template <typename scalar_t>
 Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& source,
                const at::Tensor& weights, const std::optional<at::Tensor>& basis,
                const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask,
-               const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& delta) {
+               const std::optional<at::Tensor>& coords) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
   const int64_t N = B * T;
   const int64_t Sp1 = S + 1;
@@ -349,9 +345,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     // dv = delta.v; vg = v.g. Stacking lets one GEMM give [c; g R] and one give g_basis.
     at::Tensor DG = scratch(kDG, {2 * N, d}, opts);
     at::Tensor D = DG.narrow(0, 0, N).view({B, T, d});
-    // The forward's delta when given, else recomputed.
-    const scalar_t* din = delta.has_value() ? delta->const_data_ptr<scalar_t>() : nullptr;
-    if (din == nullptr) at::bmm_out(D, Wsrc.transpose(1, 2), source);
+    at::bmm_out(D, Wsrc.transpose(1, 2), source);
     scalar_t* Dp = DG.data_ptr<scalar_t>();
     scalar_t* Gcopy = Dp + N * d;
     std::vector<scalar_t> dv(has_v ? N : 0), vg(has_v ? N : 0);
@@ -361,12 +355,8 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
         const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
         scalar_t* __restrict row = Dp + n * d;
         const scalar_t* __restrict x = xp + n * d;
-        if (din != nullptr) {
-          std::copy(din + n * d, din + (n + 1) * d, row);
-        } else {
 #pragma omp simd
-          for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
-        }
+        for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
         std::copy(gp + n * d, gp + (n + 1) * d, Gcopy + n * d);
         if (has_v) {
           dv[n] = dot(row, sub.v + b * d, d);
@@ -611,7 +601,7 @@ void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* 
 // ----------------------------------------------------------------------------------------
 // entry points
 // ----------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd(
+std::tuple<at::Tensor, at::Tensor> interchange_fwd(
     const at::Tensor& base_in, const at::Tensor& source_in, const at::Tensor& weights_in,
     const std::optional<at::Tensor>& basis_in, const std::optional<at::Tensor>& reflect_in,
     const std::optional<at::Tensor>& mask_in, bool with_coords) {
@@ -622,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd(
     const auto f = at::kFloat;
     auto r = interchange_fwd(base_in.to(f), source_in.to(f), weights_in.to(f), opt_to(basis_in, f),
                              opt_to(reflect_in, f), opt_to(mask_in, f), with_coords);
-    return {std::get<0>(r).to(dtype), std::get<1>(r).to(dtype), std::get<2>(r).to(dtype)};
+    return {std::get<0>(r).to(dtype), std::get<1>(r).to(dtype)};
   }
   const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
                    weights = weights_in.contiguous();
@@ -639,8 +629,7 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                       const std::optional<at::Tensor>& basis_in,
                       const std::optional<at::Tensor>& reflect_in,
                       const std::optional<at::Tensor>& mask_in,
-                      const std::optional<at::Tensor>& coords_in,
-                      const std::optional<at::Tensor>& delta_in) {
+                      const std::optional<at::Tensor>& coords_in) {
   check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
   TORCH_CHECK(grad_in.sizes() == base_in.sizes(), "hyperdas_fast: grad_out must have base's shape ",
               base_in.sizes(), ", got ", grad_in.sizes());
@@ -658,23 +647,14 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                 ", ", k, "], got ", coords_in->sizes());
     coords = coords_in;
   }
-  // delta: the forward's mix - base [B, T, d]; empty or None: recompute.
-  std::optional<at::Tensor> delta;
-  if (delta_in.has_value() && delta_in->numel() > 0) {
-    TORCH_CHECK(basis_in.has_value(), "hyperdas_fast: delta needs a basis [d, k]");
-    check_same(*delta_in, base_in, "delta");
-    TORCH_CHECK(delta_in->sizes() == base_in.sizes(), "hyperdas_fast: delta must have base's shape ",
-                base_in.sizes(), ", got ", delta_in->sizes());
-    delta = delta_in;
-  }
   c10::NoGradGuard no_grad;
   const at::ScalarType dtype = base_in.scalar_type();
   if (is_reduced(dtype)) {
-    // Recompute c and delta in float rather than reuse the forward's, rounded to half precision.
+    // Recompute c in float rather than reuse the forward's coords rounded to half precision.
     const auto f = at::kFloat;
     Grads g = interchange_bwd(grad_in.to(f), base_in.to(f), source_in.to(f), weights_in.to(f),
                               opt_to(basis_in, f), opt_to(reflect_in, f), opt_to(mask_in, f),
-                              std::nullopt, std::nullopt);
+                              std::nullopt);
     return Grads(std::get<0>(g).to(dtype), std::get<1>(g).to(dtype), std::get<2>(g).to(dtype),
                  std::get<3>(g).to(dtype), std::get<4>(g).to(dtype), std::get<5>(g).to(dtype));
   }
@@ -683,10 +663,9 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                    weights = weights_in.contiguous();
   const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   coords = opt_contig(coords);
-  delta = opt_contig(delta);
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_bwd_cpu", [&] {
-    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask, coords, delta);
+    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask, coords);
   });
   return out;
 }

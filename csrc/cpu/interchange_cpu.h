@@ -13,10 +13,9 @@ namespace hyperdas_fast {
 namespace cpu {
 
 // out = base + R_b diag(m_b) R_b^T (mix - base), mix = w^T [source; base]; basis None: out = mix.
-// Returns (out, coords, delta): with with_coords and a basis, delta = mix - base [B, T, d] and
-// coords = R_b^T delta [B, T, k] (before the mask), which interchange_bwd can reuse;
-// otherwise two empty tensors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd(
+// Returns (out, coords): with with_coords and a basis, coords = R_b^T (mix - base) [B, T, k]
+// (before the mask), which interchange_bwd can reuse; otherwise an empty tensor.
+std::tuple<at::Tensor, at::Tensor> interchange_fwd(
     const at::Tensor& base,
     const at::Tensor& source,
     const at::Tensor& weights,
@@ -26,8 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd(
     bool with_coords);
 
 // Gradients of base, source, weights, basis, reflect, mask; an empty tensor for a None input.
-// coords, delta: the forward's (they save a [B*T, d] x [d, k] GEMM, the mix bmm and a pass),
-// or None / empty: recomputed.
+// coords: the forward's coords (saves one [B*T, d] x [d, k] GEMM), or None / empty: recomputed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> interchange_bwd(
     const at::Tensor& grad_out,
     const at::Tensor& base,
@@ -36,8 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& basis,
     const std::optional<at::Tensor>& reflect,
     const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& delta);
+    const std::optional<at::Tensor>& coords);
 
 // Hard mode, in place on a contiguous base: for each row p with (b, t, s) =
 // (batch_index[p], base_pos[p], source_pos[p]):

@@ -20,11 +20,11 @@ TORCH_LIBRARY(hyperdas_fast, m) {
   m.set_python_module("hyperdas_fast.ops.library");
   m.def(
       "interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect, "
-      "Tensor? mask, bool with_coords=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)");
   m.def(
       "interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis, "
-      "Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None) -> (Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? reflect, Tensor? mask, Tensor? coords=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "interchange_rows_(Tensor(a!) base, Tensor source, Tensor batch_index, Tensor base_pos, "
       "Tensor source_pos, Tensor? basis, Tensor? reflect, Tensor? mask) -> ()");

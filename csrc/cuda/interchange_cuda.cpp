@@ -3,14 +3,14 @@
 // TORCH_LIBRARY(hyperdas_fast, m):
 //
 //   interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect,
-//                   Tensor? mask, bool with_coords=False) -> (Tensor, Tensor, Tensor)
+//                   Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)
 //   interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis,
-//                   Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None)
+//                   Tensor? reflect, Tensor? mask, Tensor? coords=None)
 //                   -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 //
-// delta = mix - base [B, T, d], coords = R_b^T delta [B, T, k]: the fused forward does not
-// keep them, so with_coords computes them with ATen (hyperdas_fast.ops.cuda passes
-// with_coords=False); the backward uses them when given and recomputes them otherwise.
+// coords = R_b^T (mix - base) [B, T, k]: the fused forward does not keep it, so with_coords
+// computes it with ATen (hyperdas_fast.ops.cuda passes with_coords=False); the backward uses
+// it when given and recomputes it otherwise.
 //   interchange_rows_(Tensor(a!) base, Tensor source, Tensor batch_index, Tensor base_pos,
 //                     Tensor source_pos, Tensor? basis, Tensor? reflect, Tensor? mask) -> ()
 //
@@ -106,16 +106,16 @@ Tensor fwd_aten(const Tensor& base, const Tensor& source, const Tensor& weights,
   return base + subspace_project(mix - base, *basis, reflect, mask);
 }
 
-// (coords, delta): delta = mix - base [B, T, d], c = R_b^T delta [B, T, k] (before the mask).
-std::tuple<Tensor, Tensor> coords_aten(const Tensor& base, const Tensor& source, const Tensor& weights,
-                                       const Tensor& basis, const std::optional<Tensor>& reflect) {
-  Tensor delta = (soft_mix(base, source, weights) - base).contiguous();
+// c = R_b^T (mix - base) [B, T, k] (before the mask).
+Tensor coords_aten(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& basis,
+                   const std::optional<Tensor>& reflect) {
+  Tensor delta = soft_mix(base, source, weights) - base;
   Tensor c = at::matmul(delta, basis);
   if (reflect.has_value()) {
     Tensor u = at::matmul(*reflect, basis);  // [B, k]
     c = c - 2.0 * at::matmul(delta, reflect->unsqueeze(-1)) * u.unsqueeze(1);
   }
-  return {c.contiguous(), delta};
+  return c.contiguous();
 }
 
 // ----------------------------------------------------------------------------------------
@@ -160,19 +160,18 @@ hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
   return sub;
 }
 
-std::tuple<Tensor, Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
+std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
                                                 const Tensor& weights_in, const std::optional<Tensor>& basis,
                                                 const std::optional<Tensor>& reflect,
                                                 const std::optional<Tensor>& mask, bool with_coords) {
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  Tensor coords = at::empty({0}, base_in.options()), delta = at::empty({0}, base_in.options());
-  if (with_coords && basis.has_value()) {
-    std::tie(coords, delta) = coords_aten(base_in, source_in, weights_in, *basis, reflect);
-  }
+  Tensor coords = (with_coords && basis.has_value())
+                      ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
+                      : at::empty({0}, base_in.options());
   if (!fused_dtype(base_in) || k > hk::kMaxFusedK)
-    return {fwd_aten(base_in, source_in, weights_in, basis, reflect, mask), coords, delta};
+    return {fwd_aten(base_in, source_in, weights_in, basis, reflect, mask), coords};
 
   Tensor base = base_in.contiguous(), source = source_in.contiguous(), weights = weights_in.contiguous();
   SubspaceTensors st = prepare_subspace(basis, reflect, mask);
@@ -194,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, c
         reinterpret_cast<const CT*>(weights.data_ptr()), view_subspace<CT>(st),
         reinterpret_cast<CT*>(out.data_ptr()), ws.data_ptr<float>(), dims, sms, stream));
   });
-  return {out, coords, delta};
+  return {out, coords};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const Tensor& grad_out, const Tensor& base_in, const Tensor& source_in, const Tensor& weights,
     const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
-    const std::optional<Tensor>& coords, const std::optional<Tensor>& delta_in) {
+    const std::optional<Tensor>& coords) {
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
@@ -279,14 +278,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const auto f32 = at::kFloat;
     Tensor R = basis->contiguous();
     const int64_t k = R.size(1);
-    // delta from the forward when given, else recomputed.
-    const bool have_delta = delta_in.has_value() && delta_in->numel() > 0;
-    if (have_delta) {
-      TORCH_CHECK(delta_in->sizes() == base.sizes(), "interchange_bwd (cuda): delta must have base's shape ",
-                  base.sizes(), ", got ", delta_in->sizes());
-    }
-    Tensor delta = have_delta ? delta_in->to(dt).contiguous()
-                              : soft_mix(base, source, weights) - base;  // [B, T, d], dt
+    Tensor delta = soft_mix(base, source, weights) - base;  // [B, T, d], dt
     // c from the forward's coords when given (already reflected), else recomputed.
     const bool have_c = coords.has_value() && coords->numel() > 0;
     if (have_c) {

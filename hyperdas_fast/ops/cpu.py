@@ -19,8 +19,8 @@ def is_available(device) -> bool:
 
 
 def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
-    # With a gradient needed, the forward also returns delta and the coordinates, which the
-    # backward reuses (a [B*T, d] x [d, k] GEMM, the mix bmm and a pass fewer).
+    # With a gradient needed, the forward also returns the coordinates that the backward
+    # reuses (one [B*T, d] x [d, k] GEMM fewer).
     return interchange_fwd(base, source, weights, basis, reflect, mask)
 
 

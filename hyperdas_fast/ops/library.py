@@ -10,14 +10,13 @@ kernels for the same schemas. This module adds what is device-agnostic:
 Ops (shapes as in ``reference.py``):
 
 - ``torch.ops.hyperdas_fast.interchange_fwd(base, source, weights, basis, reflect, mask,
-  with_coords=False) -> (out, coords, delta)``: with ``with_coords`` and a basis,
-  ``delta`` = mix - base [B, T, d] and ``coords`` = R_b^T delta [B, T, k] (before the mask),
-  saved for the backward so that it need not recompute them; otherwise empty tensors.
-  ``coords`` and ``delta`` are not differentiable.
+  with_coords=False) -> (out, coords)``: with ``with_coords`` and a basis, ``coords`` [B, T, k]
+  is c = R_b^T (mix - base) (before the mask), saved for the backward so that it need not
+  recompute it; otherwise an empty tensor. ``coords`` is not differentiable.
 - ``torch.ops.hyperdas_fast.interchange_bwd(grad_out, base, source, weights, basis, reflect,
-  mask, coords=None, delta=None) -> (g_base, g_source, g_weights, g_basis, g_reflect,
-  g_mask)``; an empty tensor (numel 0) stands for the gradient of a None input. ``coords``
-  and ``delta`` are the forward's (None or empty: recomputed from the inputs).
+  mask, coords=None) -> (g_base, g_source, g_weights, g_basis, g_reflect, g_mask)``; an empty
+  tensor (numel 0) stands for the gradient of a None input. ``coords`` is the forward's
+  (None or empty: recomputed from the inputs).
 - ``torch.ops.hyperdas_fast.interchange_rows_(base, source, batch_index, base_pos, source_pos,
   basis, reflect, mask)``: hard mode, in place on a contiguous ``base``; inference only (no
   autograd).
@@ -49,14 +48,13 @@ def _empty(ref: Tensor) -> Tensor:
 def _interchange_fwd_fake(base, source, weights, basis, reflect, mask, with_coords=False):
     if with_coords and basis is not None:
         coords = base.new_empty((base.shape[0], base.shape[1], basis.shape[1]))
-        delta = base.new_empty(base.shape)
     else:
-        coords, delta = _empty(base), _empty(base)
-    return base.new_empty(base.shape), coords, delta
+        coords = _empty(base)
+    return base.new_empty(base.shape), coords
 
 
 @torch.library.register_fake("hyperdas_fast::interchange_bwd")
-def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None, delta=None):
+def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None):
     def like(t: Optional[Tensor]) -> Tensor:
         return _empty(base) if t is None else base.new_empty(t.shape)
 
@@ -77,18 +75,14 @@ def _interchange_rows_fake(base, source, batch_index, base_pos, source_pos, basi
 
 def _setup_context(ctx, inputs, output):
     base, source, weights, basis, reflect, mask, _with_coords = inputs
-    _out, coords, delta = output
-    ctx.mark_non_differentiable(coords, delta)
-    # coords and delta get no gradient: don't fill zeros for them on every backward.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(base, source, weights, basis, reflect, mask, coords, delta)
+    coords = output[1]
+    ctx.mark_non_differentiable(coords)
+    ctx.save_for_backward(base, source, weights, basis, reflect, mask, coords)
 
 
-def _backward(ctx, grad_out, _grad_coords, _grad_delta):
-    *saved, coords, delta = ctx.saved_tensors
-    if grad_out is None:  # only reachable through the non-differentiable outputs
-        return (None,) * 7
-    grads = ops.interchange_bwd(grad_out, *saved, coords, delta)
+def _backward(ctx, grad_out, _grad_coords):
+    *saved, coords = ctx.saved_tensors
+    grads = ops.interchange_bwd(grad_out, *saved, coords)
     return (
         *(
             None if (t is None or not need) else g
@@ -113,8 +107,7 @@ def interchange_fwd(
 ) -> Tensor:
     """Differentiable soft interchange through the registered op (any device with a kernel).
 
-    The forward returns delta and the subspace coordinates for the backward when a gradient
-    is needed.
+    The forward returns the subspace coordinates for the backward when a gradient is needed.
     """
     return ops.interchange_fwd(
         base, source, weights, basis, reflect, mask, _coords_needed(base, source, weights, basis, reflect, mask)
@@ -122,8 +115,7 @@ def interchange_fwd(
 
 
 def _coords_needed(*tensors: Optional[Tensor]) -> bool:
-    """Whether the forward should return coords and delta: a basis and an input that needs a
-    gradient."""
+    """Whether the forward should return coords: a basis and an input that needs a gradient."""
     if tensors[3] is None or not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
