@@ -77,11 +77,15 @@ def _setup_context(ctx, inputs, output):
     base, source, weights, basis, reflect, mask, _with_coords = inputs
     coords = output[1]
     ctx.mark_non_differentiable(coords)
+    # coords gets no gradient: don't fill zeros for it on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(base, source, weights, basis, reflect, mask, coords)
 
 
 def _backward(ctx, grad_out, _grad_coords):
     *saved, coords = ctx.saved_tensors
+    if grad_out is None:  # only reachable through the non-differentiable coords
+        return (None,) * 7
     grads = ops.interchange_bwd(grad_out, *saved, coords)
     return (
         *(
