@@ -26,6 +26,7 @@ from .reference import (
     interchange_paper,
     interchange_reference,
     interchange_rows_reference,
+    patched_rows,
     subspace_project,
 )
 
@@ -59,12 +60,7 @@ class _TorchBackend:
             return interchange_rows_reference(
                 base, source, batch_index, base_pos, source_pos, basis, reflect, mask
             )
-        x = base[batch_index, base_pos]
-        y = source[batch_index, source_pos]
-        if basis is not None:
-            row_reflect = None if reflect is None else reflect[batch_index]
-            row_mask = mask[batch_index] if (mask is not None and mask.dim() == 2) else mask
-            y = x + subspace_project((y - x).unsqueeze(1), basis, row_reflect, row_mask).squeeze(1)
+        y = patched_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
         base[batch_index, base_pos] = y
         return base
 

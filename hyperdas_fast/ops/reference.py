@@ -68,6 +68,28 @@ def interchange_reference(
     return base + subspace_project(mix - base, basis, reflect, mask)
 
 
+def patched_rows(
+    base: Tensor,
+    source: Tensor,
+    batch_index: Tensor,
+    base_pos: Tensor,
+    source_pos: Tensor,
+    basis: Optional[Tensor] = None,
+    reflect: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The P patched rows [P, d]: x + R_b diag(m_b) R_b^T (source[b, s] - x) with x = base[b, t],
+    (b, t, s) = (batch_index[p], base_pos[p], source_pos[p]); source[b, s] when basis is None."""
+    x = base[batch_index, base_pos]  # [P, d]
+    y = source[batch_index, source_pos]
+    if basis is None:
+        return y
+    row_reflect = None if reflect is None else reflect[batch_index]
+    row_mask = mask[batch_index] if (mask is not None and mask.dim() == 2) else mask
+    # Treat the P rows as a batch of P single-token examples.
+    return x + subspace_project((y - x).unsqueeze(1), basis, row_reflect, row_mask).squeeze(1)
+
+
 def interchange_rows_reference(
     base: Tensor,
     source: Tensor,
@@ -83,17 +105,7 @@ def interchange_rows_reference(
     Row p sets out[b, t] = x + R_b diag(m_b) R_b^T (source[b, s] - x) with x = base[b, t],
     (b, t, s) = (batch_index[p], base_pos[p], source_pos[p]); every other row is base.
     """
-    x = base[batch_index, base_pos]  # [P, d]
-    y = source[batch_index, source_pos]
-    if basis is None:
-        patched = y
-    else:
-        row_reflect = None if reflect is None else reflect[batch_index]
-        row_mask = mask[batch_index] if (mask is not None and mask.dim() == 2) else mask
-        # Treat the P rows as a batch of P single-token examples.
-        patched = x + subspace_project(
-            (y - x).unsqueeze(1), basis, row_reflect, row_mask
-        ).squeeze(1)
+    patched = patched_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
     out = base.clone()
     out[batch_index, base_pos] = patched.to(base.dtype)
     return out
