@@ -237,6 +237,22 @@ def test_save_load_roundtrip(smollm2, batch, tmp_path):
     assert sum(v.numel() for v in saved.values()) < 0.2 * sum(p.numel() for p in target.parameters())
 
 
+def test_load_refuses_weights_from_another_save_or_corrupt(smollm2, tmp_path):
+    target, tok = smollm2
+    first = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    first.save(tmp_path / "a")
+    torch.manual_seed(1)
+    HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1).save(tmp_path / "b")
+    # new weights beside an old config: what a crash between the two renames would leave
+    (tmp_path / "b" / "hyperdas.safetensors").replace(tmp_path / "a" / "hyperdas.safetensors")
+    with pytest.raises(ValueError, match="does not match"):
+        HyperDAS.load(tmp_path / "a", model=target, tokenizer=tok)
+    first.save(tmp_path / "c")
+    (tmp_path / "c" / "hyperdas_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt HyperDAS config"):
+        HyperDAS.load(tmp_path / "c", model=target, tokenizer=tok)
+
+
 def tiny_llama(hidden=64, vocab=49152):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -59,6 +59,66 @@ class HyperDASOutput:
     source_index: Optional[Tensor] = None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint(directory, state: Dict[str, Tensor], config: Dict[str, Any],
+                     weights_name: str = WEIGHTS_NAME, config_name: str = CONFIG_NAME) -> Path:
+    """Write ``state`` (safetensors) then ``config`` (JSON) into ``directory``, each atomically.
+
+    The config records the weights' SHA-256, so a crash between the two renames (new
+    weights beside an old config) is detected by ``read_checkpoint`` instead of loading
+    mismatched files."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".weights.", dir=directory)
+    os.close(fd)
+    save_file(state, tmp)
+    config = {**config, "weights_sha256": _sha256(Path(tmp))}
+    os.replace(tmp, directory / weights_name)
+    fd, tmp = tempfile.mkstemp(prefix=".config.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, directory / config_name)
+    return directory
+
+
+def read_checkpoint(directory, kind: str = "HyperDAS", weights_name: str = WEIGHTS_NAME,
+                    config_name: str = CONFIG_NAME):
+    """(config dict, weights path) of a checkpoint folder; FileNotFoundError when a file is
+    missing, ValueError when the config is corrupt or does not match the weights."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / config_name, directory / weights_name
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {kind} checkpoint ({config_name} and {weights_name})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"corrupt {kind} config {cfg_path}: {exc}") from exc
+    expected = config.get("weights_sha256")
+    if expected is not None and _sha256(w_path) != expected:
+        raise ValueError(f"{kind} checkpoint {directory}: {weights_name} does not match {config_name} "
+                         "(corrupt, or an interrupted save); save again")
+    return config, w_path
+
+
+def load_checkpoint_weights(w_path: Path, device, kind: str = "HyperDAS") -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(w_path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"corrupt {kind} weights {w_path}: {exc}") from exc
+
+
 def target_fingerprint(model: nn.Module) -> Dict[str, Any]:
     """Architecture facts plus a checksum of a slice of the input embedding, to recognise the target."""
     config = model.config
@@ -399,34 +459,16 @@ class HyperDAS:
     # -- persistence ---------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write ``hyperdas.safetensors`` (trainable weights) and ``hyperdas_config.json`` atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         config = {"format_version": FORMAT_VERSION, **self.config, "target_name": self.model_name,
                   "target": target_fingerprint(self.target)}
-        fd, tmp = tempfile.mkstemp(prefix=".weights.", dir=directory)
-        os.close(fd)
-        save_file(state, tmp)
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=".config.", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, directory / CONFIG_NAME)
-        return directory
+        return write_checkpoint(directory, self.model.state_dict(), config)
 
     @classmethod
     def load(cls, directory, model: ModelLike = None, **kwargs) -> "HyperDAS":
         """Load a checkpoint written by ``save``; ``model`` None loads the target named in it.
         ValueError when the target model differs from the one it was trained on."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise FileNotFoundError(f"{directory} has no HyperDAS checkpoint ({CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = json.loads(cfg_path.read_text())
+        config, w_path = read_checkpoint(directory, "HyperDAS")
         tokenizer = kwargs.pop("tokenizer", None)
         if model is None or isinstance(model, (str, os.PathLike)):
             from .default_model import DEFAULT_MODEL_NAME, load_model
@@ -452,9 +494,9 @@ class HyperDAS:
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)
         hd.model_name = config.get("target_name") or hd.model_name
-        state = load_file(str(w_path), device=str(hd.device))
-        hd.model.load_state_dict(state, strict=True)
+        hd.model.load_state_dict(load_checkpoint_weights(w_path, hd.device, "HyperDAS"), strict=True)
         return hd
 
 
-__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "target_fingerprint"]
+__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "load_checkpoint_weights", "read_checkpoint",
+           "target_fingerprint", "write_checkpoint"]

@@ -15,9 +15,7 @@ evaluator treat both alike. Every inference mode gives the groundtruth positions
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -154,39 +152,19 @@ class MDAS:
         return Trainer(self, TrainConfig(data_dir=dataset_path, epochs=epochs, batch_size=batch_size, **kwargs)).train()
 
     def save(self, directory) -> Path:
-        from safetensors.torch import save_file
+        from .hyperdas import target_fingerprint, write_checkpoint
 
-        from .hyperdas import target_fingerprint
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         config = {"format_version": FORMAT_VERSION, "method": "mdas", **self.config, "target_name": self.model_name,
                   "target": target_fingerprint(self.target)}
-        fd, tmp = tempfile.mkstemp(prefix=".weights.", dir=directory)
-        os.close(fd)
-        save_file(state, tmp)
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=".config.", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, directory / CONFIG_NAME)
-        return directory
+        return write_checkpoint(directory, self.model.state_dict(), config, WEIGHTS_NAME, CONFIG_NAME)
 
     @classmethod
     def load(cls, directory, model: ModelLike = None, **kwargs) -> "MDAS":
-        from safetensors.torch import load_file
-
         from .default_model import DEFAULT_MODEL_NAME
+        from .hyperdas import load_checkpoint_weights, read_checkpoint
 
         directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise FileNotFoundError(f"{directory} has no MDAS checkpoint ({CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"corrupt MDAS config {cfg_path}: {exc}") from exc
+        config, w_path = read_checkpoint(directory, "MDAS", WEIGHTS_NAME, CONFIG_NAME)
         if model is None:
             name = config.get("target_name")
             model = None if name in (None, "", DEFAULT_MODEL_NAME) else name
@@ -195,11 +173,7 @@ class MDAS:
         for key in ("model_type", "hidden_size", "num_hidden_layers"):
             if key in saved and saved[key] != getattr(mdas.target.config, key, None):
                 raise ValueError(f"checkpoint {directory} was trained on a different target model ({key} differs)")
-        try:
-            state = load_file(str(w_path), device=str(mdas.device))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"corrupt MDAS weights {w_path}: {exc}") from exc
-        mdas.model.load_state_dict(state, strict=True)
+        mdas.model.load_state_dict(load_checkpoint_weights(w_path, mdas.device, "MDAS"), strict=True)
         return mdas
 
 
