@@ -167,7 +167,25 @@ struct Subspace {
   const scalar_t* u = nullptr;  // [B, k] = v R, or null
   const scalar_t* m = nullptr;  // mask or null
   int64_t m_stride = 0;         // k for [B, k], 0 for [k]
+  at::Tensor u_storage;         // owns u
 };
+
+// The per-call subspace view shared by the forward, backward and rows kernels.
+template <typename scalar_t>
+Subspace<scalar_t> make_subspace(const at::Tensor& R, const std::optional<at::Tensor>& reflect,
+                                 const std::optional<at::Tensor>& mask) {
+  Subspace<scalar_t> sub;
+  if (reflect.has_value()) {
+    sub.v = reflect->const_data_ptr<scalar_t>();
+    sub.u_storage = at::mm(*reflect, R);
+    sub.u = sub.u_storage.template const_data_ptr<scalar_t>();
+  }
+  if (mask.has_value()) {
+    sub.m = mask->const_data_ptr<scalar_t>();
+    sub.m_stride = mask->dim() == 2 ? R.size(1) : 0;
+  }
+  return sub;
+}
 
 // ----------------------------------------------------------------------------------------
 // forward
@@ -203,17 +221,7 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
   const at::Tensor& R = *basis;
   const int64_t k = R.size(1);
   const bool has_v = reflect.has_value();
-  Subspace<scalar_t> sub;
-  at::Tensor U;
-  if (has_v) {
-    sub.v = reflect->const_data_ptr<scalar_t>();
-    U = at::mm(*reflect, R);
-    sub.u = U.const_data_ptr<scalar_t>();
-  }
-  if (mask.has_value()) {
-    sub.m = mask->const_data_ptr<scalar_t>();
-    sub.m_stride = mask->dim() == 2 ? k : 0;
-  }
+  const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
 
   // delta = D + (w_self - 1) base; dv = delta . v
   std::vector<scalar_t> dv(has_v ? N : 0);
@@ -329,17 +337,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     const int64_t k = R.size(1);
     const bool has_v = reflect.has_value();
     const bool has_m = mask.has_value();
-    Subspace<scalar_t> sub;
-    at::Tensor U;
-    if (has_v) {
-      sub.v = reflect->const_data_ptr<scalar_t>();
-      U = at::mm(*reflect, R);
-      sub.u = U.const_data_ptr<scalar_t>();
-    }
-    if (has_m) {
-      sub.m = mask->const_data_ptr<scalar_t>();
-      sub.m_stride = mask->dim() == 2 ? k : 0;
-    }
+    const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
 
     // DG = [delta; g] [2N, d] with delta = W_src^T source + (w_self - 1) base;
     // dv = delta.v; vg = v.g. Stacking lets one GEMM give [c; g R] and one give g_basis.
@@ -532,17 +530,7 @@ void rows_impl(const at::Tensor& base, const at::Tensor& source, const int64_t* 
   const at::Tensor& R = *basis;
   const int64_t k = R.size(1);
   const bool has_v = reflect.has_value();
-  Subspace<scalar_t> sub;
-  at::Tensor U;
-  if (has_v) {
-    sub.v = reflect->const_data_ptr<scalar_t>();
-    U = at::mm(*reflect, R);
-    sub.u = U.const_data_ptr<scalar_t>();
-  }
-  if (mask.has_value()) {
-    sub.m = mask->const_data_ptr<scalar_t>();
-    sub.m_stride = mask->dim() == 2 ? k : 0;
-  }
+  const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
   at::Tensor Dl = scratch(kRowsD, {P, d}, base.options());
   scalar_t* Dp = Dl.data_ptr<scalar_t>();
   std::vector<scalar_t> dv(has_v ? P : 0), eu(has_v ? P : 0);
