@@ -78,8 +78,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "checkpoint_dir", default=None, help="run folder (default checkpoints/<method>_<domain>[_<attribute>])")
     _opt(p, "checkpoint_every", type=int, default=0)
     _opt(p, "max_steps", type=int, default=None)
-    _opt(p, "max_examples", type=int, default=None, help="cap on training examples kept after filtering")
-    _opt(p, "max_test_examples", type=int, default=None)
+    _opt(p, "max_examples", type=int, default=None, help="cap on training examples kept after filtering (per domain with --domain all)")
+    _opt(p, "max_test_examples", type=int, default=None, help="cap on test examples (per domain with --domain all)")
     _opt(p, "data_dir", default=None, help="RAVEL folder (default ../shared/ravel or $HYPERDAS_FAST_RAVEL_DIR)")
     _opt(p, "label_mode", default="data", choices=("data", "model"),
          help="'model': the model's own greedy answers become the labels")

@@ -71,6 +71,20 @@ def test_domain_and_all(ravel_dir):
     assert ravel.list_attributes("Nobel Laureate", ravel_dir)[0] == "award_year"
 
 
+def test_all_domains_caps_each_domain(ravel_dir, smollm2):
+    """--domain all: max_examples caps every domain, and each domain's records are those
+    of a single-domain load (HyperDAS on "all" and per-domain MDAS see the same examples)."""
+    _, tok = smollm2
+    both = ravel.load_dataset("all", None, "test", ravel_dir, tokenizer=tok, filter=False, max_examples=3, seed=1)
+    by_domain = {}
+    for r in both:
+        by_domain.setdefault(r["domain"], []).append(r)
+    assert sorted(by_domain) == sorted(ravel.DOMAINS)
+    assert all(len(v) == 3 for v in by_domain.values())
+    one = ravel.load_dataset("occupation", None, "test", ravel_dir, tokenizer=tok, filter=False, max_examples=3, seed=1)
+    assert by_domain["occupation"] == one
+
+
 def test_entity_disjoint_split_small():
     rows = [_row(f"E{i}", f"E{(i * 7 + 3) % 20}") for i in range(20)]
     tr, te = ravel.entity_disjoint_split(rows, 0.5, seed=1)

@@ -510,9 +510,23 @@ def load_dataset(
 ) -> List[dict]:
     """Rows -> (knowledge filter for ``model``) -> collator records.
 
+    With several domains (``domain="all"``) each domain is loaded, filtered and capped on
+    its own and the records are concatenated in domain order: ``max_examples`` is a cap
+    *per domain*, and a domain's records are exactly those ``load_dataset(<that domain>,
+    ...)`` returns, so a joint model (HyperDAS on "all") and per-domain models (MDAS) see
+    the same training and test examples.
+
     Raises ValueError when no usable row is left."""
     if tokenizer is None:
         raise ValueError("tokenizer is required to compute entity positions")
+    domains = _resolve_domains(domain, available_splits(data_dir))
+    if len(domains) > 1:
+        records: List[dict] = []
+        for dom in domains:
+            records += load_dataset(dom, attribute, split, data_dir, model=model, tokenizer=tokenizer, filter=filter,
+                                    label_mode=label_mode, max_examples=max_examples, seed=seed, cache=cache,
+                                    progress=progress)
+        return records
     rows = load_rows(domain, attribute, split, data_dir, seed=seed)
     if not rows:
         raise ValueError(f"RAVEL split {split!r} for domain={domain!r}, attribute={attribute!r} has no rows")
