@@ -310,14 +310,16 @@ def add_table_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "out", default="results/table", help="output prefix: <out>.json and <out>.md")
     _opt(p, "title", default=None)
     _opt(p, "metric", default="disentangle", choices=("disentangle", "causal", "isolation"))
+    _opt(p, "mode", default=None, help="inference mode to report for the results that evaluated it (e.g. "
+         "global_argmax); the others keep their primary mode (default: every result's primary mode)")
 
 
 def run_table(args) -> Dict[str, Any]:
     from .evaluation.tables import load_results, markdown_table, build_table, write_table
 
     results = load_results(args.results)
-    paths = write_table(results, args.out, title=args.title, metric=args.metric)
-    print(markdown_table(build_table(results, args.metric), args.title))
+    paths = write_table(results, args.out, title=args.title, metric=args.metric, mode=args.mode)
+    print(markdown_table(build_table(results, args.metric, args.mode), args.title))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -71,6 +71,18 @@ def test_table_subcommand(tmp_path):
     assert md[2].startswith("| MDAS | 25.0 |") and md[3] == "| HyperDAS | 50.0 | - | - | - | 100.0 | 75.0 |"
     table = json.loads((tmp_path / "table.json").read_text())["table"]
     assert table["HyperDAS"]["Average"] == 75.0
+    # --mode: HyperDAS reports global_argmax where it has it; MDAS (groundtruth only) keeps its primary mode
+    r = res("HyperDAS", "city", 0.5)
+    r["metrics"]["global_argmax"] = {"domains": {"city": {"disentangle": 0.75}}}
+    m = {"method": "MDAS", "domain": "city", "primary_mode": "groundtruth",
+         "metrics": {"groundtruth": {"domains": {"city": {"disentangle": 0.25}}}}}
+    (tmp_path / "h.json").write_text(json.dumps(r))
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    assert cli.main(["table", str(tmp_path / "h.json"), str(tmp_path / "m.json"), "--mode", "global_argmax",
+                     "--out", str(tmp_path / "t2")]) == 0
+    t2 = json.loads((tmp_path / "t2.json").read_text())
+    assert t2["table"]["HyperDAS"]["City"] == 75.0 and t2["table"]["MDAS"]["City"] == 25.0
+    assert [s["mode_used"] for s in t2["sources"]] == ["global_argmax", "groundtruth"]
 
 
 def test_bad_inputs(tiny_model_dir, tmp_path, ravel_dir, capsys):

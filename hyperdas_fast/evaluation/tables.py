@@ -48,17 +48,25 @@ def method_title(method: str) -> str:
     return {"hyperdas": "HyperDAS", "mdas": "MDAS"}.get(str(method).lower(), str(method))
 
 
-def build_table(results: Iterable[Mapping], metric: str = "disentangle") -> Dict[str, Dict[str, float]]:
+def build_table(results: Iterable[Mapping], metric: str = "disentangle",
+                mode: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """{method: {column: percent}} from results; later results override earlier ones
-    for the same (method, domain)."""
+    for the same (method, domain).
+
+    ``mode``: report this inference mode for the results that evaluated it (e.g.
+    "global_argmax" for HyperDAS); the others keep their primary mode (MDAS:
+    groundtruth). Default: every result's primary mode."""
     table: Dict[str, Dict[str, float]] = {}
     for res in results:
         method = method_title(res.get("method", "?"))
         metrics = res.get("metrics") or {}
-        mode = res.get("primary_mode") or (next(iter(metrics)) if metrics else None)
-        if mode not in metrics:
-            raise ValueError(f"result for {method} has no metrics for its primary mode {mode!r}")
-        for domain, summary in metrics[mode].get("domains", {}).items():
+        if mode is not None and mode in metrics:
+            mode_used = mode
+        else:
+            mode_used = res.get("primary_mode") or (next(iter(metrics)) if metrics else None)
+        if mode_used not in metrics:
+            raise ValueError(f"result for {method} has no metrics for its primary mode {mode_used!r}")
+        for domain, summary in metrics[mode_used].get("domains", {}).items():
             value = summary.get(metric)
             if value is None or domain not in DOMAIN_TITLES:
                 continue
@@ -98,17 +106,25 @@ def load_results(paths: Sequence[Union[str, os.PathLike]]) -> List[dict]:
 
 
 def write_table(results: Iterable[Mapping], out_prefix: Union[str, os.PathLike], title: Optional[str] = None,
-                metric: str = "disentangle") -> Dict[str, Path]:
-    """Write ``<out_prefix>.json`` (the table and its inputs' summary) and ``<out_prefix>.md``."""
+                metric: str = "disentangle", mode: Optional[str] = None) -> Dict[str, Path]:
+    """Write ``<out_prefix>.json`` (the table and its inputs' summary) and ``<out_prefix>.md``.
+    ``mode``: see ``build_table``."""
     results = list(results)
-    table = build_table(results, metric)
+    table = build_table(results, metric, mode)
     out_prefix = Path(out_prefix)
+
+    def used(r):
+        metrics = r.get("metrics") or {}
+        return mode if mode is not None and mode in metrics else r.get("primary_mode")
+
     j = atomic_write_json(out_prefix.with_suffix(".json"), {
         "metric": metric,
+        "mode": mode,
         "columns": COLUMNS,
         "table": table,
-        "sources": [{k: r.get(k) for k in ("method", "model", "domain", "attribute", "primary_mode", "layer",
-                                         "feature_dim", "train_examples", "test_examples")} for r in results],
+        "sources": [{**{k: r.get(k) for k in ("method", "model", "domain", "attribute", "primary_mode", "layer",
+                                            "feature_dim", "train_examples", "test_examples")}, "mode_used": used(r)}
+                    for r in results],
     })
     md = atomic_write_text(out_prefix.with_suffix(".md"), markdown_table(table, title))
     return {"json": j, "markdown": md}
