@@ -145,6 +145,25 @@ def test_fp64_matches_reference_to_roundoff(shape, variant):
         torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[6]], ids=_variant_id)
+def test_fp64_fewer_examples_than_threads(variant):
+    """The backward's source-side products run per example when there is at least one
+    example per thread, and as batched GEMMs otherwise: check the batched path too."""
+    args = make_inputs(2, 5, 3, 11, 4, *variant)
+    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert torch.get_num_threads() > args[0].shape[0]
+        c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
+    for c, r in zip(c_grads, ref_grads):
+        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("weights_kind", ["onehot", "zerocol"])
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[6]], ids=_variant_id)
 def test_degenerate_weights(weights_kind, variant):

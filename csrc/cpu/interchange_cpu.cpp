@@ -22,14 +22,27 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace hyperdas_fast {
 namespace cpu {
 namespace {
+
+// A named range in torch.profiler traces for each fused loop (no cost when not profiling).
+struct ProfilerScope {
+  at::RecordFunction rf{at::RecordScope::FUNCTION};
+  explicit ProfilerScope(const char* name) {
+    if (rf.isActive()) rf.before(name);
+  }
+};
+#define HDF_CAT2(a, b) a##b
+#define HDF_CAT(a, b) HDF_CAT2(a, b)
+#define HDF_SCOPE(name) ProfilerScope HDF_CAT(hdf_scope_, __LINE__)(name)
 
 constexpr int64_t kRowGrain = 8;  // rows of d numbers per parallel task
 
@@ -41,31 +54,54 @@ inline scalar_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, 
   return s;
 }
 
-// out[s * stride] = <g, y_s> for the S rows y_s = y + s * n (g_w[b, :S, t] for one token):
-// four dot products at a time so that each load of g feeds four FMAs.
+// Row-major C[M,N] = alpha op(A) op(B) + beta C on raw pointers, for the per-example
+// [S,T]x[T,d] and [S,d]x[d,T] products of the backward. They run inside an
+// at::parallel_for over examples, where a tensor op per example would cost more in
+// dispatch than the product itself. Uses the Fortran BLAS that libtorch links (MKL in
+// the official x86 wheels, weak so a build without it still loads) and otherwise a
+// plain loop.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
 template <typename scalar_t>
-inline void dots_with_rows(const scalar_t* __restrict g, const scalar_t* __restrict y, int64_t S,
-                           int64_t n, scalar_t* __restrict out, int64_t stride) {
-  int64_t s = 0;
-  for (; s + 4 <= S; s += 4) {
-    const scalar_t* __restrict y0 = y + s * n;
-    const scalar_t* __restrict y1 = y0 + n;
-    const scalar_t* __restrict y2 = y1 + n;
-    const scalar_t* __restrict y3 = y2 + n;
-    scalar_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t i = 0; i < n; ++i) {
-      a0 += g[i] * y0[i];
-      a1 += g[i] * y1[i];
-      a2 += g[i] * y2[i];
-      a3 += g[i] * y3[i];
+bool have_blas() {
+  return std::is_same<scalar_t, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// op(A) is [M,K]: A is stored row-major [M,K] (lda), or [K,M] (lda) when trans_a; same for B.
+template <typename scalar_t>
+void gemm_rowmajor(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha,
+                   const scalar_t* A, int64_t lda, const scalar_t* Bm, int64_t ldb, scalar_t beta,
+                   scalar_t* C, int64_t ldc) {
+  if (have_blas<scalar_t>()) {
+    // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+    } else {
+      dgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
     }
-    out[s * stride] = a0;
-    out[(s + 1) * stride] = a1;
-    out[(s + 2) * stride] = a2;
-    out[(s + 3) * stride] = a3;
+    return;
   }
-  for (; s < S; ++s) out[s * stride] = dot(g, y + s * n, n);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      scalar_t acc = 0;
+      for (int64_t q = 0; q < K; ++q) {
+        const scalar_t a = trans_a ? A[q * lda + i] : A[i * lda + q];
+        const scalar_t b = trans_b ? Bm[j * ldb + q] : Bm[q * ldb + j];
+        acc += a * b;
+      }
+      C[i * ldc + j] = alpha * acc + (beta == scalar_t(0) ? scalar_t(0) : beta * C[i * ldc + j]);
+    }
+  }
 }
 
 bool is_reduced(at::ScalarType t) {
@@ -145,7 +181,7 @@ void check_soft(const at::Tensor& base, const at::Tensor& source, const at::Tens
 // large temporaries would otherwise be handed back to the OS on every call (glibc trims
 // the heap) and cost a page fault per 4 KiB page on the next call: measured ~1 ms of
 // system time per backward at the SmolLM2 shape. Never returned to the caller.
-enum ScratchSlot { kDG = 0, kCE, kGD, kPartial, kRowsD, kRowsC, kNumSlots };
+enum ScratchSlot { kD = 0, kCE, kGD, kPartial, kRowsD, kRowsC, kNumSlots };
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   thread_local at::Tensor buffers[kNumSlots][2];
@@ -225,17 +261,20 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
 
   // delta = D + (w_self - 1) base; dv = delta . v
   std::vector<scalar_t> dv(has_v ? N : 0);
-  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t b = n / T, t = n % T;
-      const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
-      scalar_t* __restrict row = Dp + n * d;
-      const scalar_t* __restrict x = xp + n * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
-      if (has_v) dv[n] = dot(row, sub.v + b * d, d);
-    }
-  });
+  {
+    HDF_SCOPE("hdf_fwd_delta_rows");
+    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T, t = n % T;
+        const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
+        scalar_t* __restrict row = Dp + n * d;
+        const scalar_t* __restrict x = xp + n * d;
+  #pragma omp simd
+        for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+        if (has_v) dv[n] = dot(row, sub.v + b * d, d);
+      }
+    });
+  }
 
   at::Tensor D2 = D.view({N, d});
   at::Tensor C = at::mm(D2, R);  // [N, k]: delta R, corrected in place to c = R_b^T delta
@@ -246,25 +285,28 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
   scalar_t* Ep = E.data_ptr<scalar_t>();
   std::vector<scalar_t> eu(has_v ? N : 0);
   if (has_v || has_m) {
-    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / k), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t b = n / T;
-        scalar_t* c = Cp + n * k;
-        scalar_t* e = Ep + n * k;  // may alias c
-        if (has_v) {
-          const scalar_t* __restrict u = sub.u + b * k;
-          const scalar_t a = scalar_t(-2) * dv[n];
-#pragma omp simd
-          for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
+    {
+      HDF_SCOPE("hdf_fwd_k_rows");
+      at::parallel_for(0, N, std::max<int64_t>(1, 4096 / k), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t b = n / T;
+          scalar_t* c = Cp + n * k;
+          scalar_t* e = Ep + n * k;  // may alias c
+          if (has_v) {
+            const scalar_t* __restrict u = sub.u + b * k;
+            const scalar_t a = scalar_t(-2) * dv[n];
+  #pragma omp simd
+            for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
+          }
+          if (has_m) {
+            const scalar_t* __restrict m = sub.m + b * sub.m_stride;
+  #pragma omp simd
+            for (int64_t j = 0; j < k; ++j) e[j] = c[j] * m[j];
+          }
+          if (has_v) eu[n] = dot(e, sub.u + b * k, k);
         }
-        if (has_m) {
-          const scalar_t* __restrict m = sub.m + b * sub.m_stride;
-#pragma omp simd
-          for (int64_t j = 0; j < k; ++j) e[j] = c[j] * m[j];
-        }
-        if (has_v) eu[n] = dot(e, sub.u + b * k, k);
-      }
-    });
+      });
+    }
   }
   at::Tensor coords = with_coords ? C.view({B, T, k}) : at::empty({0}, base.options());
 
@@ -273,17 +315,20 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
   }
   // out = base + E R^T - 2 (e.u) v, written over D
   at::mm_out(D2, E, R.t());
-  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t b = n / T;
-      scalar_t* __restrict row = Dp + n * d;
-      const scalar_t* __restrict x = xp + n * d;
-      const scalar_t* __restrict v = sub.v + b * d;
-      const scalar_t a = scalar_t(-2) * eu[n];
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
-    }
-  });
+  {
+    HDF_SCOPE("hdf_fwd_out_rows");
+    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / T;
+        scalar_t* __restrict row = Dp + n * d;
+        const scalar_t* __restrict x = xp + n * d;
+        const scalar_t* __restrict v = sub.v + b * d;
+        const scalar_t a = scalar_t(-2) * eu[n];
+  #pragma omp simd
+        for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
+      }
+    });
+  }
   return FwdOut(D, coords);
 }
 
@@ -326,7 +371,6 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) gb[i] = ws * g[i];
         gwp[(b * Sp1 + S) * T + t] = dot(g, xp + n * d, d);
-        dots_with_rows(g, sp + b * S * d, S, d, gwp + b * Sp1 * T + t, T);
       }
     });
     g_basis = at::empty({0}, opts);
@@ -339,41 +383,43 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     const bool has_m = mask.has_value();
     const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
 
-    // DG = [delta; g] [2N, d] with delta = W_src^T source + (w_self - 1) base;
-    // dv = delta.v; vg = v.g. Stacking lets one GEMM give [c; g R] and one give g_basis.
-    at::Tensor DG = scratch(kDG, {2 * N, d}, opts);
-    at::Tensor D = DG.narrow(0, 0, N).view({B, T, d});
+    // D = delta = W_src^T source + (w_self - 1) base [B, T, d]; dv = delta.v; vg = v.g.
+    at::Tensor D = scratch(kD, {B, T, d}, opts);
+    at::Tensor D2 = D.view({N, d});
+    const at::Tensor G2 = G.view({N, d});
     at::bmm_out(D, Wsrc.transpose(1, 2), source);
-    scalar_t* Dp = DG.data_ptr<scalar_t>();
-    scalar_t* Gcopy = Dp + N * d;
+    scalar_t* Dp = D.data_ptr<scalar_t>();
     std::vector<scalar_t> dv(has_v ? N : 0), vg(has_v ? N : 0);
-    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t b = n / T, t = n % T;
-        const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
-        scalar_t* __restrict row = Dp + n * d;
-        const scalar_t* __restrict x = xp + n * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
-        std::copy(gp + n * d, gp + (n + 1) * d, Gcopy + n * d);
-        if (has_v) {
-          dv[n] = dot(row, sub.v + b * d, d);
-          vg[n] = dot(gp + n * d, sub.v + b * d, d);
+    {
+      HDF_SCOPE("hdf_bwd_delta_rows");
+      at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t b = n / T, t = n % T;
+          const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
+          scalar_t* __restrict row = Dp + n * d;
+          const scalar_t* __restrict x = xp + n * d;
+  #pragma omp simd
+          for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+          if (has_v) {
+            dv[n] = dot(row, sub.v + b * d, d);
+            vg[n] = dot(gp + n * d, sub.v + b * d, d);
+          }
         }
-      }
-    });
-    // CE = DG R = [c; g R]; rewritten in place below as [g_c; e] so that
-    // g_basis = DG^T CE = D^T g_c + G^T e (the H_b parts are the -2 V^T Q term).
+      });
+    }
+    // CE = [D R; G R] = [c; g R]; rewritten in place below as [g_c; e] so that
+    // g_basis = D^T g_c + G^T e (the H_b parts are the -2 V^T Q term).
     // With the forward's coords (c = R_b^T delta, already reflected) only g R is computed.
     at::Tensor CE = scratch(kCE, {2 * N, k}, opts);
     const scalar_t* cin = nullptr;  // the forward's c [N, k], or null: c comes from CE
     if (coords.has_value()) {
       cin = coords->const_data_ptr<scalar_t>();
-      at::Tensor gR = CE.narrow(0, N, N);
-      at::mm_out(gR, DG.narrow(0, N, N), R);
     } else {
-      at::mm_out(CE, DG, R);
+      at::Tensor c = CE.narrow(0, 0, N);
+      at::mm_out(c, D2, R);
     }
+    at::Tensor gR = CE.narrow(0, N, N);
+    at::mm_out(gR, G2, R);
     scalar_t* GCp = CE.data_ptr<scalar_t>();  // rows [0, N): c in (without coords), g_c out
     scalar_t* Ep = GCp + N * k;                // rows [N, 2N): g R in, e out
     at::Tensor GC = CE.narrow(0, 0, N);
@@ -384,39 +430,42 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     scalar_t* Qp = Q.data_ptr<scalar_t>();
     const std::vector<scalar_t> zeros_k(k, scalar_t(0)), ones_k(k, scalar_t(1));
     std::vector<scalar_t> ue(N), ugc(N);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* __restrict u = has_v ? sub.u + b * k : zeros_k.data();
-        const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : ones_k.data();
-        scalar_t* __restrict gm = gmp + b * k;
-        scalar_t* __restrict q = Qp + b * k;
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t n = b * T + t;
-          // c sits in the g_c slot and g R in the e slot: compute in registers, then swap.
-          scalar_t* gc = GCp + n * k;  // may be read as c_in (same index only)
-          scalar_t* __restrict e = Ep + n * k;
-          const scalar_t* c_in = cin != nullptr ? cin + n * k : gc;
-          const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[n] : scalar_t(0);
-          const scalar_t ag = has_v ? scalar_t(-2) * vg[n] : scalar_t(0);
-          const scalar_t qa = has_v ? vg[n] : scalar_t(0), qd = has_v ? dv[n] : scalar_t(0);
-          scalar_t s_ue = 0, s_ugc = 0;
-#pragma omp simd reduction(+ : s_ue, s_ugc)
-          for (int64_t j = 0; j < k; ++j) {
-            const scalar_t cj = c_in[j] + a * u[j];  // c
-            const scalar_t gej = e[j] + ag * u[j];  // g_e
-            gm[j] += gej * cj;
-            const scalar_t ej = m[j] * cj, gcj = m[j] * gej;
-            e[j] = ej;
-            gc[j] = gcj;
-            s_ue += u[j] * ej;
-            s_ugc += u[j] * gcj;
-            q[j] += qa * ej + qd * gcj;
+    {
+      HDF_SCOPE("hdf_bwd_k_rows");
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const scalar_t* __restrict u = has_v ? sub.u + b * k : zeros_k.data();
+          const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : ones_k.data();
+          scalar_t* __restrict gm = gmp + b * k;
+          scalar_t* __restrict q = Qp + b * k;
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t n = b * T + t;
+            // c sits in the g_c slot and g R in the e slot: compute in registers, then swap.
+            scalar_t* gc = GCp + n * k;  // may be read as c_in (same index only)
+            scalar_t* __restrict e = Ep + n * k;
+            const scalar_t* c_in = cin != nullptr ? cin + n * k : gc;
+            const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[n] : scalar_t(0);
+            const scalar_t ag = has_v ? scalar_t(-2) * vg[n] : scalar_t(0);
+            const scalar_t qa = has_v ? vg[n] : scalar_t(0), qd = has_v ? dv[n] : scalar_t(0);
+            scalar_t s_ue = 0, s_ugc = 0;
+  #pragma omp simd reduction(+ : s_ue, s_ugc)
+            for (int64_t j = 0; j < k; ++j) {
+              const scalar_t cj = c_in[j] + a * u[j];  // c
+              const scalar_t gej = e[j] + ag * u[j];  // g_e
+              gm[j] += gej * cj;
+              const scalar_t ej = m[j] * cj, gcj = m[j] * gej;
+              e[j] = ej;
+              gc[j] = gcj;
+              s_ue += u[j] * ej;
+              s_ugc += u[j] * gcj;
+              q[j] += qa * ej + qd * gcj;
+            }
+            ue[n] = s_ue;
+            ugc[n] = s_ugc;
           }
-          ue[n] = s_ue;
-          ugc[n] = s_ugc;
         }
-      }
-    });
+      });
+    }
     if (has_m) {
       g_mask = mask->dim() == 2 ? gm_rows : gm_rows.sum(0);
     } else {
@@ -424,7 +473,8 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     }
 
     // g_basis = D^T g_c + G^T e - 2 V^T Q
-    g_basis = at::mm(DG.t(), CE);
+    g_basis = at::mm(D2.t(), GC);
+    g_basis.addmm_(G2.t(), CE.narrow(0, N, N));
     if (has_v) g_basis.addmm_(reflect->t(), Q, /*beta=*/1, /*alpha=*/-2);
 
     // g_delta = Gc R^T - 2 (u.g_c) v; g_base; g_w[:, S]; g_reflect
@@ -444,66 +494,91 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
       partial = scratch(kPartial, {B * tiles_per_b, d}, opts);
       pp = partial.data_ptr<scalar_t>();
     }
-    at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t tile = i0; tile < i1; ++tile) {
-        const int64_t b = tile / tiles_per_b;
-        const int64_t t0 = (tile % tiles_per_b) * TT, t1 = std::min(T, t0 + TT);
-        scalar_t* __restrict acc = has_v ? pp + tile * d : nullptr;
-        if (has_v) std::fill(acc, acc + d, scalar_t(0));
-        const scalar_t* __restrict v = has_v ? sub.v + b * d : nullptr;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = b * T + t;
-          const scalar_t ws = wp[(b * Sp1 + S) * T + t];
-          scalar_t* __restrict gd = GDp + n * d;
-          const scalar_t* __restrict g = gp + n * d;
-          const scalar_t* __restrict x = xp + n * d;
-          scalar_t* __restrict gb = gbp + n * d;
-          const scalar_t one_m_ws = scalar_t(1) - ws;
-          if (has_v) {
-            const scalar_t a = scalar_t(-2) * ugc[n];
-            const scalar_t* __restrict delta = Dp + n * d;
-            const scalar_t ae = ue[n], ag = ugc[n];
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) {
-              gd[i] += a * v[i];
-              gb[i] = g[i] - one_m_ws * gd[i];
-              acc[i] += ae * g[i] + ag * delta[i];
+    {
+      HDF_SCOPE("hdf_bwd_d_rows");
+      at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t tile = i0; tile < i1; ++tile) {
+          const int64_t b = tile / tiles_per_b;
+          const int64_t t0 = (tile % tiles_per_b) * TT, t1 = std::min(T, t0 + TT);
+          scalar_t* __restrict acc = has_v ? pp + tile * d : nullptr;
+          if (has_v) std::fill(acc, acc + d, scalar_t(0));
+          const scalar_t* __restrict v = has_v ? sub.v + b * d : nullptr;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t n = b * T + t;
+            const scalar_t ws = wp[(b * Sp1 + S) * T + t];
+            scalar_t* __restrict gd = GDp + n * d;
+            const scalar_t* __restrict g = gp + n * d;
+            const scalar_t* __restrict x = xp + n * d;
+            scalar_t* __restrict gb = gbp + n * d;
+            const scalar_t one_m_ws = scalar_t(1) - ws;
+            if (has_v) {
+              const scalar_t a = scalar_t(-2) * ugc[n];
+              const scalar_t* __restrict delta = Dp + n * d;
+              const scalar_t ae = ue[n], ag = ugc[n];
+  #pragma omp simd
+              for (int64_t i = 0; i < d; ++i) {
+                gd[i] += a * v[i];
+                gb[i] = g[i] - one_m_ws * gd[i];
+                acc[i] += ae * g[i] + ag * delta[i];
+              }
+            } else {
+  #pragma omp simd
+              for (int64_t i = 0; i < d; ++i) gb[i] = g[i] - one_m_ws * gd[i];
             }
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) gb[i] = g[i] - one_m_ws * gd[i];
+            gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
           }
-          gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
-          dots_with_rows<scalar_t>(gd, sp + b * S * d, S, d, gwp + b * Sp1 * T + t, T);
         }
-      }
-    });
+      });
+    }
     if (has_v) {
       g_reflect = at::empty({B, d}, opts);
       scalar_t* grp = g_reflect.data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          scalar_t* __restrict out = grp + b * d;
-          const scalar_t* __restrict rq = rqp + b * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) out[i] = rq[i];
-          for (int64_t tile = b * tiles_per_b; tile < (b + 1) * tiles_per_b; ++tile) {
-            const scalar_t* __restrict p = pp + tile * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) out[i] += p[i];
+      {
+        HDF_SCOPE("hdf_bwd_reflect_sum");
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            scalar_t* __restrict out = grp + b * d;
+            const scalar_t* __restrict rq = rqp + b * d;
+  #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) out[i] = rq[i];
+            for (int64_t tile = b * tiles_per_b; tile < (b + 1) * tiles_per_b; ++tile) {
+              const scalar_t* __restrict p = pp + tile * d;
+  #pragma omp simd
+              for (int64_t i = 0; i < d; ++i) out[i] += p[i];
+            }
+  #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) out[i] *= scalar_t(-2);
           }
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) out[i] *= scalar_t(-2);
-        }
-      });
+        });
+      }
     } else {
       g_reflect = at::empty({0}, opts);
     }
   }
 
-  // g_source = W_src g_delta (g_w[:, :S] = source g_delta^T is written row by row above,
-  // while each g_delta row is in cache)
-  at::Tensor g_source = at::bmm(Wsrc, GD);
+  // g_source[b] = W_src[b] g_delta[b]  [S, d];  g_w[b, :S] = source[b] g_delta[b]^T  [S, T].
+  // With at least one example per thread: both products per example, on raw pointers, in
+  // one parallel loop (g_w lands in its strided slot directly); else two batched GEMMs.
+  at::Tensor g_source;
+  HDF_SCOPE("hdf_bwd_source_grads");
+  if (have_blas<scalar_t>() && B >= at::get_num_threads()) {
+    g_source = at::empty({B, S, d}, opts);
+    scalar_t* gsp = g_source.data_ptr<scalar_t>();
+    const scalar_t* gdp = GD.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* gd_b = gdp + b * T * d;
+        gemm_rowmajor<scalar_t>(false, false, S, d, T, 1, wp + b * Sp1 * T, T, gd_b, d, 0,
+                                gsp + b * S * d, d);
+        gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, sp + b * S * d, d, gd_b, d, 0,
+                                gwp + b * Sp1 * T, T);
+      }
+    });
+  } else {
+    g_source = at::bmm(Wsrc, GD);
+    at::Tensor gw_src = g_weights.narrow(1, 0, S);
+    gw_src.copy_(at::bmm(source, GD.transpose(1, 2)));
+  }
   return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
 }
 
