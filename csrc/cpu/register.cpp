@@ -1,6 +1,6 @@
 // Schemas of the hyperdas_fast ops (shared with the CUDA extension, which only adds
 // TORCH_LIBRARY_IMPL(hyperdas_fast, CUDA, m)), their CPU kernels, and the Python module
-// init of hyperdas_fast._C. Fake kernels and autograd live in hyperdas_fast/ops/library.py.
+// init of hyperdas_fast._C. Autograd: interchange_autograd.cpp; fake kernels: hyperdas_fast/ops/library.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,0 +1,94 @@
+// Autograd of hyperdas_fast::interchange_fwd, in C++ (the Autograd dispatch key, so it serves
+// the CPU and the CUDA kernels alike; it is built into hyperdas_fast._C with the schemas).
+//
+// Why C++: at the SmolLM2 training shape the whole fused forward+backward takes ~1-2 ms on
+// a CPU, and a Python autograd.Function (torch.library.register_autograd) added ~0.3 ms of
+// interpreter and pytree work to every step.
+//
+// The forward returns (out, coords); coords (c = R_b^T (mix - base), only with with_coords)
+// is not differentiable and is saved so the backward skips one GEMM. The backward calls
+// hyperdas_fast::interchange_bwd through the dispatcher, so each device uses its own kernel
+// and torch.compile traces both ops through their fake kernels (ops/library.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace hyperdas_fast {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                          const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                          const std::optional<Tensor>&, bool);
+using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&);
+
+std::optional<Tensor> defined_or_none(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+class InterchangeFunction : public torch::autograd::Function<InterchangeFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& base, const Tensor& source,
+                               const Tensor& weights, const std::optional<Tensor>& basis,
+                               const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+                               bool with_coords) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("hyperdas_fast::interchange_fwd", "")
+                         .typed<FwdSig>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, coords] = op.call(base, source, weights, basis, reflect, mask, with_coords);
+    ctx->save_for_backward({base, source, weights, basis.value_or(Tensor()), reflect.value_or(Tensor()),
+                            mask.value_or(Tensor()), coords});
+    ctx->mark_non_differentiable({coords});
+    // coords gets no gradient: no zeros filled in for it on every backward.
+    ctx->set_materialize_grads(false);
+    return {out, coords};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("hyperdas_fast::interchange_bwd", "")
+                         .typed<BwdSig>();
+    const Tensor& grad_out = grad_outputs[0];
+    if (!grad_out.defined()) {  // only reachable through the non-differentiable coords
+      return variable_list(7);
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &basis = saved[3], &reflect = saved[4], &mask = saved[5], &coords = saved[6];
+    auto grads = op.call(grad_out, saved[0], saved[1], saved[2], defined_or_none(basis),
+                         defined_or_none(reflect), defined_or_none(mask), defined_or_none(coords));
+    // An empty gradient (numel 0) stands for a None input; the engine drops the gradients
+    // of inputs that do not require one.
+    return {std::get<0>(grads),
+            std::get<1>(grads),
+            std::get<2>(grads),
+            basis.defined() ? std::get<3>(grads) : Tensor(),
+            reflect.defined() ? std::get<4>(grads) : Tensor(),
+            mask.defined() ? std::get<5>(grads) : Tensor(),
+            Tensor()};  // with_coords
+  }
+};
+
+std::tuple<Tensor, Tensor> interchange_fwd_autograd(const Tensor& base, const Tensor& source,
+                                                    const Tensor& weights,
+                                                    const std::optional<Tensor>& basis,
+                                                    const std::optional<Tensor>& reflect,
+                                                    const std::optional<Tensor>& mask, bool with_coords) {
+  variable_list out = InterchangeFunction::apply(base, source, weights, basis, reflect, mask, with_coords);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace hyperdas_fast
+
+TORCH_LIBRARY_IMPL(hyperdas_fast, Autograd, m) {
+  m.impl("interchange_fwd", &hyperdas_fast::interchange_fwd_autograd);
+}
