@@ -473,7 +473,9 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     }
 
     // g_basis = D^T g_c + G^T e - 2 V^T Q
-    g_basis = at::mm(D2.t(), GC);
+    // In R's memory layout, so that AccumulateGrad need not copy it to match a column-major R.
+    g_basis = at::empty_like(R, at::MemoryFormat::Preserve);
+    at::mm_out(g_basis, D2.t(), GC);
     g_basis.addmm_(G2.t(), CE.narrow(0, N, N));
     if (has_v) g_basis.addmm_(reflect->t(), Q, /*beta=*/1, /*alpha=*/-2);
 
@@ -679,7 +681,10 @@ std::tuple<at::Tensor, at::Tensor> interchange_fwd(
   }
   const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
                    weights = weights_in.contiguous();
-  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  // basis is only read through GEMMs, which take a row- or column-major R as it is (a QR
+  // factor is column-major): no copy.
+  const auto& basis = basis_in;
+  const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   FwdOut out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_fwd_cpu", [&] {
     out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask, with_coords);
@@ -724,7 +729,10 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
   const at::Tensor grad = grad_in.to(dtype).contiguous();
   const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
                    weights = weights_in.contiguous();
-  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  // basis is only read through GEMMs, which take a row- or column-major R as it is (a QR
+  // factor is column-major): no copy.
+  const auto& basis = basis_in;
+  const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   coords = opt_contig(coords);
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_bwd_cpu", [&] {
@@ -772,7 +780,10 @@ void interchange_rows_(const at::Tensor& base, const at::Tensor& source_in,
     return;
   }
   const at::Tensor source = source_in.contiguous();
-  const auto basis = opt_contig(basis_in), reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  // basis is only read through GEMMs, which take a row- or column-major R as it is (a QR
+  // factor is column-major): no copy.
+  const auto& basis = basis_in;
+  const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_rows_cpu", [&] {
     rows_impl<scalar_t>(base, source, bi.const_data_ptr<int64_t>(), ti.const_data_ptr<int64_t>(),
                         si.const_data_ptr<int64_t>(), P, basis, reflect, mask);

@@ -66,7 +66,8 @@ def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask,
         base.new_empty(base.shape),
         base.new_empty(source.shape),
         base.new_empty(weights.shape),
-        like(basis),
+        # g_basis comes in basis's memory layout (a QR factor is column-major)
+        _empty(base) if basis is None else torch.empty_like(basis, memory_format=torch.preserve_format),
         like(reflect),
         like(mask),
     )
