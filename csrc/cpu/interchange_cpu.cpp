@@ -358,6 +358,18 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
   scalar_t* gbp = g_base.data_ptr<scalar_t>();
   scalar_t* gwp = g_weights.data_ptr<scalar_t>();
   at::Tensor GD;  // g_delta [B, T, d]
+  // g_source[b] = W_src[b] g_delta[b]  [S, d];  g_w[b, :S] = source[b] g_delta[b]^T  [S, T].
+  // With at least one example per thread, both products run per example on raw pointers
+  // (g_w lands in its strided slot directly), right after that example's g_delta rows,
+  // while they are in cache; else as two batched GEMMs at the end.
+  const bool per_example = have_blas<scalar_t>() && B >= at::get_num_threads();
+  at::Tensor g_source = at::empty({B, S, d}, opts);
+  scalar_t* gsp = g_source.data_ptr<scalar_t>();
+  bool source_grads_done = false;
+  auto source_grads_of = [&](int64_t b, const scalar_t* gd_b) {
+    gemm_rowmajor<scalar_t>(false, false, S, d, T, 1, wp + b * Sp1 * T, T, gd_b, d, 0, gsp + b * S * d, d);
+    gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, sp + b * S * d, d, gd_b, d, 0, gwp + b * Sp1 * T, T);
+  };
 
   if (!basis.has_value()) {
     // g_delta = g; g_base = w_self g; g_w[b,S,t] = <g, base>
@@ -485,7 +497,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     at::mm_out(GD2, GC, R.t());
     scalar_t* GDp = GD.data_ptr<scalar_t>();
     at::Tensor RQ;
-    const int64_t TT = 8;  // rows per reduction tile
+    const int64_t TT = per_example ? T : 8;  // rows per task (and per g_reflect partial sum)
     const int64_t tiles_per_b = (T + TT - 1) / TT;
     at::Tensor partial;
     scalar_t* pp = nullptr;
@@ -529,8 +541,10 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
             }
             gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
           }
+          if (per_example) source_grads_of(b, GDp + b * T * d);
         }
       });
+      source_grads_done = per_example;
     }
     if (has_v) {
       g_reflect = at::empty({B, d}, opts);
@@ -558,28 +572,16 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     }
   }
 
-  // g_source[b] = W_src[b] g_delta[b]  [S, d];  g_w[b, :S] = source[b] g_delta[b]^T  [S, T].
-  // With at least one example per thread: both products per example, on raw pointers, in
-  // one parallel loop (g_w lands in its strided slot directly); else two batched GEMMs.
-  at::Tensor g_source;
-  HDF_SCOPE("hdf_bwd_source_grads");
-  if (have_blas<scalar_t>() && B >= at::get_num_threads()) {
-    g_source = at::empty({B, S, d}, opts);
-    scalar_t* gsp = g_source.data_ptr<scalar_t>();
+  if (source_grads_done) {
+  } else if (per_example) {
+    HDF_SCOPE("hdf_bwd_source_grads");
     const scalar_t* gdp = GD.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* gd_b = gdp + b * T * d;
-        gemm_rowmajor<scalar_t>(false, false, S, d, T, 1, wp + b * Sp1 * T, T, gd_b, d, 0,
-                                gsp + b * S * d, d);
-        gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, sp + b * S * d, d, gd_b, d, 0,
-                                gwp + b * Sp1 * T, T);
-      }
+      for (int64_t b = b0; b < b1; ++b) source_grads_of(b, gdp + b * T * d);
     });
   } else {
-    g_source = at::bmm(Wsrc, GD);
-    at::Tensor gw_src = g_weights.narrow(1, 0, S);
-    gw_src.copy_(at::bmm(source, GD.transpose(1, 2)));
+    at::bmm_out(g_source, Wsrc, GD);
+    g_weights.narrow(1, 0, S).copy_(at::bmm(source, GD.transpose(1, 2)));
   }
   return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
 }
