@@ -1,5 +1,6 @@
 """Times every available backend of the interchange op, side by side in one run.
 
+Implementations are timed side by side, round by round (each round calls each once).
 For each shape: soft forward, soft forward+backward, and the hard (sparse, in place)
 forward; for each available backend plus the paper formulation (soft only). Reports the
 median ms, effective GB/s (bytes that must move at least once / time), peak memory, and
@@ -19,7 +20,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, median_ms, peak_memory_bytes, write_json_atomic  # noqa: E402
+from common import interleaved_median_ms, machine_info, peak_memory_bytes, write_json_atomic  # noqa: E402
 
 from hyperdas_fast import ops  # noqa: E402
 from hyperdas_fast.ops.reference import interchange_paper  # noqa: E402
@@ -81,41 +82,57 @@ def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int) -
     soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
     if paper_fits(shape, elem):
         soft_impls["paper"] = interchange_paper
+    args = (base, source, weights, basis, reflect, mask)
+    grad_args = [a.detach().clone().requires_grad_() for a in args]
+    grad_out = torch.randn_like(base)
 
-    for impl_name, fn in soft_impls.items():
-        args = (base, source, weights, basis, reflect, mask)
-        fwd = lambda: fn(*args)  # noqa: E731
-        with torch.no_grad():
-            timing = median_ms(fwd, device, repeats=repeats)
-            peak = peak_memory_bytes(fwd, device)
-        rows.append(dict(shape=name, mode="soft", pass_="forward", impl=impl_name, **timing,
-                         gbps=soft_bytes(shape, elem, False) / timing["median_ms"] / 1e6,
-                         peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
+    def forward(fn):
+        return lambda: fn(*args)
 
-        grad_args = [a.detach().clone().requires_grad_() for a in args]
-        grad_out = torch.randn_like(base)
-
-        def fwd_bwd():
+    def forward_backward(fn):
+        def run():
             for a in grad_args:
                 a.grad = None
             fn(*grad_args).backward(grad_out)
 
-        timing = median_ms(fwd_bwd, device, repeats=repeats)
-        peak = peak_memory_bytes(fwd_bwd, device)
+        return run
+
+    # The backends are timed side by side, round by round (interleaved_median_ms). The paper
+    # formulation is timed on its own: its [B,S,T,d] temporaries (tens of MB per call) would
+    # evict the caches and make the allocator return memory to the OS between the others' calls.
+    groups = [[b for b in soft_impls if b != "paper"]] + ([["paper"]] if "paper" in soft_impls else [])
+    fwd_timing, fwd_bwd_timing = {}, {}
+    for group in groups:
+        with torch.no_grad():
+            fwd_timing.update(interleaved_median_ms({n: forward(soft_impls[n]) for n in group}, device,
+                                                    repeats=repeats))
+        fwd_bwd_timing.update(interleaved_median_ms({n: forward_backward(soft_impls[n]) for n in group}, device,
+                                                    repeats=repeats))
+    for impl_name, fn in soft_impls.items():
+        with torch.no_grad():
+            peak = peak_memory_bytes(forward(fn), device)
+        timing = fwd_timing[impl_name]
+        rows.append(dict(shape=name, mode="soft", pass_="forward", impl=impl_name, **timing,
+                         gbps=soft_bytes(shape, elem, False) / timing["median_ms"] / 1e6,
+                         peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
+        peak = peak_memory_bytes(forward_backward(fn), device)
+        timing = fwd_bwd_timing[impl_name]
         rows.append(dict(shape=name, mode="soft", pass_="forward+backward", impl=impl_name, **timing,
                          gbps=soft_bytes(shape, elem, True) / timing["median_ms"] / 1e6,
                          peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
 
     rows_selected = int((index >= 0).sum())
     hard_bytes = elem * (3 * rows_selected * shape["d"] + basis.numel() + reflect.numel() + mask.numel())
-    for impl_name in backends:
+
+    def hard(impl_name):
         work = base.clone()
+        return lambda: ops.interchange_hard(work, source, index, basis, reflect, mask, inplace=True,
+                                            backend=impl_name)
 
-        def hard():
-            ops.interchange_hard(work, source, index, basis, reflect, mask, inplace=True, backend=impl_name)
-
-        with torch.no_grad():
-            timing = median_ms(hard, device, repeats=repeats)
+    with torch.no_grad():
+        hard_timing = interleaved_median_ms({b: hard(b) for b in backends}, device, repeats=repeats)
+    for impl_name in backends:
+        timing = hard_timing[impl_name]
         rows.append(dict(shape=name, mode="hard", pass_="forward", impl=impl_name, **timing,
                          gbps=hard_bytes / timing["median_ms"] / 1e6, rows=rows_selected,
                          peak_bytes=None, peak_over_io=None))
@@ -137,7 +154,7 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=50, help="rounds (each times every implementation once)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="hardware memory bandwidth peak in GB/s, to report the fraction reached (H100 SXM: 3350)")
     parser.add_argument("--out", type=Path, default=None)

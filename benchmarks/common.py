@@ -83,6 +83,35 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     }
 
 
+def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                          repeats: int = 15, max_seconds: float = 20.0) -> Dict[str, Dict[str, float]]:
+    """median_ms for several implementations of the same thing, timed side by side.
+
+    Each round calls every implementation once, so a change in machine load (other jobs,
+    turbo, cache state) lands on all of them alike and the ratios stay comparable.
+    Stops after ``repeats`` rounds, or earlier once ``max_seconds`` have passed and at
+    least 3 rounds are done; every implementation gets the same number of rounds.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: Dict[str, list] = {name: [] for name in fns}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - started > max_seconds and len(times[name]) >= 3:
+            break
+    return {
+        name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeats": len(t)}
+        for name, t in times.items()
+    }
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak bytes allocated by torch during one call of fn(), above what was live before.
 
