@@ -2,8 +2,9 @@
 ``hyperdas_fast._C_cuda``), which implement the CUDA dispatch key of the ops
 ``hyperdas_fast::interchange_fwd``, ``interchange_bwd`` and ``interchange_rows_``.
 
-The op schemas and their autograd are registered by ``hyperdas_fast.ops.library`` (which
-loads the CPU extension ``hyperdas_fast._C``); this module imports it first. Importing
+The op schemas and their autograd (C++, the Autograd key) live in the CPU extension
+``hyperdas_fast._C``, which ``hyperdas_fast.ops.library`` loads (adding the fake kernels);
+this module imports it first. Importing
 raises ImportError when either extension is missing (e.g. a CPU-only build).
 
 Forward and rows run fused kernels for fp32/fp16/bf16 with k <= 256 (ATen for float64 or
