@@ -84,6 +84,39 @@ def test_opcheck_interchange_bwd(config, use_coords):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+BASIS_CONFIGS, BASIS_IDS = CONFIGS[:3], CONFIG_IDS[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", BASIS_CONFIGS, ids=BASIS_IDS)
+def test_opcheck_interchange_fwd_train(config, dtype):
+    args = [None if a is None else a.to(dtype) for a in make_inputs(**config)]
+    torch.library.opcheck(OPS.interchange_fwd_train, tuple(args), test_utils=TEST_UTILS)
+    out, coords, delta = OPS.interchange_fwd_train(*args)
+    plain, plain_coords = OPS.interchange_fwd(*args, True)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    if dtype == torch.bfloat16:  # the backward recomputes in float
+        assert coords.numel() == 0 and delta.numel() == 0
+        return
+    torch.testing.assert_close(coords, plain_coords, rtol=0, atol=0)
+    base, source, weights = args[:3]
+    expected = torch.bmm(weights[:, :-1].transpose(1, 2), source) + (weights[:, -1:].transpose(1, 2) - 1) * base
+    torch.testing.assert_close(delta, expected)
+
+
+@pytest.mark.parametrize("config", BASIS_CONFIGS, ids=BASIS_IDS)
+def test_opcheck_interchange_bwd_with_delta(config):
+    args = make_inputs(**config)
+    grad = torch.randn_like(args[0])
+    _, coords, delta = OPS.interchange_fwd_train(*args)
+    torch.library.opcheck(OPS.interchange_bwd, (grad, *args, coords, delta), test_utils=TEST_UTILS)
+    # the forward's delta gives the same gradients as recomputing the mix
+    for g, r in zip(OPS.interchange_bwd(grad, *args, coords, delta), OPS.interchange_bwd(grad, *args)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="delta must have"):
+        OPS.interchange_bwd(grad, *args, coords, delta[:, :-1])
+
+
 def test_bwd_rejects_bad_coords():
     args = make_inputs()
     grad = torch.randn_like(args[0])

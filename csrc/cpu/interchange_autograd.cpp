@@ -6,15 +6,19 @@
 // interpreter and pytree work to every step.
 //
 // The forward returns (out, coords); coords (c = R_b^T (mix - base), only with with_coords)
-// is not differentiable and is saved so the backward skips one GEMM. The backward calls
+// is not differentiable and is saved so the backward skips one GEMM. On CPU tensors that
+// need a gradient the forward is interchange_fwd_train, which also returns delta = mix -
+// base, saved so the backward skips the mix (a batched GEMM and a pass over [B, T, d]). The backward calls
 // hyperdas_fast::interchange_bwd through the dispatcher, so each device uses its own kernel
 // and torch.compile traces both ops through their fake kernels (ops/library.py).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace hyperdas_fast {
 namespace {
@@ -26,9 +30,12 @@ using torch::autograd::variable_list;
 using FwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                           const std::optional<Tensor>&, const std::optional<Tensor>&,
                                           const std::optional<Tensor>&, bool);
+using FwdTrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                       const std::optional<Tensor>&, const std::optional<Tensor>&);
 using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&);
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&);
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
@@ -36,21 +43,33 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
 
 class InterchangeFunction : public torch::autograd::Function<InterchangeFunction> {
  public:
+  // train: a gradient will be needed and the tensors are on the CPU, whose kernel can also
+  // return delta = mix - base for the backward (interchange_fwd_train).
   static variable_list forward(AutogradContext* ctx, const Tensor& base, const Tensor& source,
                                const Tensor& weights, const std::optional<Tensor>& basis,
                                const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
-                               bool with_coords) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hyperdas_fast::interchange_fwd", "")
-                         .typed<FwdSig>();
+                               bool with_coords, bool train) {
+    static auto fwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("hyperdas_fast::interchange_fwd", "")
+                          .typed<FwdSig>();
+    static auto fwd_train = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("hyperdas_fast::interchange_fwd_train", "")
+                                .typed<FwdTrainSig>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, coords] = op.call(base, source, weights, basis, reflect, mask, with_coords);
+    Tensor out, coords, delta;
+    if (train) {
+      std::tie(out, coords, delta) = fwd_train.call(base, source, weights, *basis, reflect, mask);
+    } else {
+      std::tie(out, coords) = fwd.call(base, source, weights, basis, reflect, mask, with_coords);
+    }
     ctx->save_for_backward({base, source, weights, basis.value_or(Tensor()), reflect.value_or(Tensor()),
-                            mask.value_or(Tensor()), coords});
-    ctx->mark_non_differentiable({coords});
+                            mask.value_or(Tensor()), coords, delta});
+    // The caller gets coords only when it asked for them (same output as the plain op).
+    Tensor coords_out = (with_coords || !train) ? coords : at::empty({0}, base.options());
+    ctx->mark_non_differentiable({coords_out});
     // coords gets no gradient: no zeros filled in for it on every backward.
     ctx->set_materialize_grads(false);
-    return {out, coords};
+    return {out, coords_out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -59,12 +78,14 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
                          .typed<BwdSig>();
     const Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) {  // only reachable through the non-differentiable coords
-      return variable_list(7);
+      return variable_list(8);
     }
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &basis = saved[3], &reflect = saved[4], &mask = saved[5], &coords = saved[6];
+    const Tensor &basis = saved[3], &reflect = saved[4], &mask = saved[5], &coords = saved[6],
+                 &delta = saved[7];
     auto grads = op.call(grad_out, saved[0], saved[1], saved[2], defined_or_none(basis),
-                         defined_or_none(reflect), defined_or_none(mask), defined_or_none(coords));
+                         defined_or_none(reflect), defined_or_none(mask), defined_or_none(coords),
+                         defined_or_none(delta));
     // An empty gradient (numel 0) stands for a None input; the engine drops the gradients
     // of inputs that do not require one.
     return {std::get<0>(grads),
@@ -73,7 +94,8 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
             basis.defined() ? std::get<3>(grads) : Tensor(),
             reflect.defined() ? std::get<4>(grads) : Tensor(),
             mask.defined() ? std::get<5>(grads) : Tensor(),
-            Tensor()};  // with_coords
+            Tensor(),   // with_coords
+            Tensor()};  // train
   }
 };
 
@@ -82,7 +104,15 @@ std::tuple<Tensor, Tensor> interchange_fwd_autograd(const Tensor& base, const Te
                                                     const std::optional<Tensor>& basis,
                                                     const std::optional<Tensor>& reflect,
                                                     const std::optional<Tensor>& mask, bool with_coords) {
-  variable_list out = InterchangeFunction::apply(base, source, weights, basis, reflect, mask, with_coords);
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const Tensor* t : {&base, &source, &weights}) needs_grad = needs_grad || t->requires_grad();
+    for (const std::optional<Tensor>* t : {&basis, &reflect, &mask}) {
+      needs_grad = needs_grad || (t->has_value() && (*t)->requires_grad());
+    }
+  }
+  const bool train = needs_grad && basis.has_value() && base.device().is_cpu();
+  variable_list out = InterchangeFunction::apply(base, source, weights, basis, reflect, mask, with_coords, train);
   return {out[0], out[1]};
 }
 

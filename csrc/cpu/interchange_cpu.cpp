@@ -26,6 +26,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -223,13 +224,16 @@ Subspace<scalar_t> make_subspace(const at::Tensor& R, const std::optional<at::Te
   return sub;
 }
 
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // ----------------------------------------------------------------------------------------
 // forward
 // ----------------------------------------------------------------------------------------
 template <typename scalar_t>
 FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
                 const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
-                const std::optional<at::Tensor>& mask, bool with_coords) {
+                const std::optional<at::Tensor>& mask, bool with_coords, at::Tensor* delta_out) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
   const int64_t N = B * T;
   const int64_t Sp1 = S + 1;
@@ -309,18 +313,22 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
     }
   }
   at::Tensor coords = with_coords ? C.view({B, T, k}) : at::empty({0}, base.options());
+  if (delta_out != nullptr) *delta_out = D;  // kept for the backward: out gets its own buffer
 
   if (!has_v) {
     return FwdOut(at::addmm(base.view({N, d}), E, R.t()).view({B, T, d}), coords);
   }
-  // out = base + E R^T - 2 (e.u) v, written over D
-  at::mm_out(D2, E, R.t());
+  // out = base + E R^T - 2 (e.u) v, written over D unless D is kept
+  at::Tensor out = delta_out != nullptr ? at::empty({B, T, d}, base.options()) : D;
+  at::Tensor out2 = out.view({N, d});
+  at::mm_out(out2, E, R.t());
+  scalar_t* op = out.data_ptr<scalar_t>();
   {
     HDF_SCOPE("hdf_fwd_out_rows");
     at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t b = n / T;
-        scalar_t* __restrict row = Dp + n * d;
+        scalar_t* __restrict row = op + n * d;
         const scalar_t* __restrict x = xp + n * d;
         const scalar_t* __restrict v = sub.v + b * d;
         const scalar_t a = scalar_t(-2) * eu[n];
@@ -329,19 +337,17 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
       }
     });
   }
-  return FwdOut(D, coords);
+  return FwdOut(out, coords);
 }
 
 // ----------------------------------------------------------------------------------------
 // backward
 // ----------------------------------------------------------------------------------------
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 template <typename scalar_t>
 Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& source,
                const at::Tensor& weights, const std::optional<at::Tensor>& basis,
                const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask,
-               const std::optional<at::Tensor>& coords) {
+               const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& delta) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
   const int64_t N = B * T;
   const int64_t Sp1 = S + 1;
@@ -395,11 +401,13 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
     const bool has_m = mask.has_value();
     const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
 
-    // D = delta = W_src^T source + (w_self - 1) base [B, T, d]; dv = delta.v; vg = v.g.
-    at::Tensor D = scratch(kD, {B, T, d}, opts);
+    // D = delta = W_src^T source + (w_self - 1) base [B, T, d] (or the forward's, read only);
+    // dv = delta.v; vg = v.g.
+    const bool have_delta = delta.has_value();
+    at::Tensor D = have_delta ? *delta : scratch(kD, {B, T, d}, opts);
     at::Tensor D2 = D.view({N, d});
     const at::Tensor G2 = G.view({N, d});
-    at::bmm_out(D, Wsrc.transpose(1, 2), source);
+    if (!have_delta) at::bmm_out(D, Wsrc.transpose(1, 2), source);
     scalar_t* Dp = D.data_ptr<scalar_t>();
     std::vector<scalar_t> dv(has_v ? N : 0), vg(has_v ? N : 0);
     {
@@ -410,8 +418,10 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
           const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
           scalar_t* __restrict row = Dp + n * d;
           const scalar_t* __restrict x = xp + n * d;
+          if (!have_delta) {
   #pragma omp simd
-          for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+            for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
+          }
           if (has_v) {
             dv[n] = dot(row, sub.v + b * d, d);
             vg[n] = dot(gp + n * d, sub.v + b * d, d);
@@ -689,9 +699,32 @@ std::tuple<at::Tensor, at::Tensor> interchange_fwd(
   const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   FwdOut out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_fwd_cpu", [&] {
-    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask, with_coords);
+    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask, with_coords, nullptr);
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd_train(
+    const at::Tensor& base_in, const at::Tensor& source_in, const at::Tensor& weights_in,
+    const at::Tensor& basis, const std::optional<at::Tensor>& reflect_in,
+    const std::optional<at::Tensor>& mask_in) {
+  check_soft(base_in, source_in, weights_in, basis, reflect_in, mask_in);
+  c10::NoGradGuard no_grad;
+  const at::ScalarType dtype = base_in.scalar_type();
+  if (is_reduced(dtype)) {
+    // The backward recomputes in float rather than reuse half-precision copies.
+    auto r = interchange_fwd(base_in, source_in, weights_in, basis, reflect_in, mask_in, false);
+    return {std::get<0>(r), at::empty({0}, base_in.options()), at::empty({0}, base_in.options())};
+  }
+  const at::Tensor base = base_in.contiguous(), source = source_in.contiguous(),
+                   weights = weights_in.contiguous();
+  const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
+  FwdOut out;
+  at::Tensor delta;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_fwd_train_cpu", [&] {
+    out = fwd_impl<scalar_t>(base, source, weights, basis, reflect, mask, true, &delta);
+  });
+  return {std::get<0>(out), std::get<1>(out), delta};
 }
 
 Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
@@ -699,7 +732,8 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                       const std::optional<at::Tensor>& basis_in,
                       const std::optional<at::Tensor>& reflect_in,
                       const std::optional<at::Tensor>& mask_in,
-                      const std::optional<at::Tensor>& coords_in) {
+                      const std::optional<at::Tensor>& coords_in,
+                      const std::optional<at::Tensor>& delta_in) {
   check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
   TORCH_CHECK(grad_in.sizes() == base_in.sizes(), "hyperdas_fast: grad_out must have base's shape ",
               base_in.sizes(), ", got ", grad_in.sizes());
@@ -717,6 +751,15 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                 ", ", k, "], got ", coords_in->sizes());
     coords = coords_in;
   }
+  // delta: the forward's mix - base [B, T, d]; empty or None: recomputed.
+  std::optional<at::Tensor> delta;
+  if (delta_in.has_value() && delta_in->numel() > 0) {
+    TORCH_CHECK(basis_in.has_value(), "hyperdas_fast: delta needs a basis [d, k]");
+    check_same(*delta_in, base_in, "delta");
+    TORCH_CHECK(delta_in->sizes() == base_in.sizes(), "hyperdas_fast: delta must have base's shape ",
+                base_in.sizes(), ", got ", delta_in->sizes());
+    delta = delta_in;
+  }
   c10::NoGradGuard no_grad;
   const at::ScalarType dtype = base_in.scalar_type();
   if (is_reduced(dtype)) {
@@ -724,7 +767,7 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
     const auto f = at::kFloat;
     Grads g = interchange_bwd(grad_in.to(f), base_in.to(f), source_in.to(f), weights_in.to(f),
                               opt_to(basis_in, f), opt_to(reflect_in, f), opt_to(mask_in, f),
-                              std::nullopt);
+                              std::nullopt, std::nullopt);
     return Grads(std::get<0>(g).to(dtype), std::get<1>(g).to(dtype), std::get<2>(g).to(dtype),
                  std::get<3>(g).to(dtype), std::get<4>(g).to(dtype), std::get<5>(g).to(dtype));
   }
@@ -736,9 +779,10 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
   const auto& basis = basis_in;
   const auto reflect = opt_contig(reflect_in), mask = opt_contig(mask_in);
   coords = opt_contig(coords);
+  delta = opt_contig(delta);
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "interchange_bwd_cpu", [&] {
-    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask, coords);
+    out = bwd_impl<scalar_t>(grad, base, source, weights, basis, reflect, mask, coords, delta);
   });
   return out;
 }

@@ -24,8 +24,20 @@ std::tuple<at::Tensor, at::Tensor> interchange_fwd(
     const std::optional<at::Tensor>& mask,
     bool with_coords);
 
+// The forward for training: (out, coords, delta) with delta = mix - base [B, T, d], which
+// interchange_bwd reuses instead of recomputing the mix (reduced precision: coords and delta
+// are empty, and the backward recomputes them in float).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> interchange_fwd_train(
+    const at::Tensor& base,
+    const at::Tensor& source,
+    const at::Tensor& weights,
+    const at::Tensor& basis,
+    const std::optional<at::Tensor>& reflect,
+    const std::optional<at::Tensor>& mask);
+
 // Gradients of base, source, weights, basis, reflect, mask; an empty tensor for a None input.
 // coords: the forward's coords (saves one [B*T, d] x [d, k] GEMM), or None / empty: recomputed.
+// delta: the forward's mix - base (saves the mix's batched GEMM), or None / empty: recomputed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> interchange_bwd(
     const at::Tensor& grad_out,
     const at::Tensor& base,
@@ -34,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& basis,
     const std::optional<at::Tensor>& reflect,
     const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& coords);
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& delta);
 
 // Hard mode, in place on a contiguous base: for each row p with (b, t, s) =
 // (batch_index[p], base_pos[p], source_pos[p]):

@@ -23,8 +23,13 @@ TORCH_LIBRARY(hyperdas_fast, m) {
       "Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)");
   m.def(
       "interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis, "
-      "Tensor? reflect, Tensor? mask, Tensor? coords=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
+  // CPU only: the forward that also returns delta = mix - base for the backward (the C++
+  // autograd uses it on CPU tensors that need a gradient).
+  m.def(
+      "interchange_fwd_train(Tensor base, Tensor source, Tensor weights, Tensor basis, Tensor? reflect, "
+      "Tensor? mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "interchange_rows_(Tensor(a!) base, Tensor source, Tensor batch_index, Tensor base_pos, "
       "Tensor source_pos, Tensor? basis, Tensor? reflect, Tensor? mask) -> ()");
@@ -33,5 +38,6 @@ TORCH_LIBRARY(hyperdas_fast, m) {
 TORCH_LIBRARY_IMPL(hyperdas_fast, CPU, m) {
   m.impl("interchange_fwd", &hyperdas_fast::cpu::interchange_fwd);
   m.impl("interchange_bwd", &hyperdas_fast::cpu::interchange_bwd);
+  m.impl("interchange_fwd_train", &hyperdas_fast::cpu::interchange_fwd_train);
   m.impl("interchange_rows_", &hyperdas_fast::cpu::interchange_rows_);
 }

@@ -5,7 +5,7 @@
 //   interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect,
 //                   Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)
 //   interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis,
-//                   Tensor? reflect, Tensor? mask, Tensor? coords=None)
+//                   Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None)
 //                   -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 //
 // coords = R_b^T (mix - base) [B, T, k]: the fused forward does not keep it, so with_coords
@@ -261,7 +261,8 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const Tensor& grad_out, const Tensor& base_in, const Tensor& source_in, const Tensor& weights,
     const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
-    const std::optional<Tensor>& coords) {
+    const std::optional<Tensor>& coords, const std::optional<Tensor>& /*delta*/) {
+  // delta (the CPU forward_train's mix - base) is never produced on CUDA: the mix is recomputed.
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();

@@ -7,7 +7,7 @@ kernels for the same schemas. This module adds what is device-agnostic:
 - fake (meta) kernels for ``torch.compile`` / FakeTensor tracing.
 
 The autograd of ``interchange_fwd`` (its backward is ``interchange_bwd``, with the
-forward's coords saved) is registered in C++ for the Autograd key
+forward's coords, and on CPU its delta, saved) is registered in C++ for the Autograd key
 (``csrc/cpu/interchange_autograd.cpp``): a Python autograd.Function cost ~0.3 ms per call,
 a sizeable share of the fused op's ~1-2 ms at the SmolLM2 training shape.
 
@@ -17,10 +17,14 @@ Ops (shapes as in ``reference.py``):
   with_coords=False) -> (out, coords)``: with ``with_coords`` and a basis, ``coords`` [B, T, k]
   is c = R_b^T (mix - base) (before the mask), saved for the backward so that it need not
   recompute it; otherwise an empty tensor. ``coords`` is not differentiable.
+- ``torch.ops.hyperdas_fast.interchange_fwd_train(base, source, weights, basis, reflect, mask)
+  -> (out, coords, delta)`` (CPU): the forward the autograd runs when a gradient is needed;
+  it also returns delta = mix - base [B, T, d] so the backward skips the mix (reduced
+  precision: coords and delta are empty, and the backward recomputes them in float).
 - ``torch.ops.hyperdas_fast.interchange_bwd(grad_out, base, source, weights, basis, reflect,
-  mask, coords=None) -> (g_base, g_source, g_weights, g_basis, g_reflect, g_mask)``; an empty
-  tensor (numel 0) stands for the gradient of a None input. ``coords`` is the forward's
-  (None or empty: recomputed from the inputs).
+  mask, coords=None, delta=None) -> (g_base, g_source, g_weights, g_basis, g_reflect,
+  g_mask)``; an empty tensor (numel 0) stands for the gradient of a None input. ``coords``
+  and ``delta`` are the forward's (None or empty: recomputed from the inputs).
 - ``torch.ops.hyperdas_fast.interchange_rows_(base, source, batch_index, base_pos, source_pos,
   basis, reflect, mask)``: hard mode, in place on a contiguous ``base``; inference only (no
   autograd).
@@ -57,8 +61,16 @@ def _interchange_fwd_fake(base, source, weights, basis, reflect, mask, with_coor
     return base.new_empty(base.shape), coords
 
 
+@torch.library.register_fake("hyperdas_fast::interchange_fwd_train")
+def _interchange_fwd_train_fake(base, source, weights, basis, reflect, mask):
+    if base.dtype in (torch.float16, torch.bfloat16):  # the backward recomputes them in float
+        return base.new_empty(base.shape), _empty(base), _empty(base)
+    coords = base.new_empty((base.shape[0], base.shape[1], basis.shape[1]))
+    return base.new_empty(base.shape), coords, base.new_empty(base.shape)
+
+
 @torch.library.register_fake("hyperdas_fast::interchange_bwd")
-def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None):
+def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None, delta=None):
     def like(t: Optional[Tensor]) -> Tensor:
         return _empty(base) if t is None else base.new_empty(t.shape)
 
