@@ -26,7 +26,6 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
