@@ -117,6 +117,20 @@ def test_opcheck_interchange_bwd_with_delta(config):
         OPS.interchange_bwd(grad, *args, coords, delta[:, :-1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_coords_under_autograd(dtype):
+    # with a gradient needed, the op still returns the coords it was asked for, in every dtype
+    args = [None if a is None else a.to(dtype).requires_grad_() for a in make_inputs()]
+    out, coords = OPS.interchange_fwd(*args, True)
+    with torch.no_grad():
+        ref_out, ref_coords = OPS.interchange_fwd(*args, True)
+    assert coords.shape == ref_coords.shape == (*args[0].shape[:2], args[3].shape[1])
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    out.sum().backward()
+    assert all(a.grad is not None for a in args)
+
+
 def test_bwd_rejects_bad_coords():
     args = make_inputs()
     grad = torch.randn_like(args[0])

@@ -111,7 +111,10 @@ std::tuple<Tensor, Tensor> interchange_fwd_autograd(const Tensor& base, const Te
       needs_grad = needs_grad || (t->has_value() && (*t)->requires_grad());
     }
   }
-  const bool train = needs_grad && basis.has_value() && base.device().is_cpu();
+  // fp32/fp64 only: for half types interchange_fwd_train keeps nothing (the backward
+  // recomputes in float), and with_coords must still return the coords.
+  const bool train = needs_grad && basis.has_value() && base.device().is_cpu() &&
+                     (base.scalar_type() == at::kFloat || base.scalar_type() == at::kDouble);
   variable_list out = InterchangeFunction::apply(base, source, weights, basis, reflect, mask, with_coords, train);
   return {out[0], out[1]};
 }
