@@ -33,16 +33,9 @@ namespace hyperdas_fast {
 namespace cpu {
 namespace {
 
-// A named range in torch.profiler traces for each fused loop (no cost when not profiling).
-struct ProfilerScope {
-  at::RecordFunction rf{at::RecordScope::FUNCTION};
-  explicit ProfilerScope(const char* name) {
-    if (rf.isActive()) rf.before(name);
-  }
-};
-#define HDF_CAT2(a, b) a##b
-#define HDF_CAT(a, b) HDF_CAT2(a, b)
-#define HDF_SCOPE(name) ProfilerScope HDF_CAT(hdf_scope_, __LINE__)(name)
+// A named range in torch.profiler traces for each fused loop, up to the end of the
+// enclosing block (no cost when not profiling); one per block.
+#define HDF_SCOPE(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
 
 constexpr int64_t kRowGrain = 8;  // rows of d numbers per parallel task
 
@@ -272,7 +265,7 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
         const scalar_t a = wp[(b * Sp1 + S) * T + t] - scalar_t(1);
         scalar_t* __restrict row = Dp + n * d;
         const scalar_t* __restrict x = xp + n * d;
-  #pragma omp simd
+#pragma omp simd
         for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
         if (has_v) dv[n] = dot(row, sub.v + b * d, d);
       }
@@ -298,12 +291,12 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
           if (has_v) {
             const scalar_t* __restrict u = sub.u + b * k;
             const scalar_t a = scalar_t(-2) * dv[n];
-  #pragma omp simd
+#pragma omp simd
             for (int64_t j = 0; j < k; ++j) c[j] += a * u[j];
           }
           if (has_m) {
             const scalar_t* __restrict m = sub.m + b * sub.m_stride;
-  #pragma omp simd
+#pragma omp simd
             for (int64_t j = 0; j < k; ++j) e[j] = c[j] * m[j];
           }
           if (has_v) eu[n] = dot(e, sub.u + b * k, k);
@@ -331,7 +324,7 @@ FwdOut fwd_impl(const at::Tensor& base, const at::Tensor& source, const at::Tens
         const scalar_t* __restrict x = xp + n * d;
         const scalar_t* __restrict v = sub.v + b * d;
         const scalar_t a = scalar_t(-2) * eu[n];
-  #pragma omp simd
+#pragma omp simd
         for (int64_t i = 0; i < d; ++i) row[i] += x[i] + a * v[i];
       }
     });
@@ -418,7 +411,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
           scalar_t* __restrict row = Dp + n * d;
           const scalar_t* __restrict x = xp + n * d;
           if (!have_delta) {
-  #pragma omp simd
+#pragma omp simd
             for (int64_t i = 0; i < d; ++i) row[i] += a * x[i];
           }
           if (has_v) {
@@ -469,7 +462,7 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
             const scalar_t ag = has_v ? scalar_t(-2) * vg[n] : scalar_t(0);
             const scalar_t qa = has_v ? vg[n] : scalar_t(0), qd = has_v ? dv[n] : scalar_t(0);
             scalar_t s_ue = 0, s_ugc = 0;
-  #pragma omp simd reduction(+ : s_ue, s_ugc)
+#pragma omp simd reduction(+ : s_ue, s_ugc)
             for (int64_t j = 0; j < k; ++j) {
               const scalar_t cj = c_in[j] + a * u[j];  // c
               const scalar_t gej = e[j] + ag * u[j];  // g_e
@@ -538,14 +531,14 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
               const scalar_t a = scalar_t(-2) * ugc[n];
               const scalar_t* __restrict delta = Dp + n * d;
               const scalar_t ae = ue[n], ag = ugc[n];
-  #pragma omp simd
+#pragma omp simd
               for (int64_t i = 0; i < d; ++i) {
                 gd[i] += a * v[i];
                 gb[i] = g[i] - one_m_ws * gd[i];
                 acc[i] += ae * g[i] + ag * delta[i];
               }
             } else {
-  #pragma omp simd
+#pragma omp simd
               for (int64_t i = 0; i < d; ++i) gb[i] = g[i] - one_m_ws * gd[i];
             }
             gwp[(b * Sp1 + S) * T + t] = dot(gd, x, d);
@@ -564,14 +557,14 @@ Grads bwd_impl(const at::Tensor& G, const at::Tensor& base, const at::Tensor& so
           for (int64_t b = b0; b < b1; ++b) {
             scalar_t* __restrict out = grp + b * d;
             const scalar_t* __restrict rq = rqp + b * d;
-  #pragma omp simd
+#pragma omp simd
             for (int64_t i = 0; i < d; ++i) out[i] = rq[i];
             for (int64_t tile = b * tiles_per_b; tile < (b + 1) * tiles_per_b; ++tile) {
               const scalar_t* __restrict p = pp + tile * d;
-  #pragma omp simd
+#pragma omp simd
               for (int64_t i = 0; i < d; ++i) out[i] += p[i];
             }
-  #pragma omp simd
+#pragma omp simd
             for (int64_t i = 0; i < d; ++i) out[i] *= scalar_t(-2);
           }
         });
