@@ -20,7 +20,8 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, machine_info, peak_memory_bytes, write_json_atomic  # noqa: E402
+from common import (cuda_copy_bandwidth_gbps, interleaved_median_ms, machine_info, peak_memory_bytes,  # noqa: E402
+                    write_json_atomic)  # noqa: E402
 
 from hyperdas_fast import ops  # noqa: E402
 from hyperdas_fast.ops.reference import interchange_paper  # noqa: E402
@@ -156,7 +157,8 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
     parser.add_argument("--repeats", type=int, default=50, help="rounds (each times every implementation once)")
     parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="hardware memory bandwidth peak in GB/s, to report the fraction reached (H100 SXM: 3350)")
+                        help="hardware memory bandwidth peak in GB/s, to report the fraction reached "
+                             "(datasheet: H100 SXM 3350, H200 4800)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -166,6 +168,9 @@ def main(argv=None) -> Dict[str, object]:
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
     shapes = args.shapes or list(SHAPES)
+    copy_gbps = cuda_copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    if copy_gbps:
+        print(f"# measured device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     rows: List[Dict[str, object]] = []
     for name in shapes:
         print(f"# {name} {SHAPES[name]}", flush=True)
@@ -174,6 +179,8 @@ def main(argv=None) -> Dict[str, object]:
     for r in rows:
         if args.peak_gbps:
             r["fraction_of_peak_bandwidth"] = r["gbps"] / args.peak_gbps
+        if copy_gbps:
+            r["fraction_of_copy_bandwidth"] = r["gbps"] / copy_gbps
         ratio = "  ".join(f"{k}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
         print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:6s} "
               f"{r['median_ms']:9.3f} ms {r['gbps']:8.2f} GB/s  {ratio}", flush=True)
@@ -184,6 +191,7 @@ def main(argv=None) -> Dict[str, object]:
         "backends": backends,
         "shapes": {n: SHAPES[n] for n in shapes},
         "peak_bandwidth_gbps": args.peak_gbps,
+        "measured_copy_bandwidth_gbps": copy_gbps,
         "results": rows,
     }
     if args.out:

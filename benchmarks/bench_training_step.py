@@ -206,7 +206,21 @@ def build(args):
     from hyperdas_fast.models.default_model import load_model
 
     torch.manual_seed(0)
-    target, tok = load_model(args.model, device=args.device)
+    if args.random_init:
+        # Real shapes, random weights: step time does not depend on the weights, and a
+        # config + tokenizer folder (a few MB) travels where the weights cannot.
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from hyperdas_fast.models.default_model import resolve_model_path
+
+        path = resolve_model_path(args.model)
+        tok = AutoTokenizer.from_pretrained(path)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        target = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        target = target.to(args.device).eval()
+    else:
+        target, tok = load_model(args.model, device=args.device)
     model = HyperDASModel(target, layer=args.layer, feature_dim=args.feature_dim,
                           num_hypernet_layers=args.hypernet_layers, subspace=args.subspace)
     batch = {k: v.to(args.device) for k, v in HyperDASCollator(tok)(make_records(args.batch)).items()}
@@ -293,10 +307,10 @@ def memory_worker(args):
 
 
 def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import git_commit as _git_commit
+
+    return _git_commit()
 
 
 def main():
@@ -311,6 +325,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared 2-core machine: 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU: memory from torch.cuda peak stats)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/training_step_<device>.json")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights of --model's shape (needs only its config and tokenizer files)")
     parser.add_argument("--worker", choices=["ours", "original"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -347,6 +363,8 @@ def main():
                "--device", args.device]
         if args.model:
             cmd += ["--model", args.model]
+        if args.random_init:
+            cmd.append("--random-init")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         memory[kind] = json.loads(res.stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -360,7 +378,7 @@ def main():
                     "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg_at_start": list(os.getloadavg())},
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-        "model": args.model or "smollm2-135m-instruct (embedded)",
+        "model": (args.model or "smollm2-135m-instruct (embedded)") + (" (random init)" if args.random_init else ""),
         "shapes": {"B": B, "T_base_with_label": T, "S": int(batch["source_input_ids"].shape[1]),
                    "C": int(batch["concept_input_ids"].shape[1]), "d": model_d(args), "layer": args.layer,
                    "feature_dim": args.feature_dim, "hypernet_layers": args.hypernet_layers,

@@ -239,3 +239,73 @@ def test_rows_with_grad_falls_back_to_torch():
     assert out.requires_grad
     out.sum().backward()
     assert basis.grad is not None
+
+
+# ------------------------------------------------------------------------------------
+# GPU: the same registration checks on CUDA tensors (the CUDA dispatch key of _C_cuda)
+# ------------------------------------------------------------------------------------
+
+needs_cuda_backend = pytest.mark.skipif(
+    not (torch.cuda.is_available() and "cuda" in ops.available_backends("cuda")),
+    reason="needs a CUDA device and the hyperdas_fast._C_cuda extension",
+)
+
+
+def _to_cuda(args, dtype=None):
+    return [None if a is None else a.to("cuda", dtype or a.dtype) for a in args]
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_opcheck_cuda(config, dtype):
+    args = _to_cuda(make_inputs(B=3, T=5, S=4, d=40, k=8, **config) if "use_basis" not in config
+                    else make_inputs(B=3, T=5, S=4, d=40, **config), dtype)
+    grad_args = [None if a is None else a.clone().requires_grad_() for a in args]
+    torch.library.opcheck(OPS.interchange_fwd, (*grad_args, True), test_utils=TEST_UTILS)
+    grad = torch.randn_like(args[0])
+    torch.library.opcheck(OPS.interchange_bwd, (grad, *args, None), test_utils=TEST_UTILS)
+    base, source, _, basis, v, m = args
+    batch_index = torch.tensor([0, 2, 2, 1], device="cuda")
+    base_pos = torch.tensor([1, 0, 3, 4], device="cuda")
+    source_pos = torch.tensor([1, 0, 3, 0], device="cuda")
+    torch.library.opcheck(OPS.interchange_rows_, (base.clone(), source, batch_index, base_pos, source_pos, basis, v, m),
+                          test_utils=TEST_UTILS)
+    # g_basis comes back in the basis's layout on CUDA too (AccumulateGrad then copies nothing)
+    if basis is not None:
+        col_major = basis.t().contiguous().t()
+        g_basis = OPS.interchange_bwd(grad, base, source, args[2], col_major, v, m, None)[3]
+        assert g_basis.stride() == col_major.stride()
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[CONFIG_IDS[0], CONFIG_IDS[3]])
+def test_torch_compile_inductor_cuda(config):
+    """torch.compile with the default (inductor) backend on CUDA: the op stays one fused call."""
+    torch._dynamo.reset()
+    args = _to_cuda(make_inputs(B=4, T=16, S=12, d=256, k=32, **config) if "use_basis" not in config
+                    else make_inputs(B=4, T=16, S=12, d=256, **config))
+
+    def loss_fn(base, source, weights, basis, reflect, mask):
+        out = ops.interchange(base, source, weights, basis, reflect, mask, backend="cuda")
+        return (out * out).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    leaves_c = [None if a is None else a.clone().requires_grad_() for a in args]
+    leaves_r = [None if a is None else a.double().requires_grad_() for a in args]
+    compiled(*leaves_c).backward()
+    out_r = interchange_reference(*leaves_r)
+    (out_r * out_r).sum().backward()
+    for c, r in zip(leaves_c, leaves_r):
+        if c is not None:
+            torch.testing.assert_close(c.grad.double(), r.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_auto_backend_on_cuda_is_first_available():
+    args = _to_cuda(make_inputs(B=2, T=7, S=5, d=64, k=8))
+    expected = ops.interchange(*args, backend=ops._AUTO_ORDER["cuda"][0])
+    torch.testing.assert_close(ops.interchange(*args, backend="auto"), expected, rtol=0, atol=0)

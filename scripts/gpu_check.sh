@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call (a lent GPU machine has ~15 minutes in all):
+#   1. build the C++ and CUDA extensions in place (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
+#   2. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
+#   3. the op benchmark (bf16, every backend, side by side) -> $OUT/ops_<gpu>.json,
+#   4. one training step, ours vs the original pipeline, on a randomly initialised model of
+#      SmolLM2's shape -> $OUT/training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its
+#      config.json and tokenizer files).
+# Each stage has its own time limit and a failure does not stop the later ones.
+# Usage (repo root): OUT=/tmp/gpu HYPERDAS_FAST_COMMIT=<sha> bash scripts/gpu_check.sh
+set -uo pipefail
+OUT="${OUT:-/tmp/hyperdas_fast_gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+PY="${PYTHON:-python3}"
+LOG="$OUT/gpu_check.log"
+stage() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
+status=()
+
+stage "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  nvcc --version | tail -2; nproc; } 2>&1 | tee -a "$LOG"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU_NAME" in
+  *H200*) TAG=h200; PEAK=4800 ;;
+  *H100*) TAG=h100; PEAK=3350 ;;
+  *) TAG=gpu; PEAK="" ;;
+esac
+
+stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+rc=$?; status+=("build=$rc"); tail -3 "$OUT/build.log" | tee -a "$LOG"
+"$PY" -c "from hyperdas_fast import ops; print('backends on cuda:', ops.available_backends('cuda'))" 2>&1 | tee -a "$LOG"
+
+stage "tests (pytest -m gpu)"
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
+  tests/test_ops_triton.py tests/test_ops_library.py >"$OUT/tests.log" 2>&1
+rc=$?; status+=("tests=$rc"); grep -E "passed|failed|error" "$OUT/tests.log" | tail -5 | tee -a "$LOG"
+
+stage "op benchmark"
+timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 \
+  ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_$TAG.json" >"$OUT/bench_ops.log" 2>&1
+rc=$?; status+=("bench_ops=$rc"); grep -E "soft|hard|copy" "$OUT/bench_ops.log" | grep -v "^#" | tee -a "$LOG" >/dev/null
+
+if [[ -n "${MODEL_CONFIG_DIR:-}" ]]; then
+  stage "training step (random init, $MODEL_CONFIG_DIR)"
+  timeout "${STEP_TIMEOUT:-120}" "$PY" benchmarks/bench_training_step.py --device cuda --model "$MODEL_CONFIG_DIR" \
+    --random-init --batch 16 --steps 10 --out "$OUT/training_step_$TAG.json" >"$OUT/training_step.log" 2>&1
+  rc=$?; status+=("training_step=$rc"); tail -16 "$OUT/training_step.log" | tee -a "$LOG"
+fi
+stage "done: ${status[*]}"
