@@ -220,6 +220,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPU_C = {torch.float32: 8.0, torch.bfloat16: 4.0, torch.float16: 4.0}
 
 
+def _eps_slack(dtype, d):
+    # fp32: cuBLAS's own fp32 error is far below one eps at d=4096, so C x its error is no
+    # bound for a kernel that sums d products in another order; allow the usual sqrt(d)
+    # growth of a float32 sum (8 eps at d=4096; seen on an H200: 3e-6 on |out| <= 4.5).
+    return max(1.0, (d ** 0.5) / 8) if dtype == torch.float32 else 1.0
+
+
 def _gpu_backends():
     names = []
     for name in ("triton", "cuda"):
@@ -240,7 +247,7 @@ def compare_low_precision(args, backend_fn, dtype, grad=True):
     ref, ref_g = _grads(interchange_reference, args64, g)
     tl_, tl_g = _grads(interchange_reference, args_lp, g)
     out, out_g = _grads(backend_fn, args_lp, g) if grad else (backend_fn(*args_lp), None)
-    eps = torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps * _eps_slack(dtype, args[0].shape[-1])
     assert out.dtype == dtype
     assert _err(out, ref) <= GPU_C[dtype] * _err(tl_, ref) + eps * (1 + ref.abs().max().item())
     if not grad:
@@ -306,8 +313,9 @@ def test_gpu_backends_agree(dtype):
     outs = [ops.interchange(*args, backend=n) for n in names]
     ref = interchange_reference(*[None if a is None else a.double() for a in args])
     lp = interchange_reference(*args)
+    eps = torch.finfo(dtype).eps * _eps_slack(dtype, args[0].shape[-1])
     for o in outs:
-        assert _err(o, ref) <= GPU_C[dtype] * _err(lp, ref) + torch.finfo(dtype).eps * (1 + ref.abs().max().item())
+        assert _err(o, ref) <= GPU_C[dtype] * _err(lp, ref) + eps * (1 + ref.abs().max().item())
 
 
 # ------------------------------------------------------------------------------------

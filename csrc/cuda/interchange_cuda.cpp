@@ -324,8 +324,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
                            at::mm(y, R.to(f32).t())))
                       .to(reflect->scalar_type());
     }
-    // In R's memory layout (as the CPU kernel and the fake kernel return it).
-    g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(gb);
+    // In the basis's own memory layout (a QR factor is column-major), as the CPU kernel and the fake kernel return it.
+    g_basis = at::empty_like(*basis, at::MemoryFormat::Preserve).copy_(gb);
   }
   Tensor g_base = g - (1.0 - w_self).unsqueeze(-1) * g_delta;
   Tensor g_source = at::bmm(w_src, g_delta);
