@@ -2,7 +2,9 @@
 # Everything that needs a GPU, in one call (a lent GPU machine has ~15 minutes in all):
 #   1. build the C++ and CUDA extensions in place (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
 #   2. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
-#   3. the op benchmark (bf16, every backend, side by side) -> $OUT/ops_<gpu>.json,
+#   3. the op benchmark (bf16, every backend, side by side) -> $OUT/ops_<gpu>.json, and with
+#      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
+#      -> $OUT/ops_<gpu>_cuda_fused.json,
 #   4. one training step, ours vs the original pipeline, on a randomly initialised model of
 #      SmolLM2's shape -> $OUT/training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its
 #      config.json and tokenizer files).
@@ -37,13 +39,22 @@ rc=$?; status+=("build=$rc"); tail -3 "$OUT/build.log" | tee -a "$LOG"
 stage "tests (pytest -m gpu)"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
-  tests/test_ops_triton.py tests/test_ops_library.py >"$OUT/tests.log" 2>&1
+  ${TEST_K:+-k "$TEST_K"} tests/test_ops_triton.py tests/test_ops_library.py tests/test_ops_projected.py \
+  >"$OUT/tests.log" 2>&1
 rc=$?; status+=("tests=$rc"); grep -E "passed|failed|error" "$OUT/tests.log" | tail -5 | tee -a "$LOG"
 
 stage "op benchmark"
 timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 \
   ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_$TAG.json" >"$OUT/bench_ops.log" 2>&1
-rc=$?; status+=("bench_ops=$rc"); grep -E "soft|hard|copy" "$OUT/bench_ops.log" | grep -v "^#" | tee -a "$LOG" >/dev/null
+rc=$?; status+=("bench_ops=$rc")
+
+if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
+  stage "op benchmark, cuda with its fused kernels forced"
+  HYPERDAS_FAST_CUDA_SOFT=fused timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda \
+    --dtype bfloat16 --backends torch cuda ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_${TAG}_cuda_fused.json" \
+    >"$OUT/bench_ops_fused.log" 2>&1
+  rc=$?; status+=("bench_ops_fused=$rc")
+fi
 
 if [[ -n "${MODEL_CONFIG_DIR:-}" ]]; then
   stage "training step (random init, $MODEL_CONFIG_DIR)"

@@ -17,9 +17,14 @@
 // Forward and rows: the fused kernels of interchange_kernels.cu for fp32 / fp16 / bf16 and
 // k <= kMaxFusedK; otherwise (float64, or k > 256 such as BoundlessDAS with k = d, which is
 // GEMM-bound) the same math with ATen ops (cuBLAS).
-// Backward: ATen only (cuBLAS GEMMs for the [N, d] x [d, k] products and the token
-// reductions, small [N, k] element-wise work in fp32); a fused backward kernel is future work.
-// Autograd for these ops is registered in Python (hyperdas_fast/ops/library.py).
+// Large soft inputs (use_projected): the "projected" formulation of
+// csrc/common/interchange_projected.h, a few cuBLAS GEMMs that never form the mix in d
+// dimensions; at these sizes the fused kernels are not yet faster (see the README's GPU section).
+// Backward: the projected formulation while the batch is small next to k, else ATen with the
+// mix recomputed (cuBLAS GEMMs for the [N, d] x [d, k] products and the token reductions,
+// small [N, k] element-wise work in fp32); a fused backward kernel is future work.
+// HYPERDAS_FAST_CUDA_SOFT=fused|projected overrides the choice (benchmarks compare them).
+// Autograd for these ops is registered in C++ (csrc/cpu/interchange_autograd.cpp).
 #include <ATen/ATen.h>
 // c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
 // headers): keeps this file compile-checkable with just the CUDA runtime headers.
@@ -32,8 +37,11 @@
 #include <cuda_fp16.h>
 
 #include <optional>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
+#include "../common/interchange_projected.h"
 #include "interchange_kernels.cuh"
 
 namespace {
@@ -160,6 +168,24 @@ hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
   return sub;
 }
 
+// "fused", "projected" or "" (choose by size), from HYPERDAS_FAST_CUDA_SOFT.
+static std::string soft_path_override() {
+  const char* env = std::getenv("HYPERDAS_FAST_CUDA_SOFT");
+  std::string value = env ? env : "";
+  TORCH_CHECK(value.empty() || value == "fused" || value == "projected",
+              "HYPERDAS_FAST_CUDA_SOFT must be 'fused' or 'projected', got '", value, "'");
+  return value;
+}
+
+// The projected GEMMs win once the [N, d] operands are large (cuBLAS reaches bandwidth),
+// and they need the batch to fit in RV's extra columns.
+static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k, bool forward) {
+  if (!hyperdas_fast::projected::batch_fits(B, k)) return false;
+  const std::string force = soft_path_override();
+  if (!force.empty()) return force == "projected";
+  return !forward || B * T * d >= (int64_t{1} << 21);
+}
+
 std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
                                                 const Tensor& weights_in, const std::optional<Tensor>& basis,
                                                 const std::optional<Tensor>& reflect,
@@ -167,6 +193,8 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
+  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k, true))
+    return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
   Tensor coords = (with_coords && basis.has_value())
                       ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
                       : at::empty({0}, base_in.options());
@@ -266,6 +294,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
+  if (basis.has_value() &&
+      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1), false))
+    return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
+                                              source_in.contiguous(), weights, *basis, reflect, mask);
   Tensor g = grad_out.to(dt).contiguous();
   Tensor base = base_in.contiguous(), source = source_in.contiguous();
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), N = B * T;

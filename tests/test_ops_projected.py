@@ -1,0 +1,151 @@
+"""The projected (few-GEMM) formulation, csrc/common/interchange_projected.h, which the CUDA
+backend uses for large soft inputs and for its backward. Registered for every device as
+interchange_{fwd,bwd}_projected, so this runs the exact C++ code on the CPU.
+
+Each output and gradient is compared with the float64 reference's autograd; in fp32 / bf16
+the error may be at most C times the torch reference's own error in that dtype."""
+import pytest
+import torch
+
+import hyperdas_fast.ops.library  # noqa: F401  (loads the ops)
+from hyperdas_fast.ops.reference import interchange_reference
+
+OPS = torch.ops.hyperdas_fast
+NAMES = ("base", "source", "weights", "basis", "reflect", "mask")
+
+
+def make_inputs(B, T, S, d, k, reflect=True, mask="batch", seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    source = torch.randn(B, S, d, generator=g, dtype=torch.float64)
+    weights = torch.softmax(2 * torch.randn(B, S + 1, T, generator=g, dtype=torch.float64), dim=1)
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]  # column-major
+    v = torch.nn.functional.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=-1) if reflect else None
+    m = {"batch": lambda: torch.rand(B, k, generator=g, dtype=torch.float64),
+         "shared": lambda: torch.rand(k, generator=g, dtype=torch.float64), None: lambda: None}[mask]()
+    return [None if a is None else a.to(device) for a in (base, source, weights, basis, v, m)]
+
+
+def reference_grads(args, grad_out):
+    leaves = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    out = interchange_reference(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [None if a is None else a.grad for a in leaves]
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+CONFIGS = [dict(reflect=True, mask="batch"), dict(reflect=True, mask="shared"), dict(reflect=True, mask=None),
+           dict(reflect=False, mask=None), dict(reflect=False, mask="batch")]
+IDS = ["reflect-mask_batch", "reflect-mask_shared", "reflect", "plain", "mask_batch"]
+SHAPES = [(3, 7, 5, 40, 6), (1, 1, 1, 8, 1), (2, 5, 3, 16, 16), (4, 9, 12, 33, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_float64_matches_reference_autograd(shape, config):
+    args = make_inputs(*shape, **config)
+    grad_out = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref, ref_grads = reference_grads(args, grad_out)
+    out, coords = OPS.interchange_fwd_projected(*args, True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grads = OPS.interchange_bwd_projected(grad_out, *args)
+    for name, a, g, r in zip(NAMES, args, grads, ref_grads):
+        if a is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.shape == a.shape and g.dtype == a.dtype, name
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11, msg=name)
+    # g_basis comes back in the basis's layout (a QR factor is column-major)
+    assert grads[3].stride() == args[3].stride()
+    # coords = R_b^T (mix - base), before the mask (what the autograd saves)
+    base, source, weights, basis, v, _ = args
+    delta = torch.bmm(weights[:, :-1].transpose(1, 2), source) + (weights[:, -1:].transpose(1, 2) - 1) * base
+    expected = delta @ basis
+    if v is not None:
+        expected = expected - 2 * (delta @ v.unsqueeze(-1)) * (v @ basis).unsqueeze(1)
+    torch.testing.assert_close(coords, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[3:4], ids=[IDS[0], IDS[3]])
+def test_low_precision_error_is_that_of_the_reference(dtype, config):
+    """|projected - ref64| <= C |torch(dtype) - ref64| (+ one eps), output and every gradient."""
+    args64 = make_inputs(6, 24, 20, 96, 16, **config)
+    args = [None if a is None else a.to(dtype) for a in args64]
+    args64 = [None if a is None else a.double() for a in args]  # the same rounded inputs
+    grad_out = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref, ref_grads = reference_grads(args64, grad_out)
+    same, same_grads = reference_grads(args, grad_out)
+    out = OPS.interchange_fwd_projected(*args)[0]
+    grads = OPS.interchange_bwd_projected(grad_out.to(dtype), *args)
+    eps = torch.finfo(dtype).eps
+    assert out.dtype == dtype
+    assert err(out, ref) <= 4 * err(same, ref) + eps * (1 + ref.abs().max().item())
+    for name, a, g, r, s in zip(NAMES, args, grads, ref_grads, same_grads):
+        if a is None:
+            continue
+        assert g.dtype == a.dtype, name
+        assert err(g, r) <= 4 * err(s, r) + 4 * eps * (1 + r.abs().max().item()), (name, err(g, r), err(s, r))
+
+
+def test_noncontiguous_inputs():
+    args = make_inputs(3, 6, 4, 20, 5)
+    nc = [None if a is None or a.dim() < 2 else a.transpose(-1, -2).contiguous().transpose(-1, -2) for a in args]
+    assert not nc[0].is_contiguous()
+    grad_out = torch.randn(args[0].shape, dtype=torch.float64)
+    torch.testing.assert_close(OPS.interchange_fwd_projected(*nc)[0], OPS.interchange_fwd_projected(*args)[0])
+    for a, b in zip(OPS.interchange_bwd_projected(grad_out, *nc), OPS.interchange_bwd_projected(grad_out, *args)):
+        torch.testing.assert_close(a, b)
+
+
+def test_batch_too_large_for_k_is_refused():
+    # RV = [R | v_1..v_B] would have B extra columns: refused beyond max(64, 2k) examples.
+    args = make_inputs(65, 2, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="batch 65 is too large for k = 4"):
+        OPS.interchange_fwd_projected(*args)
+
+
+# ------------------------------------------------------------------------------------
+# GPU: the CUDA backend's choice between the fused kernels and this formulation
+# ------------------------------------------------------------------------------------
+
+needs_cuda_backend = pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in __import__("hyperdas_fast").ops.available_backends("cuda"),
+    reason="needs a CUDA device and the hyperdas_fast._C_cuda extension")
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("path", ["fused", "projected"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_paths_agree_with_reference(path, dtype, monkeypatch):
+    from hyperdas_fast import ops
+
+    monkeypatch.setenv("HYPERDAS_FAST_CUDA_SOFT", path)
+    args64 = make_inputs(4, 40, 24, 512, 32, device="cuda")
+    args = [a.to(dtype) for a in args64]
+    args64 = [a.double() for a in args]
+    grad_out = torch.randn(args[0].shape, device="cuda", dtype=torch.float64)
+    ref, ref_grads = reference_grads(args64, grad_out)
+    same, same_grads = reference_grads(args, grad_out)
+    leaves = [a.clone().requires_grad_() for a in args]
+    out = ops.interchange(*leaves, backend="cuda")
+    out.backward(grad_out.to(dtype))
+    eps = torch.finfo(dtype).eps * (8 if dtype == torch.float32 else 1)
+    assert err(out, ref) <= 4 * err(same, ref) + eps * (1 + ref.abs().max().item())
+    for name, a, r, s in zip(NAMES, leaves, ref_grads, same_grads):
+        assert err(a.grad, r) <= 4 * err(s, r) + 4 * eps * (1 + r.abs().max().item()), name
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_cuda_soft_path_override_is_checked(monkeypatch):
+    from hyperdas_fast import ops
+
+    monkeypatch.setenv("HYPERDAS_FAST_CUDA_SOFT", "fastest")
+    args = [a.float() for a in make_inputs(2, 3, 4, 16, 4, device="cuda")]
+    with pytest.raises(RuntimeError, match="HYPERDAS_FAST_CUDA_SOFT must be"):
+        ops.interchange(*args, backend="cuda")
