@@ -58,8 +58,11 @@ def test_float64_matches_reference_autograd(shape, config):
             continue
         assert g.shape == a.shape and g.dtype == a.dtype, name
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11, msg=name)
-    # g_basis comes back in the basis's layout (a QR factor is column-major)
+    # g_basis comes back in the basis's layout (a QR factor is column-major), the others
+    # contiguous: what interchange_bwd's fake kernel promises (the CUDA backward returns these)
     assert grads[3].stride() == args[3].stride()
+    for name, g in zip(NAMES, grads):
+        assert name == "basis" or g.is_contiguous(), name
     # coords = R_b^T (mix - base), before the mask (what the autograd saves)
     base, source, weights, basis, v, _ = args
     delta = torch.bmm(weights[:, :-1].transpose(1, 2), source) + (weights[:, -1:].transpose(1, 2) - 1) * base

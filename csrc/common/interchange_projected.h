@@ -167,7 +167,10 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   if (reflect.has_value()) {
     Tensor y = (vg.unsqueeze(-1) * e + p.vd.unsqueeze(-1) * gc).sum(1);  // [B, k]
     g_basis_c = g_basis_c - 2.0 * at::mm(reflect->to(cdt).t(), y);
-    g_reflect = (-2.0 * (GR.narrow(1, k, B).t() + at::mm(y, R.to(cdt).t()))).to(reflect->scalar_type());
+    // contiguous, as interchange_bwd's fake kernel promises (GR's columns are transposed here)
+    g_reflect = (-2.0 * (GR.narrow(1, k, B).t() + at::mm(y, R.to(cdt).t())))
+                    .to(reflect->scalar_type())
+                    .contiguous();
   }
   // In the basis's own memory layout (a QR factor is column-major), as the fake kernel says.
   Tensor g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(g_basis_c);

@@ -17,12 +17,12 @@
 // Forward and rows: the fused kernels of interchange_kernels.cu for fp32 / fp16 / bf16 and
 // k <= kMaxFusedK; otherwise (float64, or k > 256 such as BoundlessDAS with k = d, which is
 // GEMM-bound) the same math with ATen ops (cuBLAS).
-// Large soft inputs (use_projected): the "projected" formulation of
-// csrc/common/interchange_projected.h, a few cuBLAS GEMMs that never form the mix in d
-// dimensions; at these sizes the fused kernels are not yet faster (see the README's GPU section).
-// Backward: the projected formulation while the batch is small next to k, else ATen with the
-// mix recomputed (cuBLAS GEMMs for the [N, d] x [d, k] products and the token reductions,
-// small [N, k] element-wise work in fp32); a fused backward kernel is future work.
+// Large soft inputs (use_projected: B*T*d >= 2^24 and a batch small next to k), forward and
+// backward: the "projected" formulation of csrc/common/interchange_projected.h, a few cuBLAS
+// GEMMs that never form the mix in d dimensions (see the README's GPU section).
+// Otherwise the backward is ATen with the mix recomputed (cuBLAS GEMMs for the [N, d] x [d, k]
+// products and the token reductions, small [N, k] element-wise work in fp32); a fused backward
+// kernel is future work.
 // HYPERDAS_FAST_CUDA_SOFT=fused|projected overrides the choice (benchmarks compare them).
 // Autograd for these ops is registered in C++ (csrc/cpu/interchange_autograd.cpp).
 #include <ATen/ATen.h>
@@ -177,13 +177,17 @@ static std::string soft_path_override() {
   return value;
 }
 
-// The projected GEMMs win once the [N, d] operands are large (cuBLAS reaches bandwidth),
-// and they need the batch to fit in RV's extra columns.
-static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k, bool forward) {
+// The projected GEMMs need the batch to fit in RV's extra columns, and they pay off only
+// once the GPU time dominates: measured on an H200 (benchmarks/results/ops_h200*.json), at
+// B*T*d = 2^24 (Llama B=32 T=128) they took 192 us forward / 670 us forward+backward in
+// graph replay against 346 / 971 us for the fused forward + ATen backward, were even at
+// 2^22, and lost at SmolLM2 sizes; in eager calls their two dozen small launches cost more
+// host time than the fused path's few.
+static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k) {
   if (!hyperdas_fast::projected::batch_fits(B, k)) return false;
   const std::string force = soft_path_override();
   if (!force.empty()) return force == "projected";
-  return !forward || B * T * d >= (int64_t{1} << 21);
+  return B * T * d >= (int64_t{1} << 24);  // one threshold for both passes
 }
 
 std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
@@ -193,7 +197,7 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k, true))
+  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k))
     return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
   Tensor coords = (with_coords && basis.has_value())
                       ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
@@ -295,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
   if (basis.has_value() &&
-      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1), false))
+      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1)))
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
                                               source_in.contiguous(), weights, *basis, reflect, mask);
   Tensor g = grad_out.to(dt).contiguous();
