@@ -38,10 +38,12 @@ rc=$?; status+=("build=$rc"); tail -3 "$OUT/build.log" | tee -a "$LOG"
 
 stage "tests (pytest -m gpu)"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
+# -v: each test's outcome is printed when it ends, so a stage cut by its time limit still
+# names its failures (the summary at the end is what a cut loses).
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -v --tb=short -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
   ${TEST_K:+-k "$TEST_K"} tests/test_ops_triton.py tests/test_ops_library.py tests/test_ops_projected.py \
   >"$OUT/tests.log" 2>&1
-rc=$?; status+=("tests=$rc"); grep -E "passed|failed|error" "$OUT/tests.log" | tail -5 | tee -a "$LOG"
+rc=$?; status+=("tests=$rc"); grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20 | tee -a "$LOG"
 
 stage "op benchmark"
 timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 \

@@ -60,14 +60,15 @@ inline Tensor block_cols(const Tensor& k_part, const Tensor& vals) {
   return at::cat({k_part, vals.unsqueeze(-1) * eye.unsqueeze(1)}, -1);
 }
 
-// Everything both passes need from P_S, P_B: c (reflected coords, before the mask),
-// c_S = R_b^T source, c_B = R_b^T base, u, v.delta, v.source, v.base (compute dtype).
+// What the passes need from P_S, P_B: c (reflected coords, before the mask), u, v.delta,
+// v.source, v.base, and for the backward (with_sides) c_S = R_b^T source, c_B = R_b^T base;
+// all in the compute dtype. (The forward skips c_S, c_B: each launch counts in eager calls.)
 struct Projections {
   Tensor c, cS, cB, u, vd, sv, bv, w_src, wm1;
 };
 
 inline Projections project(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
-                           const std::optional<Tensor>& reflect, const Tensor& RV) {
+                           const std::optional<Tensor>& reflect, const Tensor& RV, bool with_sides) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), k = R.size(1);
   const auto cdt = compute_type(base.scalar_type());
   Projections p;
@@ -85,8 +86,10 @@ inline Projections project(const Tensor& base, const Tensor& source, const Tenso
     p.vd = at::bmm(p.w_src.transpose(1, 2), p.sv.unsqueeze(-1)).squeeze(-1) + p.wm1 * p.bv;  // [B, T]
     Tensor u1 = p.u.unsqueeze(1);
     p.c = p.c - 2.0 * p.vd.unsqueeze(-1) * u1;
-    p.cS = p.cS - 2.0 * p.sv.unsqueeze(-1) * u1;
-    p.cB = p.cB - 2.0 * p.bv.unsqueeze(-1) * u1;
+    if (with_sides) {
+      p.cS = p.cS - 2.0 * p.sv.unsqueeze(-1) * u1;
+      p.cB = p.cB - 2.0 * p.bv.unsqueeze(-1) * u1;
+    }
   }
   return p;
 }
@@ -104,7 +107,7 @@ inline std::tuple<Tensor, Tensor> forward(const Tensor& base, const Tensor& sour
   const auto dt = base.scalar_type();
   const auto cdt = compute_type(dt);
   Tensor RV = rv_of(R, reflect);
-  Projections p = project(base, source, weights, R, reflect, RV);
+  Projections p = project(base, source, weights, R, reflect, RV, /*with_sides=*/false);
   Tensor e = mask.has_value() ? p.c * mask_factor(*mask, cdt) : p.c;
   Tensor E = reflect.has_value() ? block_cols(e, -2.0 * (e * p.u.unsqueeze(1)).sum(-1)) : e;
   Tensor out = at::addmm(base.reshape({B * T, d}), E.reshape({B * T, -1}).to(dt), RV.t()).view({B, T, d});
@@ -121,7 +124,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const auto cdt = compute_type(dt);
   Tensor RV = rv_of(R, reflect);
   const int64_t Kc = RV.size(1);
-  Projections p = project(base, source, weights, R, reflect, RV);
+  Projections p = project(base, source, weights, R, reflect, RV, /*with_sides=*/true);
   Tensor PG = at::mm(g.reshape({N, d}), RV).view({B, T, -1}).to(cdt);
   Tensor ge = PG.narrow(2, 0, k);
   Tensor vg;
