@@ -11,8 +11,10 @@
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyperdas_fast.cli import build_method
+from hyperdas_fast.models.hypernetwork import CrossAttention
 from hyperdas_fast.training import checkpoint as ckpt
 
 
@@ -54,3 +56,31 @@ def test_seed_fixes_initial_weights(tok):
     state = torch.get_rng_state()
     build_method("hyperdas", target, layer=1, feature_dim=4, num_hypernet_layers=1, tokenizer=tok, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cross_attention_backward_has_no_atomic_accumulation():
+    """GQA (4 query heads, 2 KV heads): the backward must not scatter-add by index (on the
+    CPU that is float atomics across threads, so the gradient depends on thread timing)."""
+    torch.manual_seed(0)
+    d, H, kv, hd = 32, 4, 2, 8
+    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
+                        torch.randn(d, H * hd), (None, None, torch.randn(kv * hd), None), H, kv, hd)
+    h, keys = torch.randn(3, 5, d), torch.randn(3, 11, d)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    loss = xa(h, keys, mask).square().sum()
+    with _OpLog() as log:
+        loss.backward()
+    assert xa.k_proj.weight.grad is not None and xa.v_proj.bias.grad is not None
+    banned = {"index_put", "index_put_", "_index_put_impl", "_index_put_impl_", "index_add", "index_add_",
+              "scatter_add", "scatter_add_", "index_reduce", "index_reduce_"}
+    assert not banned & set(log.ops), sorted(banned & set(log.ops))
