@@ -98,17 +98,20 @@ def default_run_dir(method: str, domain: str, attribute: Optional[str]) -> Path:
 
 
 def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
-                 subspace: str = "reflect", dtype=None, device=None, backend: str = "auto", tokenizer=None):
+                 subspace: str = "reflect", dtype=None, device=None, backend: str = "auto", tokenizer=None,
+                 seed=None):
+    """``seed``: seeds the random initialisation (None: torch's global RNG)."""
     if method == "hyperdas":
         from .models.hyperdas import HyperDAS
 
         return HyperDAS(model, layer=layer, feature_dim=feature_dim, num_hypernet_layers=num_hypernet_layers,
-                        subspace=subspace, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer)
+                        subspace=subspace, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer,
+                        seed=seed)
     if method == "mdas":
         from .models.mdas import MDAS
 
         return MDAS(model, layer=layer, feature_dim=feature_dim, dtype=dtype, device=device, backend=backend,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, seed=seed)
     raise ValueError(f"method must be one of {METHODS}; got {method!r}")
 
 
@@ -149,7 +152,8 @@ def run_train(args) -> Dict[str, Any]:
     target = tokenizer = None
     for domain, run_dir in jobs:
         wrapper = build_method(args.method, target if target is not None else args.model, args.layer, args.feature_dim,
-                               args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer)
+                               args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer,
+                               seed=args.seed)  # same --seed, same initial weights (and, per domain, the same as alone)
         target, tokenizer = wrapper.target, wrapper.tokenizer  # reuse the loaded target for the next domain
         result = Trainer(wrapper, _train_config(args, domain, run_dir)).train()
         ev = result.get("eval") or {}

@@ -17,6 +17,7 @@ hook-style pipeline; same numbers, used by the tests).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,25 @@ from .adapters import get_adapter
 from .hypernetwork import HyperNetwork, stack_layer_keys
 from .selector import INFERENCE_MODES, PositionSelector, hard_source_index
 from .subspace import SUBSPACES, make_subspace
+
+
+@contextlib.contextmanager
+def seeded_init(seed: Optional[int], device: Union[str, torch.device, None] = None):
+    """Draw what is created inside from torch's generator(s) seeded with ``seed``; the
+    caller's RNG state is restored afterwards. ``seed=None``: the global generators as they
+    are (no seeding). Seeds the CPU generator and, for a CUDA ``device``, that device's."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(int(seed))
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(int(seed))
+        yield
 
 CONFIG_NAME = "hyperdas_config.json"
 WEIGHTS_NAME = "hyperdas.safetensors"
@@ -286,7 +306,11 @@ class HyperDAS:
     def __init__(self, model: ModelLike = None, layer: int = 15, feature_dim: int = 128,
                  num_hypernet_layers: int = 2, subspace: str = "reflect", dtype: Optional[torch.dtype] = None,
                  device: Optional[Union[str, torch.device]] = None, tokenizer=None,
-                 init_from_target: bool = True, reuse_prefix: bool = True, backend: str = "auto"):
+                 init_from_target: bool = True, reuse_prefix: bool = True, backend: str = "auto",
+                 seed: Optional[int] = None):
+        """``seed``: the randomly initialised parts (selector, subspace module; the hypernetwork
+        too with ``init_from_target=False``) are drawn from generators seeded with it, so the
+        same seed gives the same initial weights in every process. None: torch's global RNG."""
         from .default_model import DEFAULT_MODEL_NAME, load_model
 
         if model is None or isinstance(model, (str, os.PathLike)):
@@ -310,9 +334,11 @@ class HyperDAS:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.target, self.tokenizer, self.model_name = target, tokenizer, name
-        self.model = HyperDASModel(target, layer=layer, feature_dim=feature_dim,
-                                   num_hypernet_layers=num_hypernet_layers, subspace=subspace,
-                                   reuse_prefix=reuse_prefix, init_from_target=init_from_target, backend=backend)
+        with seeded_init(seed, next(target.parameters()).device):
+            self.model = HyperDASModel(target, layer=layer, feature_dim=feature_dim,
+                                       num_hypernet_layers=num_hypernet_layers, subspace=subspace,
+                                       reuse_prefix=reuse_prefix, init_from_target=init_from_target,
+                                       backend=backend)
         self.collator = HyperDASCollator(tokenizer)
         self.config = {"layer": layer, "feature_dim": feature_dim, "num_hypernet_layers": num_hypernet_layers,
                        "subspace": subspace, "init_from_target": init_from_target}

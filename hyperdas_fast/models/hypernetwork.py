@@ -57,6 +57,17 @@ class CrossAttention(nn.Module):
         scale = torch.ones(hidden, dtype=q_w.dtype, device=q_w.device) if scale is None else scale.detach().clone()
         self.register_buffer("key_scale", scale, persistent=False)
 
+    def _per_head(self, kv: Tensor) -> Tensor:
+        """[Hkv, ...] -> [H, ...]: query head h gets KV head h // (H / Hkv).
+
+        expand + reshape, not indexing with a head -> group index: the backward of indexing
+        with repeated indices is index_put_(accumulate=True), which on the CPU adds with
+        float atomics from several threads, so its sums depend on thread timing (runs with
+        the same seed differed under CPU load). The backward of expand is a plain sum.
+        """
+        rep = self.num_heads // self.num_kv_heads
+        return kv.unsqueeze(1).expand(kv.shape[0], rep, *kv.shape[1:]).reshape(self.num_heads, *kv.shape[1:])
+
     def forward(self, hidden: Tensor, keys_unit: Tensor, key_mask: Tensor) -> Tensor:
         """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend).
 
@@ -68,9 +79,8 @@ class CrossAttention(nn.Module):
         """
         batch, length, d = hidden.shape
         heads, hd = self.num_heads, self.head_dim
-        group = torch.arange(heads, device=hidden.device) // (heads // self.num_kv_heads)
-        w_k = (self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d)[group]  # [H, hd, d]
-        w_v = (self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d)[group]
+        w_k = self._per_head((self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))  # [H, hd, d]
+        w_v = self._per_head((self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))
         q = self.q_proj(self.norm(hidden)).view(batch, length, heads, hd)
         q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
         scores = torch.bmm(q_keys, keys_unit.transpose(1, 2)) * hd ** -0.5  # [B, C*H, K]
@@ -80,7 +90,7 @@ class CrossAttention(nn.Module):
         context = torch.bmm(probs, keys_unit).view(batch, length, heads, d)  # [B, C, H, d]
         out = torch.einsum("bchd,hkd->bchk", context, w_v)
         if self.v_proj.bias is not None:
-            out = out + self.v_proj.bias.view(self.num_kv_heads, hd)[group]
+            out = out + self._per_head(self.v_proj.bias.view(self.num_kv_heads, hd))
         return hidden + self.o_proj(out.reshape(batch, length, heads * hd))
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..data.collate import IGNORE_INDEX, HyperDASCollator
 from .adapters import get_adapter
+from .hyperdas import seeded_init
 from .selector import INFERENCE_MODES, one_hot_weights
 from .subspace import OrthogonalBasis
 
@@ -121,7 +122,10 @@ class MDAS:
     method = "mdas"
 
     def __init__(self, model: ModelLike = None, layer: int = 15, feature_dim: int = 128, tokenizer=None,
-                 dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto", **_ignored):
+                 dtype: Optional[torch.dtype] = None, device=None, backend: str = "auto",
+                 seed: Optional[int] = None, **_ignored):
+        """``seed``: the basis is initialised from generators seeded with it (same seed, same
+        initial basis in every process). None: torch's global RNG."""
         from .default_model import DEFAULT_MODEL_NAME, load_model
 
         if model is None or isinstance(model, (str, os.PathLike)):
@@ -138,7 +142,8 @@ class MDAS:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.target, self.tokenizer, self.model_name = target, tokenizer, name
-        self.model = MDASModel(target, layer=layer, feature_dim=feature_dim, backend=backend)
+        with seeded_init(seed, next(target.parameters()).device):
+            self.model = MDASModel(target, layer=layer, feature_dim=feature_dim, backend=backend)
         self.collator = HyperDASCollator(tokenizer)
         self.config = {"layer": layer, "feature_dim": feature_dim}
 

@@ -11,8 +11,9 @@ One step: collate a batch -> model forward (soft weights, logits at the label po
 only) -> ``hyperdas_loss`` (causal / isolation weights + scheduled sparsity penalty) ->
 backward -> (all-reduce gradients when distributed) -> clip -> AdamW -> LR schedule.
 
-Determinism and resume: the data order of epoch e is a permutation drawn from its own
-generator seeded with (seed, e); checkpoints hold the trainable parameters, optimizer,
+Determinism and resume: the initial weights come from the model's constructor (seed them
+with ``HyperDAS(..., seed=)``; the command line passes ``--seed``); the data order of epoch
+e is a permutation drawn from its own generator seeded with (seed, e); checkpoints hold the trainable parameters, optimizer,
 scheduler, RNG states, step and epoch position, so a resumed run reaches the same
 weights as an uninterrupted one with the same seed.
 
