@@ -125,12 +125,13 @@ def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int) -
     rows_selected = int((index >= 0).sum())
     hard_bytes = elem * (3 * rows_selected * shape["d"] + basis.numel() + reflect.numel() + mask.numel())
 
-    # On CUDA the rows are chosen once, outside the timed call: ops.interchange_hard checks the
-    # index range on the host (a device sync), which a CUDA graph cannot capture. On the CPU
-    # the timed call is the whole API call (as in the committed CPU results).
-    ops.interchange_hard(base.clone(), source, index, basis, reflect, mask, inplace=True)  # validates once
-    batch_index, base_pos = torch.nonzero(index >= 0, as_tuple=True)
-    source_pos = index[batch_index, base_pos].long()
+    # On the CPU the timed call is the whole API call (as in the committed CPU results). On CUDA
+    # the rows are chosen once, outside the timed call: ops.interchange_hard checks the index
+    # range on the host (a device sync), which a CUDA graph cannot capture.
+    if device.type == "cuda":
+        ops.interchange_hard(base.clone(), source, index, basis, reflect, mask, inplace=True)  # validates once
+        batch_index, base_pos = torch.nonzero(index >= 0, as_tuple=True)
+        source_pos = index[batch_index, base_pos].long()
 
     def hard(impl_name):
         work = base.clone()

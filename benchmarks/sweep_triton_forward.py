@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import L2_FLUSH_BYTES, _cuda_graph, machine_info, write_json_atomic  # noqa: E402
+from common import L2_FLUSH_BYTES, _cuda_event_times, _cuda_graph, machine_info, write_json_atomic  # noqa: E402
 
 from hyperdas_fast.ops import triton_kernels as tk  # noqa: E402
 from hyperdas_fast.ops.reference import interchange_reference  # noqa: E402
 
 
 def graph_ms(fn, device, flush, repeats=30):
+    """Median ms of a CUDA-graph replay of fn (fn itself if it cannot be captured)."""
     if device.type != "cuda":  # a check of this script under TRITON_INTERPRET=1, not a timing
         import time
 
@@ -34,16 +35,7 @@ def graph_ms(fn, device, flush, repeats=30):
         return (time.perf_counter() - t0) * 1e3
     graph = _cuda_graph(fn, device)
     call = graph.replay if graph is not None else fn
-    times = []
-    for _ in range(repeats):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        call()
-        e.record()
-        times.append((s, e))
-    torch.cuda.synchronize(device)
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+    return statistics.median(_cuda_event_times({"fn": call}, device, repeats, float("inf"), flush)["fn"])
 
 
 def main():
