@@ -164,6 +164,48 @@ def test_fp64_fewer_examples_than_threads(variant):
         torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
 
 
+def _basis_in_layout(basis, layout):
+    """The same [d, k] values stored row-major, column-major (a QR factor) or as a strided view."""
+    if layout == "row":
+        return basis.contiguous()
+    if layout == "col":
+        return basis.t().contiguous().t()
+    wide = torch.zeros(basis.shape[0], 2 * basis.shape[1], dtype=basis.dtype)
+    wide[:, ::2] = basis
+    return wide[:, ::2]
+
+
+@pytest.mark.parametrize("layout", ["row", "col", "strided"])
+@pytest.mark.parametrize("variant", VARIANTS[:6], ids=_variant_id)
+@pytest.mark.parametrize("path", ["per_example", "batched"])
+def test_fp64_both_cpu_paths(path, variant, layout, monkeypatch):
+    """The soft kernels run one example per task (examples >= threads) or as batched GEMMs
+    over all rows; HYPERDAS_FAST_CPU_SOFT forces either. Both, through autograd (the
+    backward reuses the forward's coords and delta) and through interchange_bwd without
+    them (recomputed), in every basis layout."""
+    monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", path)
+    args = make_inputs(5, 7, 4, 19, 6, *variant)
+    args[3] = _basis_in_layout(args[3], layout)
+    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
+    c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
+    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
+    for c, r in zip(c_grads, ref_grads):
+        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+    raw = torch.ops.hyperdas_fast.interchange_bwd(grad, *args, None, None)
+    present = [g for g, a in zip(raw, args) if a is not None]
+    for c, r in zip(present, ref_grads):
+        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+    assert raw[3].stride() == args[3].stride() or layout == "strided"
+
+
+def test_cpu_path_override_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", "fastest")
+    args = make_inputs(2, 3, 2, 5, 2)
+    with pytest.raises(RuntimeError, match="HYPERDAS_FAST_CPU_SOFT must be"):
+        ops.interchange(*args, backend="cpp")
+
+
 @pytest.mark.parametrize("weights_kind", ["onehot", "zerocol"])
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[6]], ids=_variant_id)
 def test_degenerate_weights(weights_kind, variant):
