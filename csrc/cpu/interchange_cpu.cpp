@@ -377,6 +377,13 @@ at::Tensor dense_basis(const at::Tensor& R) {
   return (R.is_contiguous() || R.t().is_contiguous()) ? R : R.contiguous();
 }
 
+// Examples per block: the GEMMs against R run over a block's rows at once, enough rows
+// (about 96) that MKL's packing of R is shared by many rows.
+int64_t examples_per_block(int64_t T, int64_t examples_per_chunk) {
+  constexpr int64_t kBlockRows = 96;
+  return std::max<int64_t>(1, std::min(examples_per_chunk, (kBlockRows + T - 1) / T));
+}
+
 template <typename scalar_t>
 FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
                        const at::Tensor& R_in, const std::optional<at::Tensor>& reflect,
@@ -399,44 +406,55 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* cp = with_coords ? coords.data_ptr<scalar_t>() : nullptr;
   scalar_t* Dp = D.defined() ? D.data_ptr<scalar_t>() : nullptr;
+  const int64_t chunks = std::min<int64_t>(B, at::get_num_threads());
+  const int64_t per_chunk = (B + chunks - 1) / chunks;
+  const int64_t per_block = examples_per_block(T, per_chunk);
   HDF_SCOPE("hdf_fwd_per_example");
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    scalar_t* delta_buf = Dp == nullptr ? thread_buffer<scalar_t>(0, T * d) : nullptr;
-    scalar_t* c_buf = cp == nullptr ? thread_buffer<scalar_t>(1, T * k) : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t max_rows = per_block * T;
+    scalar_t* delta_buf = Dp == nullptr ? thread_buffer<scalar_t>(0, max_rows * d) : nullptr;
+    scalar_t* c_buf = cp == nullptr ? thread_buffer<scalar_t>(1, max_rows * k) : nullptr;
     // e = m * c needs its own buffer only when c itself is returned as coords
-    scalar_t* e_buf = (cp != nullptr && has_m) ? thread_buffer<scalar_t>(2, T * k) : nullptr;
-    scalar_t* dv = thread_buffer<scalar_t>(3, 2 * T);
-    scalar_t* eu = dv + T;
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* w = wp + b * Sp1 * T;  // [S+1, T]
-      const scalar_t* x = xp + b * T * d;
-      const scalar_t* v = has_v ? sub.v + b * d : nullptr;
-      scalar_t* delta = Dp != nullptr ? Dp + b * T * d : delta_buf;
-      // delta = W_src^T source + (w_self - 1) base  [T, d]; dv = delta . v
-      gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, sp + b * S * d, d, 0, delta, d);
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t a = w[S * T + t] - scalar_t(1);
-        scalar_t* __restrict row = delta + t * d;
-        const scalar_t* __restrict xr = x + t * d;
+    scalar_t* e_buf = (cp != nullptr && has_m) ? thread_buffer<scalar_t>(2, max_rows * k) : nullptr;
+    scalar_t* dv = thread_buffer<scalar_t>(3, 2 * max_rows);
+    scalar_t* eu = dv + max_rows;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
+      for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
+        const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
+        scalar_t* delta = Dp != nullptr ? Dp + n0 * d : delta_buf;  // the block's rows [rows, d]
+        // delta = W_src^T source + (w_self - 1) base, per example; dv = delta . v
+        for (int64_t b = b0; b < b1; ++b) {
+          const scalar_t* w = wp + b * Sp1 * T;  // [S+1, T]
+          scalar_t* db = delta + (b - b0) * T * d;
+          gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, sp + b * S * d, d, 0, db, d);
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t a = w[S * T + t] - scalar_t(1);
+            scalar_t* __restrict row = db + t * d;
+            const scalar_t* __restrict xr = xp + (b * T + t) * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
-        if (has_v) dv[t] = dot(row, v, d);
-      }
-      // c = delta R - 2 (delta.v) u; e = m * c; eu = e . u
-      scalar_t* c = cp != nullptr ? cp + b * T * k : c_buf;
-      scalar_t* e = e_buf != nullptr ? e_buf : c;
-      gemm_rowmajor<scalar_t>(false, r.trans_r(), T, k, d, 1, delta, d, r.p, r.ld, 0, c, k);
-      if (has_v || has_m) {
-        const scalar_t* u = has_v ? sub.u + b * k : nullptr;
-        const scalar_t* m = has_m ? sub.m + b * sub.m_stride : nullptr;
-        for (int64_t t = 0; t < T; ++t) {
-          eu[t] = fwd_k_row(c + t * k, e + t * k, u, m, has_v ? dv[t] : scalar_t(0), k);
+            for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
+            if (has_v) dv[(b - b0) * T + t] = dot(row, sub.v + b * d, d);
+          }
+        }
+        // c = delta R - 2 (delta.v) u; e = m * c; eu = e . u
+        scalar_t* c = cp != nullptr ? cp + n0 * k : c_buf;
+        scalar_t* e = e_buf != nullptr ? e_buf : c;
+        gemm_rowmajor<scalar_t>(false, r.trans_r(), rows, k, d, 1, delta, d, r.p, r.ld, 0, c, k);
+        if (has_v || has_m) {
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t b = b0 + i / T;
+            eu[i] = fwd_k_row(c + i * k, e + i * k, has_v ? sub.u + b * k : nullptr,
+                              has_m ? sub.m + b * sub.m_stride : nullptr, has_v ? dv[i] : scalar_t(0), k);
+          }
+        }
+        // out = base + e R^T - 2 (e.u) v
+        scalar_t* o = op + n0 * d;
+        gemm_rowmajor<scalar_t>(false, r.trans_rt(), rows, d, k, 1, e, k, r.p, r.ld, 0, o, d);
+        for (int64_t i = 0; i < rows; ++i) {
+          fwd_out_row(o + i * d, xp + (n0 + i) * d, has_v ? sub.v + (b0 + i / T) * d : nullptr, eu[i], d);
         }
       }
-      // out = base + e R^T - 2 (e.u) v
-      scalar_t* o = op + b * T * d;
-      gemm_rowmajor<scalar_t>(false, r.trans_rt(), T, d, k, 1, e, k, r.p, r.ld, 0, o, d);
-      for (int64_t t = 0; t < T; ++t) fwd_out_row(o + t * d, x + t * d, v, eu[t], d);
     }
   });
   if (delta_out != nullptr) *delta_out = D;
@@ -469,11 +487,12 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
   at::Tensor g_reflect = has_v ? at::empty({B, d}, opts) : at::empty({0}, opts);
   at::Tensor gm_rows = at::zeros({B, k}, opts);
   at::Tensor Q = at::zeros({B, k}, opts);
-  // g_basis = sum_b D_b^T g_c_b + G_b^T e_b, accumulated per chunk of examples while each
-  // example's rows are in cache; the chunks are fixed ranges of examples summed in order
+  // g_basis = sum_b D_b^T g_c_b + G_b^T e_b - 2 v_b q_b^T, accumulated per chunk of examples
+  // while the rows are in cache; the chunks are fixed ranges of examples summed in order
   // afterwards, so the result does not depend on which thread ran which chunk.
   const int64_t chunks = std::min<int64_t>(B, at::get_num_threads());
   const int64_t per_chunk = (B + chunks - 1) / chunks;
+  const int64_t per_block = examples_per_block(T, per_chunk);
   at::Tensor basis_partial = scratch(kPartial, {chunks, d, k}, opts);
   scalar_t* gbp = g_base.data_ptr<scalar_t>();
   scalar_t* gsp = g_source.data_ptr<scalar_t>();
@@ -486,80 +505,90 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
   {
     HDF_SCOPE("hdf_bwd_per_example");
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      scalar_t* gd = thread_buffer<scalar_t>(0, T * d);
-      scalar_t* delta_buf = delta_given == nullptr ? thread_buffer<scalar_t>(1, T * d) : nullptr;
-      scalar_t* gc = thread_buffer<scalar_t>(2, 2 * T * k);  // [g_c; e] of one example
-      scalar_t* e = gc + T * k;
-      scalar_t* rowvals = thread_buffer<scalar_t>(3, 4 * T);
-      scalar_t *dv = rowvals, *vg = rowvals + T, *ue = rowvals + 2 * T, *ugc = rowvals + 3 * T;
-      scalar_t* dg = thread_buffer<scalar_t>(4, 2 * T * d);  // [delta; g] of one example
+      const int64_t max_rows = per_block * T;
+      scalar_t* gd = thread_buffer<scalar_t>(0, max_rows * d);
+      scalar_t* delta_buf = delta_given == nullptr ? thread_buffer<scalar_t>(1, max_rows * d) : nullptr;
+      scalar_t* gc = thread_buffer<scalar_t>(2, 2 * max_rows * k);
+      scalar_t* e = gc + max_rows * k;
+      scalar_t* rowvals = thread_buffer<scalar_t>(3, 4 * max_rows);
+      scalar_t *dv = rowvals, *vg = dv + max_rows, *ue = vg + max_rows, *ugc = ue + max_rows;
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         scalar_t* basis_acc = bpp + chunk * d * k;  // [d, k] row-major
-        const int64_t b_end = std::min(B, (chunk + 1) * per_chunk);
-        for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
-          const scalar_t* w = wp + b * Sp1 * T;
-          const scalar_t* x = xp + b * T * d;
-          const scalar_t* g = gp + b * T * d;
-          const scalar_t* src = sp + b * S * d;
-          const scalar_t* v = has_v ? sub.v + b * d : nullptr;
-          const scalar_t* __restrict u = has_v ? sub.u + b * k : zeros_k.data();
-          const scalar_t* __restrict m = has_m ? sub.m + b * sub.m_stride : ones_k.data();
-          // delta (the forward's, or recomputed); dv = delta.v, vg = v.g
-          const scalar_t* delta = delta_given != nullptr ? delta_given + b * T * d : delta_buf;
-          if (delta_given == nullptr) {
-            gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, src, d, 0, delta_buf, d);
-          }
-          for (int64_t t = 0; t < T; ++t) {
+        const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
+        for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
+          const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
+          const scalar_t* x = xp + n0 * d;  // the block's rows
+          const scalar_t* g = gp + n0 * d;
+          // delta (the forward's, or recomputed per example); dv = delta.v, vg = v.g
+          const scalar_t* delta = delta_given != nullptr ? delta_given + n0 * d : delta_buf;
+          for (int64_t b = b0; b < b1; ++b) {
+            const scalar_t* w = wp + b * Sp1 * T;
             if (delta_given == nullptr) {
-              const scalar_t a = w[S * T + t] - scalar_t(1);
-              scalar_t* __restrict row = delta_buf + t * d;
-              const scalar_t* __restrict xr = x + t * d;
+              scalar_t* db = delta_buf + (b - b0) * T * d;
+              gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, sp + b * S * d, d, 0, db, d);
+              for (int64_t t = 0; t < T; ++t) {
+                const scalar_t a = w[S * T + t] - scalar_t(1);
+                scalar_t* __restrict row = db + t * d;
+                const scalar_t* __restrict xr = xp + (b * T + t) * d;
 #pragma omp simd
-              for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
+                for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
+              }
             }
             if (has_v) {
-              dv[t] = dot(delta + t * d, v, d);
-              vg[t] = dot(g + t * d, v, d);
+              for (int64_t i = (b - b0) * T; i < (b - b0 + 1) * T; ++i) {
+                dv[i] = dot(delta + i * d, sub.v + b * d, d);
+                vg[i] = dot(g + i * d, sub.v + b * d, d);
+              }
             }
           }
-          // gc slot: c (recomputed unless coords are given), rewritten as g_c;
-          // e slot: g R, rewritten as e. Same algebra as the batched k-rows loop.
-          if (cin == nullptr) gemm_rowmajor<scalar_t>(false, r.trans_r(), T, k, d, 1, delta, d, r.p, r.ld, 0, gc, k);
-          gemm_rowmajor<scalar_t>(false, r.trans_r(), T, k, d, 1, g, d, r.p, r.ld, 0, e, k);
-          scalar_t* __restrict gm = gmp + b * k;
-          scalar_t* __restrict q = Qp + b * k;
-          for (int64_t t = 0; t < T; ++t) {
-            scalar_t* gct = gc + t * k;
-            const scalar_t* c_in = cin != nullptr ? cin + (b * T + t) * k : gct;
-            const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[t] : scalar_t(0);
-            std::tie(ue[t], ugc[t]) = bwd_k_row(c_in, gct, e + t * k, u, m, a, has_v ? vg[t] : scalar_t(0),
-                                                has_v ? dv[t] : scalar_t(0), gm, q, k);
+          // gc: c (recomputed unless coords are given), rewritten as g_c; e: g R, rewritten
+          // as e. Same algebra as the batched k-rows loop.
+          if (cin == nullptr) {
+            gemm_rowmajor<scalar_t>(false, r.trans_r(), rows, k, d, 1, delta, d, r.p, r.ld, 0, gc, k);
           }
-          // g_basis partial += [delta; g]^T [g_c; e] - 2 v q^T: one product with 2T inner rows
-          // rather than two with T each, so the [d, k] accumulator is read and written once
-          // per example (at T = 24 that traffic, not the arithmetic, bounds the product).
-          std::copy(delta, delta + T * d, dg);
-          std::copy(g, g + T * d, dg + T * d);
-          const scalar_t first = b == chunk * per_chunk ? scalar_t(0) : scalar_t(1);
-          gemm_rowmajor<scalar_t>(true, false, d, k, 2 * T, 1, dg, d, gc, k, first, basis_acc, k);
-          if (has_v) gemm_rowmajor<scalar_t>(true, false, d, k, 1, -2, v, d, q, k, 1, basis_acc, k);
+          gemm_rowmajor<scalar_t>(false, r.trans_r(), rows, k, d, 1, g, d, r.p, r.ld, 0, e, k);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t b = b0 + i / T;
+            const scalar_t* c_in = cin != nullptr ? cin + (n0 + i) * k : gc + i * k;
+            const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[i] : scalar_t(0);
+            std::tie(ue[i], ugc[i]) =
+                bwd_k_row(c_in, gc + i * k, e + i * k, has_v ? sub.u + b * k : zeros_k.data(),
+                          has_m ? sub.m + b * sub.m_stride : ones_k.data(), a, has_v ? vg[i] : scalar_t(0),
+                          has_v ? dv[i] : scalar_t(0), gmp + b * k, Qp + b * k, k);
+          }
+          // g_basis partial += delta^T g_c + g^T e - 2 V^T Q over the block's rows / examples
+          const scalar_t first = b0 == chunk * per_chunk ? scalar_t(0) : scalar_t(1);
+          gemm_rowmajor<scalar_t>(true, false, d, k, rows, 1, delta, d, gc, k, first, basis_acc, k);
+          gemm_rowmajor<scalar_t>(true, false, d, k, rows, 1, g, d, e, k, 1, basis_acc, k);
+          if (has_v) {
+            gemm_rowmajor<scalar_t>(true, false, d, k, b1 - b0, -2, sub.v + b0 * d, d, Qp + b0 * k, k, 1,
+                                    basis_acc, k);
+          }
           // g_delta = g_c R^T - 2 (u.g_c) v; g_base = g - (1 - w_self) g_delta;
           // g_w[S, t] = g_delta . base; g_reflect = -2 [sum_t (u.e) g + (u.g_c) delta + R q]
-          gemm_rowmajor<scalar_t>(false, r.trans_rt(), T, d, k, 1, gc, k, r.p, r.ld, 0, gd, d);
-          scalar_t* __restrict acc = has_v ? grp + b * d : nullptr;
-          if (has_v) gemm_rowmajor<scalar_t>(false, r.trans_rt(), 1, d, k, 1, q, k, r.p, r.ld, 0, acc, d);
-          for (int64_t t = 0; t < T; ++t) {
+          gemm_rowmajor<scalar_t>(false, r.trans_rt(), rows, d, k, 1, gc, k, r.p, r.ld, 0, gd, d);
+          if (has_v) {  // g_reflect rows start as Q R^T
+            gemm_rowmajor<scalar_t>(false, r.trans_rt(), b1 - b0, d, k, 1, Qp + b0 * k, k, r.p, r.ld, 0,
+                                    grp + b0 * d, d);
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t b = b0 + i / T, t = i % T;
             gwp[(b * Sp1 + S) * T + t] =
-                bwd_d_row(gd + t * d, gbp + (b * T + t) * d, g + t * d, x + t * d, delta + t * d, v, acc,
-                          w[S * T + t], ue[t], ugc[t], d);
+                bwd_d_row(gd + i * d, gbp + (n0 + i) * d, g + i * d, x + i * d, delta + i * d,
+                          has_v ? sub.v + b * d : nullptr, has_v ? grp + b * d : nullptr, wp[(b * Sp1 + S) * T + t],
+                          ue[i], ugc[i], d);
           }
-          if (has_v) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (has_v) {
+              scalar_t* __restrict acc = grp + b * d;
 #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) acc[i] *= scalar_t(-2);
+              for (int64_t i = 0; i < d; ++i) acc[i] *= scalar_t(-2);
+            }
+            // g_source = W_src g_delta [S, d]; g_w[:S] = source g_delta^T [S, T]
+            const scalar_t* gdb = gd + (b - b0) * T * d;
+            gemm_rowmajor<scalar_t>(false, false, S, d, T, 1, wp + b * Sp1 * T, T, gdb, d, 0, gsp + b * S * d, d);
+            gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, sp + b * S * d, d, gdb, d, 0, gwp + b * Sp1 * T, T);
           }
-          // g_source = W_src g_delta [S, d]; g_w[:S] = source g_delta^T [S, T]
-          gemm_rowmajor<scalar_t>(false, false, S, d, T, 1, w, T, gd, d, 0, gsp + b * S * d, d);
-          gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, src, d, gd, d, 0, gwp + b * Sp1 * T, T);
         }
       }
     });
