@@ -119,6 +119,18 @@ def assert_like_torch(args64, dtype, grad64, *, contiguous=True, factor=2.0, ato
         assert err <= tol, f"{name}: max|cpp - ref64| = {err:.3e} > {tol:.3e} (torch {dtype}: {max_err(t, r):.3e})"
 
 
+def assert_fp64_matches_reference(args):
+    """cpp's output and gradients through autograd equal the float64 reference to round-off;
+    returns (grad_out, reference gradients)."""
+    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
+    c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
+    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
+    for c, r in zip(c_grads, ref_grads):
+        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+    return grad, ref_grads
+
+
 FP32_CASES = [(shape, variant) for shape in SHAPES[:-1] for variant in VARIANTS] + [
     (SHAPES[-1], variant) for variant in (VARIANTS[0], VARIANTS[4], VARIANTS[6])
 ]
@@ -136,13 +148,7 @@ def test_fp32_forward_and_grads_match_reference(shape, variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_T{}_S{}_d{}_k{}".format(*s))
 def test_fp64_matches_reference_to_roundoff(shape, variant):
-    args = make_inputs(*shape, *variant)
-    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
-    c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
-    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
-    for c, r in zip(c_grads, ref_grads):
-        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+    assert_fp64_matches_reference(make_inputs(*shape, *variant))
 
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[6]], ids=_variant_id)
@@ -150,18 +156,13 @@ def test_fp64_fewer_examples_than_threads(variant):
     """The backward's source-side products run per example when there is at least one
     example per thread, and as batched GEMMs otherwise: check the batched path too."""
     args = make_inputs(2, 5, 3, 11, 4, *variant)
-    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         assert torch.get_num_threads() > args[0].shape[0]
-        c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
+        assert_fp64_matches_reference(args)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
-    for c, r in zip(c_grads, ref_grads):
-        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
 
 
 def _basis_in_layout(basis, layout):
@@ -186,12 +187,7 @@ def test_fp64_both_cpu_paths(path, variant, layout, monkeypatch):
     monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", path)
     args = make_inputs(5, 7, 4, 19, 6, *variant)
     args[3] = _basis_in_layout(args[3], layout)
-    grad = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref_out, ref_grads = forward_and_grads(interchange_reference, args, grad)
-    c_out, c_grads = forward_and_grads(cpp_fn, args, grad)
-    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-12)
-    for c, r in zip(c_grads, ref_grads):
-        torch.testing.assert_close(c, r, rtol=1e-11, atol=1e-11)
+    grad, ref_grads = assert_fp64_matches_reference(args)
     raw = torch.ops.hyperdas_fast.interchange_bwd(grad, *args, None, None)
     present = [g for g, a in zip(raw, args) if a is not None]
     for c, r in zip(present, ref_grads):

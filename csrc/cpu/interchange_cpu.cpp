@@ -384,21 +384,53 @@ int64_t examples_per_block(int64_t T, int64_t examples_per_chunk) {
   return std::max<int64_t>(1, std::min(examples_per_chunk, (kBlockRows + T - 1) / T));
 }
 
+// One example's delta = W_src^T source + (w_self - 1) base  [T, d], from its weights w
+// [S+1, T], source [S, d] and base x [T, d].
+template <typename scalar_t>
+void example_delta(const scalar_t* w, const scalar_t* src, const scalar_t* x, int64_t T, int64_t S, int64_t d,
+                   scalar_t* delta) {
+  gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, src, d, 0, delta, d);
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t a = w[S * T + t] - scalar_t(1);
+    scalar_t* __restrict row = delta + t * d;
+    const scalar_t* __restrict xr = x + t * d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
+  }
+}
+
+// What both per-example passes take from their arguments, and how they split the batch:
+// `chunks` fixed ranges of `per_chunk` examples (one per thread), each walked in blocks of
+// `per_block` examples.
+template <typename scalar_t>
+struct BlockedProblem {
+  int64_t B, T, d, S, k, chunks, per_chunk, per_block;
+  at::Tensor R;  // the basis, dense (row- or column-major)
+  BasisOperand<scalar_t> r;
+  Subspace<scalar_t> sub;
+  const scalar_t *wp, *xp, *sp;  // weights, base, source
+
+  BlockedProblem(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
+                 const at::Tensor& R_in, const std::optional<at::Tensor>& reflect,
+                 const std::optional<at::Tensor>& mask)
+      : B(base.size(0)), T(base.size(1)), d(base.size(2)), S(source.size(1)), k(R_in.size(1)),
+        chunks(std::min<int64_t>(B, at::get_num_threads())), per_chunk((B + chunks - 1) / chunks),
+        per_block(examples_per_block(T, per_chunk)), R(dense_basis(R_in)), r(basis_operand<scalar_t>(R)),
+        sub(make_subspace<scalar_t>(R, reflect, mask)), wp(weights.const_data_ptr<scalar_t>()),
+        xp(base.const_data_ptr<scalar_t>()), sp(source.const_data_ptr<scalar_t>()) {}
+};
+
 template <typename scalar_t>
 FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
                        const at::Tensor& R_in, const std::optional<at::Tensor>& reflect,
                        const std::optional<at::Tensor>& mask, bool with_coords, at::Tensor* delta_out) {
-  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
-  const int64_t Sp1 = S + 1;
-  const at::Tensor R = dense_basis(R_in);
-  const int64_t k = R.size(1);
-  const auto opts = base.options();
-  const BasisOperand<scalar_t> r = basis_operand<scalar_t>(R);
-  const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
+  const BlockedProblem<scalar_t> P(base, source, weights, R_in, reflect, mask);
+  const int64_t B = P.B, T = P.T, d = P.d, S = P.S, Sp1 = S + 1, k = P.k;
+  const auto& r = P.r;
+  const auto& sub = P.sub;
   const bool has_v = sub.v != nullptr, has_m = sub.m != nullptr;
-  const scalar_t* wp = weights.const_data_ptr<scalar_t>();
-  const scalar_t* xp = base.const_data_ptr<scalar_t>();
-  const scalar_t* sp = source.const_data_ptr<scalar_t>();
+  const scalar_t *wp = P.wp, *xp = P.xp, *sp = P.sp;
+  const auto opts = base.options();
 
   at::Tensor out = at::empty({B, T, d}, opts);
   at::Tensor coords = with_coords ? at::empty({B, T, k}, opts) : at::empty({0}, opts);
@@ -406,9 +438,7 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* cp = with_coords ? coords.data_ptr<scalar_t>() : nullptr;
   scalar_t* Dp = D.defined() ? D.data_ptr<scalar_t>() : nullptr;
-  const int64_t chunks = std::min<int64_t>(B, at::get_num_threads());
-  const int64_t per_chunk = (B + chunks - 1) / chunks;
-  const int64_t per_block = examples_per_block(T, per_chunk);
+  const int64_t chunks = P.chunks, per_chunk = P.per_chunk, per_block = P.per_block;
   HDF_SCOPE("hdf_fwd_per_example");
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t max_rows = per_block * T;
@@ -425,16 +455,10 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
         scalar_t* delta = Dp != nullptr ? Dp + n0 * d : delta_buf;  // the block's rows [rows, d]
         // delta = W_src^T source + (w_self - 1) base, per example; dv = delta . v
         for (int64_t b = b0; b < b1; ++b) {
-          const scalar_t* w = wp + b * Sp1 * T;  // [S+1, T]
           scalar_t* db = delta + (b - b0) * T * d;
-          gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, sp + b * S * d, d, 0, db, d);
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t a = w[S * T + t] - scalar_t(1);
-            scalar_t* __restrict row = db + t * d;
-            const scalar_t* __restrict xr = xp + (b * T + t) * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
-            if (has_v) dv[(b - b0) * T + t] = dot(row, sub.v + b * d, d);
+          example_delta(wp + b * Sp1 * T, sp + b * S * d, xp + b * T * d, T, S, d, db);
+          if (has_v) {
+            for (int64_t t = 0; t < T; ++t) dv[(b - b0) * T + t] = dot(db + t * d, sub.v + b * d, d);
           }
         }
         // c = delta R - 2 (delta.v) u; e = m * c; eu = e . u
@@ -466,18 +490,14 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
                       const at::Tensor& weights, const at::Tensor& R_in,
                       const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask,
                       const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& delta_in) {
-  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
-  const int64_t Sp1 = S + 1;
-  const at::Tensor R = dense_basis(R_in);
-  const int64_t k = R.size(1);
-  const auto opts = base.options();
-  const BasisOperand<scalar_t> r = basis_operand<scalar_t>(R);
-  const Subspace<scalar_t> sub = make_subspace<scalar_t>(R, reflect, mask);
+  const BlockedProblem<scalar_t> P(base, source, weights, R_in, reflect, mask);
+  const int64_t B = P.B, T = P.T, d = P.d, S = P.S, Sp1 = S + 1, k = P.k;
+  const auto& r = P.r;
+  const auto& sub = P.sub;
   const bool has_v = sub.v != nullptr, has_m = sub.m != nullptr;
-  const scalar_t* wp = weights.const_data_ptr<scalar_t>();
-  const scalar_t* xp = base.const_data_ptr<scalar_t>();
+  const scalar_t *wp = P.wp, *xp = P.xp, *sp = P.sp;
   const scalar_t* gp = G.const_data_ptr<scalar_t>();
-  const scalar_t* sp = source.const_data_ptr<scalar_t>();
+  const auto opts = base.options();
   const scalar_t* cin = coords.has_value() ? coords->const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* delta_given = delta_in.has_value() ? delta_in->const_data_ptr<scalar_t>() : nullptr;
 
@@ -490,9 +510,7 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
   // g_basis = sum_b D_b^T g_c_b + G_b^T e_b - 2 v_b q_b^T, accumulated per chunk of examples
   // while the rows are in cache; the chunks are fixed ranges of examples summed in order
   // afterwards, so the result does not depend on which thread ran which chunk.
-  const int64_t chunks = std::min<int64_t>(B, at::get_num_threads());
-  const int64_t per_chunk = (B + chunks - 1) / chunks;
-  const int64_t per_block = examples_per_block(T, per_chunk);
+  const int64_t chunks = P.chunks, per_chunk = P.per_chunk, per_block = P.per_block;
   at::Tensor basis_partial = scratch(kPartial, {chunks, d, k}, opts);
   scalar_t* gbp = g_base.data_ptr<scalar_t>();
   scalar_t* gsp = g_source.data_ptr<scalar_t>();
@@ -522,17 +540,8 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
           // delta (the forward's, or recomputed per example); dv = delta.v, vg = v.g
           const scalar_t* delta = delta_given != nullptr ? delta_given + n0 * d : delta_buf;
           for (int64_t b = b0; b < b1; ++b) {
-            const scalar_t* w = wp + b * Sp1 * T;
             if (delta_given == nullptr) {
-              scalar_t* db = delta_buf + (b - b0) * T * d;
-              gemm_rowmajor<scalar_t>(true, false, T, d, S, 1, w, T, sp + b * S * d, d, 0, db, d);
-              for (int64_t t = 0; t < T; ++t) {
-                const scalar_t a = w[S * T + t] - scalar_t(1);
-                scalar_t* __restrict row = db + t * d;
-                const scalar_t* __restrict xr = xp + (b * T + t) * d;
-#pragma omp simd
-                for (int64_t i = 0; i < d; ++i) row[i] += a * xr[i];
-              }
+              example_delta(wp + b * Sp1 * T, sp + b * S * d, xp + b * T * d, T, S, d, delta_buf + (b - b0) * T * d);
             }
             if (has_v) {
               for (int64_t i = (b - b0) * T; i < (b - b0 + 1) * T; ++i) {
