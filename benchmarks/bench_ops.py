@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -74,13 +75,27 @@ def paper_fits(shape, elem: int) -> bool:
     return need / 2**30 <= PAPER_MEMORY_LIMIT_GIB
 
 
-def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int) -> List[Dict[str, object]]:
+def cpu_path(path: str):
+    """backend="cpp" with its soft path forced (HYPERDAS_FAST_CPU_SOFT, read on every call, so
+    the forward and the backward both run that path)."""
+
+    def run(*args):
+        os.environ["HYPERDAS_FAST_CPU_SOFT"] = path
+        return ops.interchange(*args, backend="cpp")
+
+    return run
+
+
+def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
+                cpu_paths: bool = False) -> List[Dict[str, object]]:
     elem = torch.tensor([], dtype=dtype).element_size()
     base, source, weights, basis, reflect, mask, index = make_inputs(shape, dtype, device)
     rows: List[Dict[str, object]] = []
     io_bytes = elem * (base.numel() * 2 + source.numel() + weights.numel() + basis.numel() + reflect.numel() + mask.numel())
 
     soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
+    if cpu_paths and device.type == "cpu" and "cpp" in backends:
+        soft_impls.update({f"cpp:{p}": cpu_path(p) for p in ("per_example", "batched")})
     if paper_fits(shape, elem):
         soft_impls["paper"] = interchange_paper
     args = (base, source, weights, basis, reflect, mask)
@@ -122,6 +137,7 @@ def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int) -
                          gbps=soft_bytes(shape, elem, True) / timing["median_ms"] / 1e6,
                          peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
 
+    os.environ.pop("HYPERDAS_FAST_CPU_SOFT", None)
     rows_selected = int((index >= 0).sum())
     hard_bytes = elem * (3 * rows_selected * shape["d"] + basis.numel() + reflect.numel() + mask.numel())
 
@@ -173,6 +189,8 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="hardware memory bandwidth peak in GB/s, to report the fraction reached "
                              "(datasheet: H100 SXM 3350, H200 4800)")
+    parser.add_argument("--cpu-paths", action="store_true",
+                        help="also time the cpp backend's two soft paths, each forced (cpp:per_example, cpp:batched)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -188,7 +206,7 @@ def main(argv=None) -> Dict[str, object]:
     rows: List[Dict[str, object]] = []
     for name in shapes:
         print(f"# {name} {SHAPES[name]}", flush=True)
-        rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats))
+        rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths))
     add_ratios(rows)
     for r in rows:
         if args.peak_gbps:

@@ -1,0 +1,30 @@
+"""The op benchmark runner (benchmarks/bench_ops.py) end to end on a tiny shape: every
+backend and the forced cpp paths get a row per pass, the JSON is written, and the forced
+path does not leak into later calls."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_ops  # noqa: E402
+
+pytest.importorskip("hyperdas_fast.ops.cpu")  # the cpp backend must be built
+
+
+def test_runner_times_both_cpu_paths_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_ops.SHAPES, "tiny", dict(B=4, T=5, S=3, d=16, k=4))
+    monkeypatch.delenv("HYPERDAS_FAST_CPU_SOFT", raising=False)
+    out = tmp_path / "ops.json"
+    bench_ops.main(["--device", "cpu", "--shapes", "tiny", "--backends", "torch", "cpp",
+                    "--repeats", "2", "--cpu-paths", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    soft = {(r["impl"], r["pass_"]): r for r in payload["results"] if r["mode"] == "soft"}
+    for impl in ("torch", "cpp", "cpp:per_example", "cpp:batched", "paper"):
+        for pass_ in ("forward", "forward+backward"):
+            row = soft[(impl, pass_)]
+            assert row["median_ms"] > 0 and row["speedup_vs_torch"] > 0, (impl, pass_)
+    assert {r["impl"] for r in payload["results"] if r["mode"] == "hard"} == {"torch", "cpp"}
+    assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
