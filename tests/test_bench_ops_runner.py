@@ -28,3 +28,14 @@ def test_runner_times_both_cpu_paths_side_by_side(tmp_path, monkeypatch):
             assert row["median_ms"] > 0 and row["speedup_vs_torch"] > 0, (impl, pass_)
     assert {r["impl"] for r in payload["results"] if r["mode"] == "hard"} == {"torch", "cpp"}
     assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
+
+
+def test_interleaved_timing_rotates_the_order():
+    import torch
+    from common import interleaved_median_ms
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timing = interleaved_median_ms(fns, torch.device("cpu"), warmup=0, repeats=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(t["repeats"] == 3 for t in timing.values())
