@@ -16,7 +16,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -75,12 +75,15 @@ def paper_fits(shape, elem: int) -> bool:
     return need / 2**30 <= PAPER_MEMORY_LIMIT_GIB
 
 
-def cpu_path(path: str):
+def cpu_path(path: Optional[str]):
     """backend="cpp" with its soft path forced (HYPERDAS_FAST_CPU_SOFT, read on every call, so
-    the forward and the backward both run that path)."""
+    the forward and the backward both run that path); None: the path cpp picks itself."""
 
     def run(*args):
-        os.environ["HYPERDAS_FAST_CPU_SOFT"] = path
+        if path is None:
+            os.environ.pop("HYPERDAS_FAST_CPU_SOFT", None)
+        else:
+            os.environ["HYPERDAS_FAST_CPU_SOFT"] = path
         return ops.interchange(*args, backend="cpp")
 
     return run
@@ -95,6 +98,8 @@ def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
 
     soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
     if cpu_paths and device.type == "cpu" and "cpp" in backends:
+        # plain cpp must clear the variable the forced paths leave set
+        soft_impls["cpp"] = cpu_path(None)
         soft_impls.update({f"cpp:{p}": cpu_path(p) for p in ("per_example", "batched")})
     if paper_fits(shape, elem):
         soft_impls["paper"] = interchange_paper

@@ -30,6 +30,17 @@ def test_runner_times_both_cpu_paths_side_by_side(tmp_path, monkeypatch):
     assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
 
 
+def test_plain_cpp_clears_a_forced_path(monkeypatch):
+    """With --cpu-paths, plain cpp runs in rounds after a forced path: it must not inherit it."""
+    seen = []
+    monkeypatch.setattr(bench_ops.ops, "interchange",
+                        lambda *a, backend: seen.append(os.environ.get("HYPERDAS_FAST_CPU_SOFT")))
+    bench_ops.cpu_path("batched")()
+    bench_ops.cpu_path(None)()
+    assert seen == ["batched", None]
+    assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
+
+
 def test_interleaved_timing_rotates_the_order():
     import torch
     from common import interleaved_median_ms
