@@ -346,7 +346,9 @@ bool use_per_example(int64_t B, int64_t T, int64_t d, int64_t k) {
   return B >= threads && 4 * per_thread * threads <= 5 * B;
 }
 
-// Grow-only per-thread buffers for the per-example tasks (see scratch() for why).
+// Grow-only per-thread buffers for the per-example tasks (see scratch() for why). Not
+// scratch() itself: the calling thread is also OpenMP thread 0 of the task team, and its
+// scratch() slots hold whole-batch buffers (the g_basis partials) a task must not reuse.
 template <typename scalar_t>
 scalar_t* thread_buffer(int slot, int64_t n) {
   thread_local std::vector<scalar_t> buffers[6];
