@@ -195,6 +195,23 @@ def test_fp64_both_cpu_paths(path, variant, layout, monkeypatch):
     assert raw[3].stride() == args[3].stride() or layout == "strided"
 
 
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_fp64_per_example_sums_three_chunks_in_order(layout, monkeypatch):
+    """With three threads the per-example backward keeps three g_basis partials (chunks of
+    2, 2 and 1 examples) and sums them in chunk order into a basis-layout gradient; two
+    threads, the common case, would leave the third-and-later partials unchecked."""
+    monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", "per_example")
+    args = make_inputs(5, 7, 4, 19, 6, *VARIANTS[0])
+    args[3] = _basis_in_layout(args[3], layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert torch.get_num_threads() == 3
+        assert_fp64_matches_reference(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_path_override_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", "fastest")
     args = make_inputs(2, 3, 2, 5, 2)
