@@ -4,9 +4,11 @@ Implementations are timed side by side, round by round (each round calls each on
 For each shape: soft forward, soft forward+backward, and the hard (sparse, in place)
 forward; for each available backend plus the paper formulation (soft only). Reports the
 median ms, effective GB/s (bytes that must move at least once / time), peak memory, and
-the ratios to the `torch` reference and to the paper formulation. Writes JSON.
+the ratios to the `torch` reference and to the paper formulation. Writes JSON. With
+``--runs N`` the whole measurement repeats N times and each row gives the median over the
+runs, with every ratio's range across them.
 
-    python benchmarks/bench_ops.py --device cpu  --out benchmarks/results/ops_cpu.json
+    python benchmarks/bench_ops.py --device cpu --runs 5 --out benchmarks/results/ops_cpu.json
     python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out benchmarks/results/ops_h100.json
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -184,6 +187,38 @@ def add_ratios(rows: List[Dict[str, object]]) -> None:
                     r[f"eager_speedup_vs_{ref}"] = other["eager_median_ms"] / r["eager_median_ms"]
 
 
+def summarize_runs(runs: List[List[Dict[str, object]]]) -> List[Dict[str, object]]:
+    """One row per (shape, mode, pass, impl) from several whole runs of the benchmark.
+
+    Each run's ratios come from implementations timed side by side in that run; the summary
+    takes, per field, the median over runs (median_ms, gbps and every speedup_vs_*), with
+    the per-run values kept under ``runs`` and each speedup's range as ``*_min``/``*_max``.
+    A single run is returned as it is.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    key = lambda r: (r["shape"], r["mode"], r["pass_"], r["impl"])  # noqa: E731
+    by_key: Dict[tuple, List[Dict[str, object]]] = {}
+    for rows in runs:
+        for r in rows:
+            by_key.setdefault(key(r), []).append(r)
+    summary = []
+    for group in by_key.values():
+        row = dict(group[0])
+        numeric = [k for k, v in row.items() if k in ("median_ms", "gbps") or k.startswith(("speedup_vs_", "eager_"))]
+        for k in numeric:
+            values = [r[k] for r in group if r.get(k) is not None]
+            if values:
+                row[k] = statistics.median(values)
+                if "speedup_vs_" in k:
+                    row[f"{k}_min"], row[f"{k}_max"] = min(values), max(values)
+        row["min_ms"] = min(r["min_ms"] for r in group)
+        row["max_ms"] = max(r["max_ms"] for r in group)
+        row["runs"] = [{k: r[k] for k in ("median_ms", *[k for k in r if "speedup_vs_" in k])} for r in group]
+        summary.append(row)
+    return summary
+
+
 def main(argv=None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +226,10 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
     parser.add_argument("--repeats", type=int, default=50, help="rounds (each times every implementation once)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="whole runs over all shapes, one after another; rows report the median over "
+                             "runs of each run's median and ratios, with each ratio's range (a shared "
+                             "machine's speed drifts between minutes)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="hardware memory bandwidth peak in GB/s, to report the fraction reached "
                              "(datasheet: H100 SXM 3350, H200 4800)")
@@ -208,17 +247,26 @@ def main(argv=None) -> Dict[str, object]:
     copy_gbps = cuda_copy_bandwidth_gbps(device) if device.type == "cuda" else None
     if copy_gbps:
         print(f"# measured device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
-    rows: List[Dict[str, object]] = []
-    for name in shapes:
-        print(f"# {name} {SHAPES[name]}", flush=True)
-        rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths))
-    add_ratios(rows)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
+    runs: List[List[Dict[str, object]]] = []
+    for run in range(args.runs):
+        rows: List[Dict[str, object]] = []
+        for name in shapes:
+            print(f"# {name} {SHAPES[name]}" + (f" (run {run + 1}/{args.runs})" if args.runs > 1 else ""), flush=True)
+            rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths))
+        add_ratios(rows)
+        runs.append(rows)
+    rows = summarize_runs(runs)
     for r in rows:
         if args.peak_gbps:
             r["fraction_of_peak_bandwidth"] = r["gbps"] / args.peak_gbps
         if copy_gbps:
             r["fraction_of_copy_bandwidth"] = r["gbps"] / copy_gbps
-        ratio = "  ".join(f"{k}={v:.2f}x" for k, v in r.items() if "speedup_vs_" in k)
+        ratio = "  ".join(
+            f"{k}={v:.2f}x" + (f" [{r[k + '_min']:.2f}-{r[k + '_max']:.2f}]" if k + "_min" in r else "")
+            for k, v in r.items() if k.startswith(("speedup_vs_", "eager_speedup_vs_")) and not k.endswith(("_min", "_max"))
+        )
         eager = f" (eager {r['eager_median_ms']:.3f})" if "eager_median_ms" in r else ""
         print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:6s} "
               f"{r['median_ms']:9.3f} ms{eager} {r['gbps']:8.2f} GB/s  {ratio}", flush=True)
@@ -228,6 +276,8 @@ def main(argv=None) -> Dict[str, object]:
         "dtype": str(dtype),
         "backends": backends,
         "shapes": {n: SHAPES[n] for n in shapes},
+        "runs": args.runs,
+        "repeats": args.repeats,
         "peak_bandwidth_gbps": args.peak_gbps,
         "measured_copy_bandwidth_gbps": copy_gbps,
         "results": rows,

@@ -50,3 +50,30 @@ def test_interleaved_timing_rotates_the_order():
     timing = interleaved_median_ms(fns, torch.device("cpu"), warmup=0, repeats=3)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(t["repeats"] == 3 for t in timing.values())
+
+
+def test_runs_report_the_median_and_range_of_each_runs_ratio(tmp_path, monkeypatch):
+    """--runs 3: each row's ratio is the median of the three runs' side-by-side ratios."""
+    monkeypatch.setitem(bench_ops.SHAPES, "tiny", dict(B=2, T=3, S=2, d=8, k=2))
+    out = tmp_path / "ops.json"
+    bench_ops.main(["--device", "cpu", "--shapes", "tiny", "--backends", "torch", "cpp",
+                    "--repeats", "2", "--runs", "3", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["runs"] == 3
+    rows = payload["results"]
+    assert len(rows) == 2 * 3 + 2  # soft: torch, cpp, paper x two passes; hard: torch, cpp
+    for row in rows:
+        runs = row["runs"]
+        assert len(runs) == 3
+        assert row["median_ms"] == sorted(r["median_ms"] for r in runs)[1]
+        ratios = sorted(r["speedup_vs_torch"] for r in runs)
+        assert row["speedup_vs_torch"] == ratios[1]
+        assert (row["speedup_vs_torch_min"], row["speedup_vs_torch_max"]) == (ratios[0], ratios[2])
+        if row["impl"] == "torch":
+            assert ratios == [1.0, 1.0, 1.0]
+
+
+def test_summary_of_one_run_is_that_run():
+    rows = [dict(shape="s", mode="soft", pass_="forward", impl="cpp", median_ms=1.0, min_ms=1.0, max_ms=1.0,
+                 gbps=1.0, speedup_vs_torch=2.0)]
+    assert bench_ops.summarize_runs([rows]) is rows
