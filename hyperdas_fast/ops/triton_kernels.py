@@ -24,12 +24,13 @@ use TF32 by default):
   In rows mode out aliases base (in place) or its clone; rows are unique so each element
   is read and written by one program only, and the coords kernel has finished reading.
 - ``_bwd_delta_kernel``: g_delta = R g_c - 2 (u.g_c) v, g_base = g - (1 - w_self) g_delta,
-  g_w[b, s, t] = <g_delta, source[s]> (tl.dot) and g_w[b, S, t] = <g_delta, base>.
+  g_w[b, s, t] = <g_delta, source[s]> (tl.dot) and g_w[b, S, t] = <g_delta, base>; g_delta
+  itself stays in registers.
 
 Done with torch ops (small or GEMM-shaped reductions where cuBLAS is as good as a custom
 kernel; each is commented where it happens): u = R^T v, in the backward the sums of the
 d-split partials and the reflection correction on [rows, k], g_mask, g_c = m g_e, u.g_c,
-g_source = w_src @ g_delta (bmm), g_basis (two [d, N] x [N, k] mm plus a rank-B term),
+g_source = (w_src g_c) R^T - 2 (w_src (u.g_c)) v^T (bmm on [B, S, k], one mm), g_basis (two [d, N] x [N, k] mm plus a rank-B term),
 g_reflect (two bmm plus a [B, k] x [k, d] mm), vanilla rows (an index copy), float64
 inputs (the torch reference: the kernels are written for fp32/fp16/bf16).
 
@@ -304,14 +305,14 @@ def _mix_kernel(
 def _bwd_delta_kernel(
     g_ptr, base_ptr, src_ptr, w_ptr, R_ptr, v_ptr,
     gc_ptr, ugc_ptr,
-    gbase_ptr, gdelta_ptr, gw_ptr,
+    gbase_ptr, gw_ptr,
     T, S, d, k,
     HAS_BASIS: tl.constexpr, HAS_REFLECT: tl.constexpr, IEEE: tl.constexpr, ONE_K: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
 ):
     """Per (token tile, source chunk, batch): loops over d.
 
-    g_delta = R g_c - 2 (u.g_c) v  (g_delta = g without a basis)
+    g_delta = R g_c - 2 (u.g_c) v  (g_delta = g without a basis; not stored: see _backward)
     g_base  = g - (1 - w_self) g_delta            (source chunk 0 only)
     g_w[b, s, t] = <g_delta[t], source[s]>        (this program's source chunk)
     g_w[b, S, t] = <g_delta[t], base[t]>           (source chunk 0 only)
@@ -370,8 +371,6 @@ def _bwd_delta_kernel(
             if HAS_REFLECT:
                 vt = tl.load(v_ptr + pid_b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
                 gd = gd - 2.0 * ugc[:, None] * vt[None, :]
-            tl.store(gdelta_ptr + row_off[:, None] + dcols[None, :],
-                     gd.to(gdelta_ptr.dtype.element_ty), mask=m2 & first_s[:, None])
         else:
             gd = gt
         gb = gt - (1.0 - wself[:, None]) * gd
@@ -577,7 +576,7 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     grid = (triton.cdiv(T, cfg["BT3"]), triton.cdiv(S, cfg["BS"]), B)
     if basis is None:
         _bwd_delta_kernel[grid](
-            grad, base, source, weights, dummy, dummy, dummy, dummy, g_base, dummy, g_w,
+            grad, base, source, weights, dummy, dummy, dummy, dummy, g_base, g_w,
             T, S, d, 1,
             HAS_BASIS=False, HAS_REFLECT=False, IEEE=_ieee(base), ONE_K=True,
             BT=cfg["BT3"], BK=16, BD=cfg["BD3"], BS=cfg["BS"], num_warps=cfg["W3"],
@@ -596,6 +595,9 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     # (c = R^T delta - 2 (v.delta) u, g_e likewise), g_mask, g_c = m g_e, u.g_c, u.e.
     c3 = c.sum(0).view(B, T, k)
     ge3 = ge.sum(0).view(B, T, k)
+    # The d-split partials can be [DSPLIT, B*T, k] fp32, as large as base itself at B*T = 1024
+    # on an H200: free them before the [B, T, d] gradients are allocated.
+    del c, ge
     if reflect is not None:
         vd = vd.sum(0)
         vg = vg.sum(0)
@@ -618,17 +620,21 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
         ue = (e3 * u.unsqueeze(1)).sum(-1)  # [B, T]
     else:
         ugc = dummy
-    g_delta = torch.empty_like(base)
     _bwd_delta_kernel[grid](
         grad, base, source, weights, basis, reflect if reflect is not None else dummy,
-        gc3, ugc, g_base, g_delta, g_w,
+        gc3, ugc, g_base, g_w,
         T, S, d, k,
         HAS_BASIS=True, HAS_REFLECT=reflect is not None, IEEE=_ieee(base), ONE_K=k <= cfg["BK"],
         BT=cfg["BT3"], BK=cfg["BK"], BD=cfg["BD3"], BS=cfg["BS"], num_warps=cfg["W3"],
     )
     dt = base.dtype
-    # g_source = w_src @ g_delta: reduction over tokens, a batched GEMM (cuBLAS).
-    g_source = torch.bmm(weights[:, :S, :], g_delta)
+    # g_source = w_src g_delta with g_delta = g_c R^T - 2 (u.g_c) v, from its low-rank
+    # factors: (w_src g_c) R^T - 2 (w_src (u.g_c)) v^T. The [B, T, d] g_delta is never
+    # stored (one [B, T, d] buffer less at the backward's peak, and one write and read less).
+    w_src = weights[:, :S, :].float()
+    g_source = (torch.bmm(w_src, gc3).reshape(B * S, k).to(dt) @ basis.t()).view(B, S, d)
+    if reflect is not None:
+        g_source.baddbmm_(torch.bmm(w_src, ugc.unsqueeze(2)).to(dt), reflect.unsqueeze(1), alpha=-2.0)
     # g_basis = sum_bt (H g) e^T + (H delta) g_c^T, H = I - 2 v v^T:
     #   G^T E + Delta^T G_c - 2 sum_b v_b y_b^T,  y_b = sum_t (v.g) e + (v.delta) g_c.
     # Reductions over all B*T tokens with [d, k] outputs: torch mm (cuBLAS), fp32 accumulate.
