@@ -232,8 +232,18 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    return profiled_peak_bytes(fn)
+
+
+def profiled_peak_bytes(fn: Callable[[], object], tensors_only: bool = False) -> int:
+    """Peak bytes allocated on the CPU during one call of fn(), above what was live before,
+    from the profiler's memory timeline (every allocation and free).
+
+    tensors_only: count only allocations that back a tensor, not the kernels' own scratch
+    (such as the CPU's bf16 GEMM buffers, which have no counterpart in cuBLAS).
+    """
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+    from torch.profiler._memory_profiler import Action, TensorKey
 
     # The memory timeline (needs shapes and stacks) lists every tensor allocation and
     # free; count the tensors created during fn() and take the running maximum.
@@ -243,6 +253,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     created = set()
     live = peak = 0
     for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if tensors_only and not isinstance(key, TensorKey):
+            continue
         if action == Action.CREATE:
             created.add(key)
             live += size

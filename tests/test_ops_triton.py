@@ -11,6 +11,9 @@ shapes; they skip without a CUDA device.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,9 @@ from hyperdas_fast import ops
 from hyperdas_fast.ops.reference import interchange_reference, interchange_rows_reference
 
 tk = pytest.importorskip("hyperdas_fast.ops.triton_kernels", reason="triton is not installed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import profiled_peak_bytes  # noqa: E402  (benchmarks/common.py)
 
 CPU_OK = tk.is_available(torch.device("cpu"))
 needs_interp = pytest.mark.skipif(not CPU_OK, reason="TRITON_INTERPRET=1 is needed for CPU tensors")
@@ -210,29 +216,6 @@ class _NoKernel:
         return lambda *args, **kwargs: None
 
 
-def _peak_tensor_bytes(fn):
-    """Peak bytes of the tensors created during fn(), from the profiler's memory timeline.
-
-    Only allocations that back a tensor count: the CPU kernels' own scratch (e.g. the bf16
-    GEMMs' buffers) has no tensor id and no counterpart under cuBLAS."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action, TensorKey
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    created, live, peak = set(), 0, 0
-    for _, action, (key, _version), size in prof._memory_profile().timeline:
-        if not isinstance(key, TensorKey):
-            continue
-        if action == Action.CREATE:
-            created.add(key)
-            live += size
-        elif action == Action.DESTROY and key in created:
-            live -= size
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("B,T", [(32, 128), (8, 128), (32, 32)])
 def test_gpu_launch_plan_fits_the_memory_target(B, T, monkeypatch):
     """The issue's GPU target: forward+backward peak memory <= 1.5x inputs plus output, at
@@ -261,7 +244,7 @@ def test_gpu_launch_plan_fits_the_memory_target(B, T, monkeypatch):
     def forward_backward():
         torch.ops.hyperdas_fast.interchange_triton(*args).backward(grad_out)
 
-    ratio = _peak_tensor_bytes(forward_backward) / io_bytes
+    ratio = profiled_peak_bytes(forward_backward, tensors_only=True) / io_bytes
     assert all(a.grad is not None and a.grad.shape == a.shape for a in args)
     assert ratio <= 1.5, f"forward+backward peak is {ratio:.2f}x inputs plus output"
 
