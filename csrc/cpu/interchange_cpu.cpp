@@ -288,18 +288,15 @@ struct Subspace {
   at::Tensor u_storage;         // owns u
 };
 
-// The per-call subspace view shared by the forward, backward and rows kernels. Without
-// with_u, u stays null (the per-example tasks compute their examples' u themselves).
+// The per-call subspace view shared by the forward, backward and rows kernels.
 template <typename scalar_t>
 Subspace<scalar_t> make_subspace(const at::Tensor& R, const std::optional<at::Tensor>& reflect,
-                                 const std::optional<at::Tensor>& mask, bool with_u = true) {
+                                 const std::optional<at::Tensor>& mask) {
   Subspace<scalar_t> sub;
   if (reflect.has_value()) {
     sub.v = reflect->const_data_ptr<scalar_t>();
-    if (with_u) {
-      sub.u_storage = at::mm(*reflect, R);
-      sub.u = sub.u_storage.template const_data_ptr<scalar_t>();
-    }
+    sub.u_storage = at::mm(*reflect, R);
+    sub.u = sub.u_storage.template const_data_ptr<scalar_t>();
   }
   if (mask.has_value()) {
     sub.m = mask->const_data_ptr<scalar_t>();
@@ -412,7 +409,7 @@ struct BlockedProblem {
   int64_t B, T, d, S, k, chunks, per_chunk, per_block;
   at::Tensor R;  // the basis, dense (row- or column-major)
   BasisOperand<scalar_t> r;
-  Subspace<scalar_t> sub;        // sub.u is null: see block_u()
+  Subspace<scalar_t> sub;
   const scalar_t *wp, *xp, *sp;  // weights, base, source
 
   BlockedProblem(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
@@ -421,18 +418,8 @@ struct BlockedProblem {
       : B(base.size(0)), T(base.size(1)), d(base.size(2)), S(source.size(1)), k(R_in.size(1)),
         chunks(std::min<int64_t>(B, at::get_num_threads())), per_chunk((B + chunks - 1) / chunks),
         per_block(examples_per_block(T, per_chunk)), R(dense_basis(R_in)), r(basis_operand<scalar_t>(R)),
-        sub(make_subspace<scalar_t>(R, reflect, mask, /*with_u=*/false)), wp(weights.const_data_ptr<scalar_t>()),
+        sub(make_subspace<scalar_t>(R, reflect, mask)), wp(weights.const_data_ptr<scalar_t>()),
         xp(base.const_data_ptr<scalar_t>()), sp(source.const_data_ptr<scalar_t>()) {}
-
-  // u = R^T v [b1 - b0, k] for a block's examples (null without reflect), computed by the
-  // task that owns them: a separate [B, d] x [d, k] product before the parallel region
-  // cost ~20 us per call at the SmolLM2 shape (an MKL parallel region of its own).
-  const scalar_t* block_u(int64_t b0, int64_t b1) const {
-    if (sub.v == nullptr) return nullptr;
-    scalar_t* u = thread_buffer<scalar_t>(4, per_block * k);
-    gemm_rowmajor<scalar_t>(false, r.trans_r(), b1 - b0, k, d, 1, sub.v + b0 * d, d, r.p, r.ld, 0, u, k);
-    return u;
-  }
 };
 
 // out [d, k] (any strides) = partials[0] + partials[1] + ... in that order, for every
@@ -498,7 +485,6 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
       const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
       for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
         const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
-        const scalar_t* u = P.block_u(b0, b1);                      // [b1 - b0, k]
         scalar_t* delta = Dp != nullptr ? Dp + n0 * d : delta_buf;  // the block's rows [rows, d]
         // delta = W_src^T source + (w_self - 1) base, per example; dv = delta . v
         for (int64_t b = b0; b < b1; ++b) {
@@ -515,7 +501,7 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
         if (has_v || has_m) {
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t b = b0 + i / T;
-            eu[i] = fwd_k_row(c + i * k, e + i * k, has_v ? u + (b - b0) * k : nullptr,
+            eu[i] = fwd_k_row(c + i * k, e + i * k, has_v ? sub.u + b * k : nullptr,
                               has_m ? sub.m + b * sub.m_stride : nullptr, has_v ? dv[i] : scalar_t(0), k);
           }
         }
@@ -582,8 +568,7 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
         const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
         for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
           const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
-          const scalar_t* u = P.block_u(b0, b1);  // [b1 - b0, k]
-          const scalar_t* x = xp + n0 * d;        // the block's rows
+          const scalar_t* x = xp + n0 * d;  // the block's rows
           const scalar_t* g = gp + n0 * d;
           // delta (the forward's, or recomputed per example); dv = delta.v, vg = v.g
           const scalar_t* delta = delta_given != nullptr ? delta_given + n0 * d : delta_buf;
@@ -609,7 +594,7 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
             const scalar_t* c_in = cin != nullptr ? cin + (n0 + i) * k : gc + i * k;
             const scalar_t a = (has_v && cin == nullptr) ? scalar_t(-2) * dv[i] : scalar_t(0);
             std::tie(ue[i], ugc[i]) =
-                bwd_k_row(c_in, gc + i * k, e + i * k, has_v ? u + (b - b0) * k : zeros_k.data(),
+                bwd_k_row(c_in, gc + i * k, e + i * k, has_v ? sub.u + b * k : zeros_k.data(),
                           has_m ? sub.m + b * sub.m_stride : ones_k.data(), a, has_v ? vg[i] : scalar_t(0),
                           has_v ? dv[i] : scalar_t(0), gmp + b * k, Qp + b * k, k);
           }
