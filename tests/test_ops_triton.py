@@ -436,8 +436,6 @@ def _aot_compile_all(arch: int = 90) -> list:
 def test_kernels_compile_for_sm90():
     """AOT compile for sm_90 in a subprocess (the interpreter is on in this process)."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     import triton
 
@@ -453,8 +451,6 @@ def test_kernels_compile_for_sm90():
 
 
 if __name__ == "__main__":
-    import sys
-
     if "--aot" in sys.argv:
         compiled = _aot_compile_all()
         for name, consts, smem in compiled:
