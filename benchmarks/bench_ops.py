@@ -78,32 +78,46 @@ def paper_fits(shape, elem: int) -> bool:
     return need / 2**30 <= PAPER_MEMORY_LIMIT_GIB
 
 
-def cpu_path(path: Optional[str]):
-    """backend="cpp" with its soft path forced (HYPERDAS_FAST_CPU_SOFT, read on every call, so
-    the forward and the backward both run that path); None: the path cpp picks itself."""
+# backend -> (the variable that forces its soft path, the paths)
+FORCED_PATHS = {
+    "cpp": ("HYPERDAS_FAST_CPU_SOFT", ("per_example", "batched")),
+    "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected")),
+}
+
+
+def forced_path(backend: str, path: Optional[str]):
+    """The backend with its soft path forced (the variable is read on every call, so the
+    forward and the backward both run that path, and a CUDA graph captures that path);
+    None: the path the backend picks itself."""
+    variable = FORCED_PATHS[backend][0]
 
     def run(*args):
         if path is None:
-            os.environ.pop("HYPERDAS_FAST_CPU_SOFT", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["HYPERDAS_FAST_CPU_SOFT"] = path
-        return ops.interchange(*args, backend="cpp")
+            os.environ[variable] = path
+        return ops.interchange(*args, backend=backend)
 
     return run
 
 
+def cpu_path(path: Optional[str]):
+    return forced_path("cpp", path)
+
+
 def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
-                cpu_paths: bool = False) -> List[Dict[str, object]]:
+                cpu_paths: bool = False, triton_paths: bool = False) -> List[Dict[str, object]]:
     elem = torch.tensor([], dtype=dtype).element_size()
     base, source, weights, basis, reflect, mask, index = make_inputs(shape, dtype, device)
     rows: List[Dict[str, object]] = []
     io_bytes = elem * (base.numel() * 2 + source.numel() + weights.numel() + basis.numel() + reflect.numel() + mask.numel())
 
     soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
-    if cpu_paths and device.type == "cpu" and "cpp" in backends:
-        # plain cpp must clear the variable the forced paths leave set
-        soft_impls["cpp"] = cpu_path(None)
-        soft_impls.update({f"cpp:{p}": cpu_path(p) for p in ("per_example", "batched")})
+    for backend, wanted in (("cpp", cpu_paths and device.type == "cpu"), ("triton", triton_paths)):
+        if wanted and backend in backends:
+            # the plain backend must clear the variable the forced paths leave set
+            soft_impls[backend] = forced_path(backend, None)
+            soft_impls.update({f"{backend}:{p}": forced_path(backend, p) for p in FORCED_PATHS[backend][1]})
     if paper_fits(shape, elem):
         soft_impls["paper"] = interchange_paper
     args = (base, source, weights, basis, reflect, mask)
@@ -145,7 +159,8 @@ def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
                          gbps=soft_bytes(shape, elem, True) / timing["median_ms"] / 1e6,
                          peak_bytes=peak, peak_over_io=(peak / io_bytes) if peak else None))
 
-    os.environ.pop("HYPERDAS_FAST_CPU_SOFT", None)
+    for variable, _ in FORCED_PATHS.values():
+        os.environ.pop(variable, None)
     rows_selected = int((index >= 0).sum())
     hard_bytes = elem * (3 * rows_selected * shape["d"] + basis.numel() + reflect.numel() + mask.numel())
 
@@ -235,6 +250,9 @@ def main(argv=None) -> Dict[str, object]:
                              "(datasheet: H100 SXM 3350, H200 4800)")
     parser.add_argument("--cpu-paths", action="store_true",
                         help="also time the cpp backend's two soft paths, each forced (cpp:per_example, cpp:batched)")
+    parser.add_argument("--triton-paths", action="store_true",
+                        help="also time the triton backend's two soft paths, each forced (triton:fused, "
+                             "triton:projected)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -254,7 +272,8 @@ def main(argv=None) -> Dict[str, object]:
         rows: List[Dict[str, object]] = []
         for name in shapes:
             print(f"# {name} {SHAPES[name]}" + (f" (run {run + 1}/{args.runs})" if args.runs > 1 else ""), flush=True)
-            rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths))
+            rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths,
+                                    args.triton_paths))
         add_ratios(rows)
         runs.append(rows)
     rows = summarize_runs(runs)
@@ -268,7 +287,7 @@ def main(argv=None) -> Dict[str, object]:
             for k, v in r.items() if k.startswith(("speedup_vs_", "eager_speedup_vs_")) and not k.endswith(("_min", "_max"))
         )
         eager = f" (eager {r['eager_median_ms']:.3f})" if "eager_median_ms" in r else ""
-        print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:6s} "
+        print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:16s} "
               f"{r['median_ms']:9.3f} ms{eager} {r['gbps']:8.2f} GB/s  {ratio}", flush=True)
     payload = {
         "benchmark": "interchange op",

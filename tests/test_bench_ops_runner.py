@@ -30,15 +30,19 @@ def test_runner_times_both_cpu_paths_side_by_side(tmp_path, monkeypatch):
     assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
 
 
-def test_plain_cpp_clears_a_forced_path(monkeypatch):
-    """With --cpu-paths, plain cpp runs in rounds after a forced path: it must not inherit it."""
+@pytest.mark.parametrize("backend", sorted(bench_ops.FORCED_PATHS))
+def test_plain_backend_clears_a_forced_path(backend, monkeypatch):
+    """With --cpu-paths / --triton-paths, the plain backend runs in rounds after a forced
+    path: it must not inherit it."""
+    variable, paths = bench_ops.FORCED_PATHS[backend]
     seen = []
+    monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(bench_ops.ops, "interchange",
-                        lambda *a, backend: seen.append(os.environ.get("HYPERDAS_FAST_CPU_SOFT")))
-    bench_ops.cpu_path("batched")()
-    bench_ops.cpu_path(None)()
-    assert seen == ["batched", None]
-    assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
+                        lambda *a, backend: seen.append((backend, os.environ.get(variable))))
+    bench_ops.forced_path(backend, paths[1])()
+    bench_ops.forced_path(backend, None)()
+    assert seen == [(backend, paths[1]), (backend, None)]
+    assert variable not in os.environ
 
 
 def test_interleaved_timing_rotates_the_order():

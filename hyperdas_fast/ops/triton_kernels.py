@@ -34,6 +34,11 @@ g_source = (w_src g_c) R^T - 2 (w_src (u.g_c)) v^T (bmm on [B, S, k], one mm), g
 g_reflect (two bmm plus a [B, k] x [k, d] mm), vanilla rows (an index copy), float64
 inputs (the torch reference: the kernels are written for fp32/fp16/bf16).
 
+Large soft inputs (``triton_projected.use_projected``: B*T*d >= 2^24 by default;
+HYPERDAS_FAST_TRITON_SOFT=fused|projected forces a path) take the projected path in
+``triton_projected.py`` instead: cuBLAS GEMMs over d and Triton kernels in k dimensions, so
+the mix is never formed in d dimensions.
+
 On CPU tensors the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set
 before triton is imported); that is only for tests.
 """
@@ -51,6 +56,7 @@ try:  # the module must raise ImportError (not fail otherwise) when triton is un
 except Exception as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"triton is not usable: {exc}") from exc
 
+from . import triton_projected
 from .reference import interchange_reference, interchange_rows_reference
 
 ROWS_AUTOGRAD = False
@@ -543,9 +549,9 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     base = base.contiguous()
     source = source.contiguous()
     weights = weights.contiguous()
-    out = torch.empty_like(base)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     if basis is None:
+        out = torch.empty_like(base)
         grid = (triton.cdiv(T, cfg["BT2"]), triton.cdiv(d, cfg["DSPAN2"]), B)
         _mix_kernel[grid](base, source, weights, out, T, S, d, cfg["DSPAN2"],
                           IEEE=_ieee(base), BT=cfg["BT2"], BD=min(cfg["BD2"], cfg["DSPAN2"]), BS=cfg["BS"],
@@ -554,8 +560,11 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
     u = _u(basis, reflect)
+    if triton_projected.use_projected(B, T, d, basis.shape[1]):
+        m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
+        return triton_projected.forward(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
     c, vd, _, _, _ = _launch_coords(base, source, weights, basis, reflect, cfg)
-    return _launch_apply(base, out, c, vd, mask, basis, reflect, u, cfg)
+    return _launch_apply(base, torch.empty_like(base), c, vd, mask, basis, reflect, u, cfg)
 
 
 def _backward(grad, base, source, weights, basis, reflect, mask):
@@ -589,6 +598,10 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     reflect = reflect.contiguous() if reflect is not None else None
     k = basis.shape[1]
     u = _u(basis, reflect)
+    if triton_projected.use_projected(B, T, d, k):
+        m, m_stride = _expanded_mask(mask, B, k, dev)
+        grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride)
+        return tuple(empty() if gr is None else gr for gr in grads)
     c, vd, ge, vg, delta = _launch_coords(base, source, weights, basis, reflect, cfg,
                                           grad=grad, store_delta=True)
     # Small [B*T, k] work in torch: sums of the d-split partials, the reflection correction

@@ -1,0 +1,314 @@
+"""The Triton backend's "projected" soft path: three cuBLAS GEMMs over d and Triton kernels
+for everything in k dimensions (large inputs; see ``use_projected``).
+
+Same algebra as ``csrc/common/interchange_projected.h`` (the CUDA backend's ATen version;
+its comment derives it): the mix is never formed in d dimensions, because projecting
+commutes with mixing. Where the ATen version runs some thirty small torch ops on [B, T, k]
+tensors (each a kernel launch of a few microseconds on a GPU, which is most of its time at
+Llama-3-8B shapes), this path runs one Triton kernel per pass for them.
+
+With RV = [R | -2 v_1 .. -2 v_B] ([d, Kc], Kc = k + B; just R without reflect) and, for a
+row x in k dimensions of batch b, block(x) = [x | (u.x) in column k + b, zeros elsewhere]:
+
+    P_S = source RV [B, S, Kc],  P_B = base RV [B, T, Kc]              (GEMMs over d)
+    c   = R_b^T delta = W_src^T P_S[:k] + (w_self - 1) P_B[:k] - 2 (v.delta) u
+    e   = m c
+    out = base + block(e) RV^T                                         (GEMM, beta = 1)
+
+and in the backward, with P_G = g RV, g_e = R_b^T g, g_c = m g_e, g_s = W_src g_c:
+
+    g_base   = g + block((w_self - 1) g_c) RV^T
+    g_source = block(g_s) RV^T
+    g_w[s,t] = g_c,t . (R_b^T source_s),   g_w[S,t] = g_c,t . (R_b^T base_t)
+    [g_R | sum_t (u.e) g + (u.g_c) delta]  = g^T block(e) + source^T block(g_s) + base^T block((w_self-1) g_c)
+    g_basis  = g_R[:, :k] - 2 V^T y,   y_b = sum_t (v.g) e + (v.delta) g_c
+    g_v      = -2 [g_R[:, k + b] + R y_b]
+
+RV's reflection columns hold -2 v rather than v, so block(.) is the same matrix in the
+output GEMMs (where the rank-one terms carry -2) and in the g_R GEMMs (where they do not);
+the kernels read v.x from a P column times -1/2, which is exact (a power of two).
+
+Kernels (fp32 arithmetic; the k-space products use ``input_precision="ieee"``, as torch's
+fp32 matmul does):
+
+- ``_kspace_rows_kernel`` (BT rows of one batch): c, e and block(e); in the backward also
+  g_c, u.g_c, g_w[S, :], block((w_self - 1) g_c), and per-tile partial sums of y and of
+  g_mask (summed by torch afterwards: deterministic, no atomics).
+- ``_kspace_sources_kernel`` (backward, BS sources of one batch): g_s = W_src g_c,
+  block(g_s) and g_w[:S, :].
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+ENV_PATH = "HYPERDAS_FAST_TRITON_SOFT"
+MAX_K = 512  # the kernels hold a row's k columns in one block
+
+
+@triton.jit
+def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
+                 HAS_REFLECT: tl.constexpr, BB: tl.constexpr):
+    """Rows [x | xu in column k + b, zeros in the other B - 1 columns] at ptr + row_off."""
+    tl.store(ptr + row_off[:, None] + kcols[None, :], x.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & (kcols < k)[None, :])
+    if HAS_REFLECT:
+        for j0 in range(0, B, BB):
+            jc = j0 + tl.arange(0, BB)
+            vals = tl.where(jc[None, :] == b, xu[:, None], 0.0)
+            tl.store(ptr + row_off[:, None] + k + jc[None, :], vals.to(ptr.dtype.element_ty),
+                     mask=valid[:, None] & (jc < B)[None, :])
+
+
+@triton.jit
+def _kspace_rows_kernel(
+    ps_ptr, pb_ptr, pg_ptr, w_ptr, u_ptr, m_ptr, m_stride_b,
+    blk_ptr, ag_ptr, gc_ptr, ugc_ptr, gw_ptr, y_ptr, gm_ptr,
+    T, S, k, Kc, B, ntile,
+    HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr,
+):
+    """One tile of BT rows of batch b. Forward: blk = block(e). Backward: blk =
+    block((w_self - 1) g_c), ag = block(e), g_c, u.g_c, g_w[b, S, :], partials of y and
+    of g_mask at [b, tile, :]."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    valid = t < T
+    kcols = tl.arange(0, BK)
+    kvalid = kcols < k
+    mk = valid[:, None] & kvalid[None, :]
+    w_b = w_ptr + b * (S + 1) * T
+    wm1 = tl.load(w_b + S * T + t, mask=valid, other=1.0).to(tl.float32) - 1.0
+
+    # R^T delta = W_src^T P_S + (w_self - 1) P_B, and v.delta from column k + b
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    vd = tl.zeros([BT], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        scols = s0 + tl.arange(0, BS)
+        svalid = scols < S
+        wt = tl.load(w_b + scols[None, :] * T + t[:, None],
+                     mask=valid[:, None] & svalid[None, :], other=0.0).to(tl.float32)  # [BT, BS]
+        ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kc + kcols[None, :],
+                     mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+        acc = tl.dot(wt, ps, acc, input_precision="ieee")
+        if HAS_REFLECT:
+            sv = tl.load(ps_ptr + (b * S + scols) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32)
+            vd += tl.sum(wt * sv[None, :], axis=1)
+    row_off = (b * T + t) * Kc
+    pb = tl.load(pb_ptr + row_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+    c = acc + wm1[:, None] * pb
+    if HAS_REFLECT:
+        u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
+        bv = tl.load(pb_ptr + row_off + k + b, mask=valid, other=0.0).to(tl.float32) * -0.5
+        vd = -0.5 * vd + wm1 * bv
+        c = c - 2.0 * vd[:, None] * u[None, :]
+    if HAS_MASK:
+        m = tl.load(m_ptr + b * m_stride_b + kcols, mask=kvalid, other=0.0).to(tl.float32)
+        e = c * m[None, :]
+    else:
+        e = c
+    if HAS_REFLECT:
+        ue = tl.sum(e * u[None, :], axis=1)
+    else:
+        ue = tl.zeros([BT], dtype=tl.float32)
+
+    if not HAS_GRAD:
+        _store_block(blk_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
+    else:
+        ge = tl.load(pg_ptr + row_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+        cb = pb
+        if HAS_REFLECT:
+            vg = tl.load(pg_ptr + row_off + k + b, mask=valid, other=0.0).to(tl.float32) * -0.5
+            ge = ge - 2.0 * vg[:, None] * u[None, :]
+            cb = pb - 2.0 * bv[:, None] * u[None, :]
+        part = (b * ntile + pid_t) * k + kcols
+        if HAS_MASK:
+            tl.store(gm_ptr + part, tl.sum(ge * c, axis=0), mask=kvalid)
+            gc = ge * m[None, :]
+        else:
+            gc = ge
+        tl.store(gc_ptr + (b * T + t)[:, None] * k + kcols[None, :], gc, mask=mk)
+        tl.store(gw_ptr + b * (S + 1) * T + S * T + t, tl.sum(cb * gc, axis=1), mask=valid)
+        if HAS_REFLECT:
+            ugc = tl.sum(gc * u[None, :], axis=1)
+            tl.store(ugc_ptr + b * T + t, ugc, mask=valid)
+            tl.store(y_ptr + part, tl.sum(vg[:, None] * e + vd[:, None] * gc, axis=0), mask=kvalid)
+        else:
+            ugc = tl.zeros([BT], dtype=tl.float32)
+        _store_block(blk_ptr, row_off, wm1[:, None] * gc, wm1 * ugc, b, kcols, valid, k, B, HAS_REFLECT, BB)
+        _store_block(ag_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
+
+
+@triton.jit
+def _kspace_sources_kernel(
+    ps_ptr, w_ptr, u_ptr, gc_ptr, ugc_ptr, as_ptr, gw_ptr,
+    T, S, k, Kc, B,
+    HAS_REFLECT: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BB: tl.constexpr,
+):
+    """One tile of BS sources of batch b (backward): g_s = W_src g_c, block(g_s) (its u.g_s
+    is W_src (u.g_c)), and g_w[b, s, t] = (R_b^T source_s) . g_c,t."""
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = pid_s * BS + tl.arange(0, BS)
+    svalid = s < S
+    kcols = tl.arange(0, BK)
+    kvalid = kcols < k
+    w_b = w_ptr + b * (S + 1) * T
+
+    gs = tl.zeros([BS, BK], dtype=tl.float32)
+    ugs = tl.zeros([BS], dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        tc = t0 + tl.arange(0, BT)
+        tvalid = tc < T
+        w = tl.load(w_b + s[:, None] * T + tc[None, :],
+                    mask=svalid[:, None] & tvalid[None, :], other=0.0).to(tl.float32)  # [BS, BT]
+        gct = tl.load(gc_ptr + (b * T + tc)[:, None] * k + kcols[None, :],
+                      mask=tvalid[:, None] & kvalid[None, :], other=0.0)  # [BT, BK]
+        gs = tl.dot(w, gct, gs, input_precision="ieee")
+        if HAS_REFLECT:
+            ugs += tl.sum(w * tl.load(ugc_ptr + b * T + tc, mask=tvalid, other=0.0)[None, :], axis=1)
+    _store_block(as_ptr, (b * S + s) * Kc, gs, ugs, b, kcols, svalid, k, B, HAS_REFLECT, BB)
+
+    cs = tl.load(ps_ptr + (b * S + s)[:, None] * Kc + kcols[None, :],
+                 mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)
+    if HAS_REFLECT:
+        u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
+        sv = tl.load(ps_ptr + (b * S + s) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32) * -0.5
+        cs = cs - 2.0 * sv[:, None] * u[None, :]
+    for t0 in range(0, T, BT):
+        tc = t0 + tl.arange(0, BT)
+        tvalid = tc < T
+        gct = tl.load(gc_ptr + (b * T + tc)[:, None] * k + kcols[None, :],
+                      mask=tvalid[:, None] & kvalid[None, :], other=0.0)  # [BT, BK]
+        gw = tl.dot(cs, tl.trans(gct), input_precision="ieee")  # [BS, BT]
+        tl.store(gw_ptr + b * (S + 1) * T + s[:, None] * T + tc[None, :], gw,
+                 mask=svalid[:, None] & tvalid[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Choice of path and launchers
+# --------------------------------------------------------------------------------------
+
+
+def use_projected(B: int, T: int, d: int, k: int) -> bool:
+    """Whether the soft op takes this path: from B*T*d = 2^24 up (the size from which the
+    CUDA backend's ATen version of the same algebra beat its fused kernels on an H200), while
+    the reflection columns stay few next to k (they widen every GEMM by B) and a row's k
+    columns fit one block. HYPERDAS_FAST_TRITON_SOFT=fused|projected forces a path (projected
+    still needs k <= 512)."""
+    path = os.environ.get(ENV_PATH, "")
+    if path not in ("", "fused", "projected"):
+        raise ValueError(f"{ENV_PATH} must be 'fused' or 'projected' (or unset), got {path!r}")
+    if path == "fused" or k > MAX_K:
+        return False
+    return path == "projected" or (B * T * d >= 2 ** 24 and B <= max(64, 2 * k))
+
+
+def _p2(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _launch_config(x: Tensor, k: int, B: int) -> dict:
+    if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes
+        return dict(BT=16, BS=16, BK=_p2(k, 16), BB=16, W=1, BS2=16, BT2=16, W2=1)
+    BK = _p2(k, 16)
+    # rows kernel: ~6 live [BT, BK] fp32 tiles in the backward; 8 warps from BK = 256
+    return dict(BT=16, BS=32, BK=BK, BB=min(64, _p2(B, 16)), W=4 if BK <= 128 else 8,
+                BS2=16, BT2=32 if BK <= 128 else 16, W2=4 if BK <= 128 else 8)
+
+
+def _rv(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
+    """[R | -2 V^T] ([d, k + B], basis's dtype), or R without reflect."""
+    if reflect is None:
+        return basis
+    return torch.cat([basis, (-2.0 * reflect.t()).to(basis.dtype)], dim=1)
+
+
+def _project(x: Tensor, RV: Tensor) -> Tensor:
+    """x [B, X, d] -> x RV [B*X, Kc] (one GEMM, in x's dtype as the ATen version)."""
+    return x.reshape(-1, x.shape[-1]) @ RV
+
+
+def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
+            u: Tensor, m: Tensor, m_stride: int, has_mask: bool) -> Tensor:
+    """out [B, T, d]. base, source, weights, basis, reflect contiguous; u = R^T v [B, k] fp32;
+    m the mask ([B, k] with m_stride k, or [k] with m_stride 0)."""
+    B, T, d = base.shape
+    S, k = source.shape[1], basis.shape[1]
+    RV = _rv(basis.to(base.dtype), reflect)
+    Kc = RV.shape[1]
+    PS, PB = _project(source, RV), _project(base, RV)
+    E = torch.empty(B * T, Kc, device=base.device, dtype=base.dtype)
+    cfg = _launch_config(base, k, B)
+    ntile = triton.cdiv(T, cfg["BT"])
+    _kspace_rows_kernel[(ntile, B)](
+        PS, PB, PB, weights, u, m, m_stride,
+        E, E, u, u, u, u, u,
+        T, S, k, Kc, B, ntile,
+        HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, HAS_GRAD=False,
+        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], num_warps=cfg["W"],
+    )
+    return torch.addmm(base.view(B * T, d), E, RV.t()).view(B, T, d)
+
+
+def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
+             reflect: Optional[Tensor], mask: Optional[Tensor], u: Tensor, m: Tensor, m_stride: int):
+    """(g_base, g_source, g_weights, g_basis, g_reflect or None, g_mask or None); the
+    arguments as in ``forward`` plus grad [B, T, d] (contiguous)."""
+    B, T, d = base.shape
+    S, k = source.shape[1], basis.shape[1]
+    N, dt, dev = B * T, base.dtype, base.device
+    RV = _rv(basis.to(dt), reflect)
+    Kc = RV.shape[1]
+    PS, PB, PG = _project(source, RV), _project(base, RV), _project(grad, RV)
+    f32 = dict(device=dev, dtype=torch.float32)
+    cfg = _launch_config(base, k, B)
+    ntile = triton.cdiv(T, cfg["BT"])
+    gc = torch.empty(N, k, **f32)
+    ugc = torch.empty(N if reflect is not None else 1, **f32)
+    g_w = torch.empty(B, S + 1, T, **f32)
+    y_part = torch.empty(B, ntile, k, **f32) if reflect is not None else ugc
+    gm_part = torch.empty(B, ntile, k, **f32) if mask is not None else ugc
+    Ab = torch.empty(N, Kc, device=dev, dtype=dt)  # block((w_self - 1) g_c)
+    Ag = torch.empty(N, Kc, device=dev, dtype=dt)  # block(e)
+    As = torch.empty(B * S, Kc, device=dev, dtype=dt)  # block(g_s)
+    _kspace_rows_kernel[(ntile, B)](
+        PS, PB, PG, weights, u, m, m_stride,
+        Ab, Ag, gc, ugc, g_w, y_part, gm_part,
+        T, S, k, Kc, B, ntile,
+        HAS_REFLECT=reflect is not None, HAS_MASK=mask is not None, HAS_GRAD=True,
+        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], num_warps=cfg["W"],
+    )
+    _kspace_sources_kernel[(triton.cdiv(S, cfg["BS2"]), B)](
+        PS, weights, u, gc, ugc, As, g_w,
+        T, S, k, Kc, B,
+        HAS_REFLECT=reflect is not None,
+        BS=cfg["BS2"], BK=cfg["BK"], BT=cfg["BT2"], BB=cfg["BB"], num_warps=cfg["W2"],
+    )
+    del PS, PB, PG, gc
+    g_base = torch.addmm(grad.view(N, d), Ab, RV.t()).view(B, T, d)
+    g_source = (As @ RV.t()).view(B, S, d)
+    # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), fp32 sum
+    GR = (grad.view(N, d).t() @ Ag).float()
+    GR += (source.view(B * S, d).t() @ As).float()
+    GR += (base.view(N, d).t() @ Ab).float()
+    g_basis = GR[:, :k]
+    g_reflect = None
+    if reflect is not None:
+        y = y_part.sum(1)  # [B, k]
+        g_basis = g_basis - 2.0 * reflect.float().t() @ y
+        # contiguous, as the fake kernel promises (GR's columns are transposed here)
+        g_reflect = (-2.0 * (GR[:, k:].t() + y @ basis.float().t())).to(reflect.dtype).contiguous()
+    g_mask = None
+    if mask is not None:
+        gm = gm_part.sum(1)  # [B, k]
+        g_mask = (gm if mask.dim() == 2 else gm.sum(0)).to(mask.dtype)
+    return g_base, g_source, g_w.to(dt), g_basis.to(basis.dtype).contiguous(), g_reflect, g_mask
