@@ -10,7 +10,7 @@ An ATen call counts when it launches work (views, empty, no-op ``to`` and the li
 and no enclosing ATen call is counted already. Counted in the inputs' dtype (default fp32,
 where ``to(float32)`` is a no-op; a bf16 call adds its casts).
 
-    python benchmarks/count_kernels.py [--out counts.json]
+    python benchmarks/count_kernels.py --out benchmarks/results/kernel_counts_cpu.json
 """
 from __future__ import annotations
 
@@ -109,7 +109,10 @@ def count(B=4, T=8, S=6, d=64, k=8, dtype=torch.float32) -> dict:
             result[name] = dict(aten_calls=sum(aten.values()), triton_launches=n_triton, by_op=dict(aten))
     finally:
         tp._kspace_rows_kernel, tp._kspace_sources_kernel = saved
-    return dict(shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(dtype), reflect=True, mask="[B, k]",
+    from common import machine_info  # benchmarks/common.py
+
+    return dict(benchmark="kernel-launching calls per projected soft pass", machine=machine_info(base.device),
+                shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(dtype), reflect=True, mask="[B, k]",
                 counts=result)
 
 

@@ -140,6 +140,19 @@ def test_projected_path_noncontiguous_and_public_api(projected_calls):
     assert projected_calls == ["forward", "backward"]
 
 
+def test_projected_paths_launch_few_kernels():
+    """benchmarks/count_kernels.py: the projected paths' kernel-launching calls per pass (the
+    reason they exist). Bounds at today's counts: a new small op must be a deliberate choice."""
+    from count_kernels import count  # benchmarks/
+
+    counts = count()["counts"]
+    total = {name: c["aten_calls"] + c["triton_launches"] for name, c in counts.items()}
+    assert counts["triton_projected_forward"]["triton_launches"] == 1
+    assert counts["triton_projected_backward"]["triton_launches"] == 2
+    assert total["triton_projected_forward"] <= 7 and total["triton_projected_backward"] <= 17, total
+    assert total["aten_projected_forward"] <= 15 and total["aten_projected_backward"] <= 43, total
+
+
 def test_projected_path_choice(monkeypatch):
     use = tk.triton_projected.use_projected
     monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)

@@ -1,26 +1,33 @@
 // The soft interchange as a few large GEMMs ("projected" formulation), in ATen only, so the
 // same code runs on any device: the CUDA extension uses it for large inputs (cuBLAS does the
 // heavy lifting), and the CPU extension registers it as interchange_{fwd,bwd}_projected so
-// the tests run this exact code without a GPU.
+// the tests run this exact code without a GPU. (The triton backend has the same algebra with
+// its k-space steps fused into Triton kernels: hyperdas_fast/ops/triton_projected.py.)
 //
 // Why it is cheaper: the mix is never formed in d dimensions. Projection commutes with the
-// mix, so with RV = [R | v_1 .. v_B] ([d, k+B]; just R without reflect):
+// mix, so with RV = [R | -2 v_1 .. -2 v_B] ([d, k+B]; just R without reflect):
 //   P_S = source RV [B,S,k+B],  P_B = base RV [B,T,k+B]              (two GEMMs over d)
-//   R^T delta_t = sum_s w[s,t] R^T source_s + (w_self - 1) R^T base_t  (in k dimensions)
-//   v_b.delta_t likewise from column k+b of P_S and P_B
-//   c = R^T delta - 2 (v.delta) u,  u = R^T v;   e = m c
-//   out = base + R e - 2 (u.e) v = base + [e | E_v] RV^T               (one GEMM, beta = 1)
-// where E_v [N, B] holds -2 (u.e_t) in column b of batch b's rows (zero elsewhere), so the
+//   C   = W_src^T P_S + (w_self - 1) P_B     [B,T,k+B]: R^T delta, and -2 v_b.delta in column k+b
+//   c   = R^T delta - 2 (v.delta) u = C[:k] + C[k+b] u,  u = R^T v;   e = m c
+//   out = base + R e - 2 (u.e) v = base + block(e) RV^T               (one GEMM, beta = 1)
+// where block(x) for a row x of batch b is [x | u.x in column k+b, zeros elsewhere], so the
 // rank-one reflection terms ride along in the same GEMMs. Bytes: source and base read once,
 // base read and out written once; no [B,T,d] temporary.
 //
 // The backward uses the same trick: g_delta = R_b g_c never exists in d dimensions either:
-//   g_base   = g + (w_self - 1) R_b g_c           = addmm(g, [(w_self-1) g_c | ..], RV^T)
-//   g_source = R_b (W_src g_c)                    = [W_src g_c | ..] RV^T
+//   g_base   = g + (w_self - 1) R_b g_c           = addmm(g, block((w_self-1) g_c), RV^T)
+//   g_source = R_b (W_src g_c)                    = block(W_src g_c) RV^T
 //   g_w[s,t] = g_c,t . (R_b^T source_s),  g_w[S,t] = g_c,t . (R_b^T base_t)   (k dimensions)
-//   g_R      = g^T e + source^T (W_src g_c) + base^T ((w_self-1) g_c) - 2 V^T y
-//   g_v      = -2 [sum_t (u.e) g + sum_t (u.g_c) delta + R y],  y_b = sum_t (v.g) e + (v.delta) g_c
-// The d-sized sums over t in g_v are the extra columns of the three g_R GEMMs.
+//   [g_R | G_v] = g^T block(e) + source^T block(W_src g_c) + base^T block((w_self-1) g_c)
+//   g_basis  = g_R - 2 V^T y,   g_v = -2 [G_v column b + R y_b],  y_b = sum_t (v.g) e + (v.delta) g_c
+// (G_v column b = sum_t (u.e) g + (u.g_c) delta.) Because RV carries -2 v, the values read
+// from its columns are -2 v.x, and block(.) is the same matrix in the output GEMMs (where
+// the rank-one terms carry -2) and in the g_R GEMMs (where they do not).
+//
+// Every step is one ATen call where it can be (addcmul, baddbmm, addmm, out= variants, and
+// the three block matrices in one zeroed buffer): at the sizes this runs, a GPU spends a few
+// microseconds per small kernel, and the k-space work is dozens of them
+// (benchmarks/count_kernels.py counts them).
 //
 // RV has k + B columns, so these GEMMs do (k+B)/k times the work of R alone: callers use
 // this formulation only while B is small next to k (use_projected below).
@@ -42,54 +49,43 @@ inline bool batch_fits(int64_t B, int64_t k) { return B <= std::max<int64_t>(64,
 
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-// [d, k] or [d, k + B] = [R | V^T], in R's dtype.
+// [d, k] or [d, k + B] = [R | -2 V^T], in R's dtype.
 inline Tensor rv_of(const Tensor& R, const std::optional<Tensor>& v) {
-  return v.has_value() ? at::cat({R, v->t().to(R.scalar_type())}, 1) : R;
+  return v.has_value() ? at::cat({R, v->t().mul(-2.0).to(R.scalar_type())}, 1) : R;
 }
 
-// P [B, X, k + B] -> [B, X]: column k + b of batch b.
+// P [B, X, k + B] -> [B, X]: column k + b of batch b (a view).
 inline Tensor diag_cols(const Tensor& P, int64_t k) {
   const int64_t B = P.size(0);
   return P.narrow(2, k, B).diagonal(0, 0, 2).t();
 }
 
-// [k_part | vals placed at column b of batch b] : [B, X, k] , [B, X] -> [B, X, k + B]
-inline Tensor block_cols(const Tensor& k_part, const Tensor& vals) {
-  const int64_t B = vals.size(0);
-  Tensor eye = at::eye(B, vals.options());
-  return at::cat({k_part, vals.unsqueeze(-1) * eye.unsqueeze(1)}, -1);
+// x [B, X, K] -> x [B*X, K] in the compute dtype (a cast only for reduced precision).
+inline Tensor project(const Tensor& x, const Tensor& RV, at::ScalarType cdt) {
+  const int64_t B = x.size(0);
+  return at::mm(x.reshape({-1, x.size(2)}), RV).view({B, x.size(1), -1}).to(cdt);
 }
 
-// What the passes need from P_S, P_B: c (reflected coords, before the mask), u, v.delta,
-// v.source, v.base, and for the backward (with_sides) c_S = R_b^T source, c_B = R_b^T base;
-// all in the compute dtype. (The forward skips c_S, c_B: each launch counts in eager calls.)
-struct Projections {
-  Tensor c, cS, cB, u, vd, sv, bv, w_src, wm1;
+// What both passes need: C (see the note; its first k columns, corrected, are c), u, and the
+// weights in the compute dtype.
+struct Mixed {
+  Tensor C, c, u, w, w_src, w_self;
 };
 
-inline Projections project(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
-                           const std::optional<Tensor>& reflect, const Tensor& RV, bool with_sides) {
-  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), k = R.size(1);
-  const auto cdt = compute_type(base.scalar_type());
-  Projections p;
-  Tensor PS = at::mm(source.reshape({B * S, d}), RV).view({B, S, -1}).to(cdt);
-  Tensor PB = at::mm(base.reshape({B * T, d}), RV).view({B, T, -1}).to(cdt);
-  p.w_src = weights.narrow(1, 0, S).to(cdt);           // [B, S, T]
-  p.wm1 = weights.select(1, S).to(cdt) - 1.0;          // [B, T]
-  p.cS = PS.narrow(2, 0, k);
-  p.cB = PB.narrow(2, 0, k);
-  p.c = at::baddbmm(p.wm1.unsqueeze(-1) * p.cB, p.w_src.transpose(1, 2), p.cS);  // R^T delta
+// C = W_src^T P_S + (w_self - 1) P_B; c = C[:k] + C[k+b] u (reflect) or C[:k].
+inline Mixed mix_projected(const Tensor& PS, const Tensor& PB, const Tensor& weights, const Tensor& R,
+                           const std::optional<Tensor>& reflect, at::ScalarType cdt) {
+  const int64_t S = PS.size(1), k = R.size(1);
+  Mixed p;
+  p.w = weights.to(cdt);
+  p.w_src = p.w.narrow(1, 0, S);   // [B, S, T]
+  p.w_self = p.w.select(1, S);     // [B, T]
+  p.C = at::baddbmm(PB * p.w_self.unsqueeze(-1), p.w_src.transpose(1, 2), PS).sub_(PB);
   if (reflect.has_value()) {
-    p.u = at::mm(reflect->to(cdt), R.to(cdt));         // [B, k]
-    p.sv = diag_cols(PS, k);                           // [B, S]
-    p.bv = diag_cols(PB, k);                           // [B, T]
-    p.vd = at::bmm(p.w_src.transpose(1, 2), p.sv.unsqueeze(-1)).squeeze(-1) + p.wm1 * p.bv;  // [B, T]
-    Tensor u1 = p.u.unsqueeze(1);
-    p.c = p.c - 2.0 * p.vd.unsqueeze(-1) * u1;
-    if (with_sides) {
-      p.cS = p.cS - 2.0 * p.sv.unsqueeze(-1) * u1;
-      p.cB = p.cB - 2.0 * p.bv.unsqueeze(-1) * u1;
-    }
+    p.u = at::mm(reflect->to(cdt), R.to(cdt));  // [B, k]
+    p.c = at::addcmul(p.C.narrow(2, 0, k), diag_cols(p.C, k).unsqueeze(-1), p.u.unsqueeze(1));
+  } else {
+    p.c = p.C.narrow(2, 0, k);
   }
   return p;
 }
@@ -99,17 +95,31 @@ inline Tensor mask_factor(const Tensor& mask, at::ScalarType cdt) {
   return mask.dim() == 2 ? m.unsqueeze(1) : m;  // [B, 1, k] or [k]
 }
 
+// x [B, X, k] -> x.u [B, X] (one batched GEMV).
+inline Tensor dot_u(const Tensor& x, const Tensor& u) { return at::bmm(x, u.unsqueeze(-1)).squeeze(-1); }
+
+// Writes block(x) into dst [B, X, k + B] (zeroed beforehand): x in the first k columns, xu
+// [B, X] in column k + b of batch b. dst may have another dtype (the copies cast).
+inline void fill_block(Tensor dst, const Tensor& x, const std::optional<Tensor>& xu, int64_t k) {
+  dst.narrow(2, 0, k).copy_(x);
+  if (xu.has_value()) diag_cols(dst, k).copy_(*xu);
+}
+
 // (out, coords): coords = c [B, T, k] in base's dtype when with_coords, else empty.
 inline std::tuple<Tensor, Tensor> forward(const Tensor& base, const Tensor& source, const Tensor& weights,
                                           const Tensor& R, const std::optional<Tensor>& reflect,
                                           const std::optional<Tensor>& mask, bool with_coords) {
-  const int64_t B = base.size(0), T = base.size(1), d = base.size(2);
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), k = R.size(1);
   const auto dt = base.scalar_type();
   const auto cdt = compute_type(dt);
   Tensor RV = rv_of(R, reflect);
-  Projections p = project(base, source, weights, R, reflect, RV, /*with_sides=*/false);
+  Mixed p = mix_projected(project(source, RV, cdt), project(base, RV, cdt), weights, R, reflect, cdt);
   Tensor e = mask.has_value() ? p.c * mask_factor(*mask, cdt) : p.c;
-  Tensor E = reflect.has_value() ? block_cols(e, -2.0 * (e * p.u.unsqueeze(1)).sum(-1)) : e;
+  Tensor E = e;
+  if (reflect.has_value()) {
+    E = at::zeros({B, T, RV.size(1)}, base.options());
+    fill_block(E, e, dot_u(e, p.u), k);
+  }
   Tensor out = at::addmm(base.reshape({B * T, d}), E.reshape({B * T, -1}).to(dt), RV.t()).view({B, T, d});
   Tensor coords = with_coords ? p.c.to(dt) : at::empty({0}, base.options());
   return {out, coords};
@@ -122,15 +132,18 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const int64_t N = B * T;
   const auto dt = base.scalar_type();
   const auto cdt = compute_type(dt);
+  const bool has_v = reflect.has_value();
   Tensor RV = rv_of(R, reflect);
   const int64_t Kc = RV.size(1);
-  Projections p = project(base, source, weights, R, reflect, RV, /*with_sides=*/true);
-  Tensor PG = at::mm(g.reshape({N, d}), RV).view({B, T, -1}).to(cdt);
-  Tensor ge = PG.narrow(2, 0, k);
-  Tensor vg;
-  if (reflect.has_value()) {
-    vg = diag_cols(PG, k);
-    ge = ge - 2.0 * vg.unsqueeze(-1) * p.u.unsqueeze(1);
+  Tensor PS = project(source, RV, cdt), PB = project(base, RV, cdt), PG = project(g, RV, cdt);
+  Mixed p = mix_projected(PS, PB, weights, R, reflect, cdt);
+  // R_b^T of g, source, base: their first k columns, corrected as c is
+  Tensor ge = PG.narrow(2, 0, k), cS = PS.narrow(2, 0, k), cB = PB.narrow(2, 0, k);
+  if (has_v) {
+    Tensor u1 = p.u.unsqueeze(1);
+    ge = at::addcmul(ge, diag_cols(PG, k).unsqueeze(-1), u1);
+    cS = at::addcmul(cS, diag_cols(PS, k).unsqueeze(-1), u1);
+    cB = at::addcmul(cB, diag_cols(PB, k).unsqueeze(-1), u1);
   }
   Tensor e = p.c, gc = ge, g_mask = at::empty({0}, base.options());
   if (mask.has_value()) {
@@ -141,43 +154,48 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     gc = ge * mb;
   }
   Tensor gs = at::bmm(p.w_src, gc);  // W_src g_c [B, S, k]
-  Tensor g_w = at::cat({at::bmm(p.cS, gc.transpose(1, 2)), (p.cB * gc).sum(-1).unsqueeze(1)}, 1)
-                   .to(weights.scalar_type());
-  Tensor wm1 = p.wm1.unsqueeze(-1);
-  Tensor Eb, Es, Ag, As, Ab;  // GEMM operands: g_base, g_source, and the three g_R sums
-  if (reflect.has_value()) {
-    Tensor u1 = p.u.unsqueeze(1);
-    Tensor ugc = (gc * u1).sum(-1), ue = (e * u1).sum(-1), ugs = (gs * u1).sum(-1);
-    Eb = block_cols(wm1 * gc, -2.0 * p.wm1 * ugc);
-    Es = block_cols(gs, -2.0 * ugs);
-    Ag = block_cols(e, ue);
-    As = block_cols(gs, at::bmm(p.w_src, ugc.unsqueeze(-1)).squeeze(-1));
-    Ab = block_cols(wm1 * gc, p.wm1 * ugc);
-  } else {
-    Eb = wm1 * gc;
-    Es = gs;
-    Ag = e;
-    As = gs;
-    Ab = Eb;
+  Tensor g_w = at::empty({B, S + 1, T}, gc.options());
+  Tensor g_w_src = g_w.narrow(1, 0, S), g_w_self = g_w.select(1, S);
+  at::bmm_out(g_w_src, cS, gc.transpose(1, 2));
+  at::sum_out(g_w_self, cB * gc, {-1});
+  // block(e), block(W_src g_c), block((w_self - 1) g_c) in one zeroed buffer, in base's dtype
+  Tensor blocks = at::zeros({2 * N + B * S, Kc}, base.options());
+  Tensor Ag = blocks.narrow(0, 0, N), As = blocks.narrow(0, N, B * S), Ab = blocks.narrow(0, N + B * S, N);
+  Tensor wm1_gc = gc * (p.w_self - 1.0).unsqueeze(-1);
+  std::optional<Tensor> ue, ugs, wm1_ugc;
+  if (has_v) {
+    ue = dot_u(e, p.u);
+    ugs = dot_u(gs, p.u);
+    wm1_ugc = dot_u(wm1_gc, p.u);
   }
-  Tensor g_base = at::addmm(g.reshape({N, d}), Eb.reshape({N, Kc}).to(dt), RV.t()).view({B, T, d});
-  Tensor g_source = at::mm(Es.reshape({B * S, Kc}).to(dt), RV.t()).view({B, S, d});
-  Tensor GR = at::mm(g.reshape({N, d}).t(), Ag.reshape({N, Kc}).to(dt)).to(cdt);
-  GR.add_(at::mm(source.reshape({B * S, d}).t(), As.reshape({B * S, Kc}).to(dt)).to(cdt));
-  GR.add_(at::mm(base.reshape({N, d}).t(), Ab.reshape({N, Kc}).to(dt)).to(cdt));
+  fill_block(Ag.view({B, T, Kc}), e, ue, k);
+  fill_block(As.view({B, S, Kc}), gs, ugs, k);
+  fill_block(Ab.view({B, T, Kc}), wm1_gc, wm1_ugc, k);
+  Tensor g_base = at::addmm(g.reshape({N, d}), Ab, RV.t()).view({B, T, d});
+  Tensor g_source = at::mm(As, RV.t()).view({B, S, d});
+  // [g_R | G_v], summed in the compute dtype (accumulated by the GEMMs when that is base's)
+  Tensor GR = at::mm(g.reshape({N, d}).t(), Ag).to(cdt);
+  if (dt == cdt) {
+    GR.addmm_(source.reshape({B * S, d}).t(), As);
+    GR.addmm_(base.reshape({N, d}).t(), Ab);
+  } else {
+    GR.add_(at::mm(source.reshape({B * S, d}).t(), As));
+    GR.add_(at::mm(base.reshape({N, d}).t(), Ab));
+  }
   Tensor g_basis_c = GR.narrow(1, 0, k);
   Tensor g_reflect = at::empty({0}, base.options());
-  if (reflect.has_value()) {
-    Tensor y = (vg.unsqueeze(-1) * e + p.vd.unsqueeze(-1) * gc).sum(1);  // [B, k]
-    g_basis_c = g_basis_c - 2.0 * at::mm(reflect->to(cdt).t(), y);
-    // contiguous, as interchange_bwd's fake kernel promises (GR's columns are transposed here)
-    g_reflect = (-2.0 * (GR.narrow(1, k, B).t() + at::mm(y, R.to(cdt).t())))
-                    .to(reflect->scalar_type())
-                    .contiguous();
+  if (has_v) {
+    // y_sum = -2 y = sum_t (-2 v.g) e + (-2 v.delta) g_c: the -2 v.x values are column k+b of
+    // P_G and of C
+    Tensor y_sum = at::baddbmm(at::bmm(diag_cols(PG, k).unsqueeze(1), e), diag_cols(p.C, k).unsqueeze(1), gc)
+                       .squeeze(1);  // [B, k]
+    g_basis_c = at::addmm(g_basis_c, reflect->to(cdt).t(), y_sum);
+    // g_v = -2 G_v^T + y_sum R^T; addmm returns it contiguous, as interchange_bwd's fake kernel promises
+    g_reflect = at::addmm(GR.narrow(1, k, B).t(), y_sum, R.to(cdt).t(), -2.0, 1.0).to(reflect->scalar_type());
   }
   // In the basis's own memory layout (a QR factor is column-major), as the fake kernel says.
   Tensor g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(g_basis_c);
-  return {g_base, g_source, g_w, g_basis, g_reflect, g_mask};
+  return {g_base, g_source, g_w.to(weights.scalar_type()), g_basis, g_reflect, g_mask};
 }
 
 }  // namespace projected

@@ -296,17 +296,21 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
     del PS, PB, PG, gc
     g_base = torch.addmm(grad.view(N, d), Ab, RV.t()).view(B, T, d)
     g_source = (As @ RV.t()).view(B, S, d)
-    # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), fp32 sum
+    # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), summed in
+    # fp32 (by the GEMMs themselves when the inputs are fp32)
     GR = (grad.view(N, d).t() @ Ag).float()
-    GR += (source.view(B * S, d).t() @ As).float()
-    GR += (base.view(N, d).t() @ Ab).float()
+    for x, blk in ((source.view(B * S, d), As), (base.view(N, d), Ab)):
+        if dt == torch.float32:
+            GR.addmm_(x.t(), blk)
+        else:
+            GR += x.t() @ blk
     g_basis = GR[:, :k]
     g_reflect = None
     if reflect is not None:
         y = y_part.sum(1)  # [B, k]
-        g_basis = g_basis - 2.0 * reflect.float().t() @ y
-        # contiguous, as the fake kernel promises (GR's columns are transposed here)
-        g_reflect = (-2.0 * (GR[:, k:].t() + y @ basis.float().t())).to(reflect.dtype).contiguous()
+        g_basis = torch.addmm(g_basis, reflect.float().t(), y, alpha=-2.0)
+        # -2 (GR[:, k + b] + R y_b); addmm's result is contiguous, as the fake kernel promises
+        g_reflect = torch.addmm(GR[:, k:].t(), y, basis.float().t(), beta=-2.0, alpha=-2.0).to(reflect.dtype)
     g_mask = None
     if mask is not None:
         gm = gm_part.sum(1)  # [B, k]
