@@ -81,7 +81,7 @@ def paper_fits(shape, elem: int) -> bool:
 # backend -> (the variable that forces its soft path, the paths)
 FORCED_PATHS = {
     "cpp": ("HYPERDAS_FAST_CPU_SOFT", ("per_example", "batched")),
-    "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected")),
+    "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected", "onepass")),
 }
 
 
@@ -251,8 +251,8 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--cpu-paths", action="store_true",
                         help="also time the cpp backend's two soft paths, each forced (cpp:per_example, cpp:batched)")
     parser.add_argument("--triton-paths", action="store_true",
-                        help="also time the triton backend's two soft paths, each forced (triton:fused, "
-                             "triton:projected)")
+                        help="also time the triton backend's soft paths, each forced (triton:fused, "
+                             "triton:projected, triton:onepass)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 

@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one call (a lent GPU machine has ~15 minutes in all):
 #   1. build the C++ and CUDA extensions in place (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
 #   2. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
-#   3. the op benchmark (bf16, every backend, side by side, and the triton backend's two soft
-#      paths forced: triton:fused, triton:projected) -> $OUT/ops_<gpu>.json, and with
+#   3. the op benchmark (bf16, every backend, side by side, and the triton backend's soft
+#      paths forced: triton:fused, triton:projected, triton:onepass) -> $OUT/ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
 #      -> $OUT/ops_<gpu>_cuda_fused.json,
 #   4. one training step, ours vs the original pipeline, on a randomly initialised model of

@@ -34,8 +34,8 @@ g_source = (w_src g_c) R^T - 2 (w_src (u.g_c)) v^T (bmm on [B, S, k], one mm), g
 g_reflect (two bmm plus a [B, k] x [k, d] mm), vanilla rows (an index copy), float64
 inputs (the torch reference: the kernels are written for fp32/fp16/bf16).
 
-Large soft inputs (``triton_projected.use_projected``: B*T*d >= 2^24 by default;
-HYPERDAS_FAST_TRITON_SOFT=fused|projected forces a path) take the projected path in
+Large soft inputs (``triton_projected.soft_path``: B*T*d >= 2^24 by default;
+HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path) take the projected path in
 ``triton_projected.py`` instead: cuBLAS GEMMs over d and Triton kernels in k dimensions, so
 the mix is never formed in d dimensions.
 
@@ -560,9 +560,11 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
     u = _u(basis, reflect)
-    if triton_projected.use_projected(B, T, d, basis.shape[1]):
+    path = triton_projected.soft_path(B, T, d, basis.shape[1])
+    if path != "fused":
         m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
-        return triton_projected.forward(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
+        fwd = triton_projected.forward_onepass if path == "onepass" else triton_projected.forward
+        return fwd(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
     c, vd, _, _, _ = _launch_coords(base, source, weights, basis, reflect, cfg)
     return _launch_apply(base, torch.empty_like(base), c, vd, mask, basis, reflect, u, cfg)
 
@@ -598,7 +600,7 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     reflect = reflect.contiguous() if reflect is not None else None
     k = basis.shape[1]
     u = _u(basis, reflect)
-    if triton_projected.use_projected(B, T, d, k):
+    if triton_projected.soft_path(B, T, d, k) != "fused":  # onepass: the projected backward
         m, m_stride = _expanded_mask(mask, B, k, dev)
         grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride)
         return tuple(empty() if gr is None else gr for gr in grads)

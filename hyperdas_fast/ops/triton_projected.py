@@ -1,5 +1,5 @@
 """The Triton backend's "projected" soft path: three cuBLAS GEMMs over d and Triton kernels
-for everything in k dimensions (large inputs; see ``use_projected``).
+for everything in k dimensions (large inputs; see ``soft_path``).
 
 Same algebra as ``csrc/common/interchange_projected.h`` (the CUDA backend's ATen version;
 its comment derives it): the mix is never formed in d dimensions, because projecting
@@ -67,6 +67,44 @@ def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
 
 
 @triton.jit
+def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid, kcols, kvalid,
+                             S, T, k, Kc, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
+                             BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+    """For BT rows t of batch b, from P_S (global, [B*S, Kc]) and the rows' pb = R^T base
+    [BT, BK] and bv = v.base [BT]: c = R^T delta - 2 (v.delta) u, e = m c, u.e, v.delta and
+    w_self - 1 (all fp32). R^T delta = W_src^T P_S + (w_self - 1) pb; P_S's column k + b
+    holds -2 v.source."""
+    wm1 = tl.load(w_b + S * T + t, mask=valid, other=1.0).to(tl.float32) - 1.0
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    vd = tl.zeros([BT], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        scols = s0 + tl.arange(0, BS)
+        svalid = scols < S
+        wt = tl.load(w_b + scols[None, :] * T + t[:, None],
+                     mask=valid[:, None] & svalid[None, :], other=0.0).to(tl.float32)  # [BT, BS]
+        ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kc + kcols[None, :],
+                     mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+        acc = tl.dot(wt, ps, acc, input_precision="ieee")
+        if HAS_REFLECT:
+            sv = tl.load(ps_ptr + (b * S + scols) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32)
+            vd += tl.sum(wt * sv[None, :], axis=1)
+    c = acc + wm1[:, None] * pb
+    if HAS_REFLECT:
+        u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
+        vd = -0.5 * vd + wm1 * bv
+        c = c - 2.0 * vd[:, None] * u[None, :]
+    if HAS_MASK:
+        e = c * tl.load(m_ptr + b * m_stride_b + kcols, mask=kvalid, other=0.0).to(tl.float32)[None, :]
+    else:
+        e = c
+    if HAS_REFLECT:
+        ue = tl.sum(e * u[None, :], axis=1)
+    else:
+        ue = tl.zeros([BT], dtype=tl.float32)
+    return c, e, ue, vd, wm1
+
+
+@triton.jit
 def _kspace_rows_kernel(
     ps_ptr, pb_ptr, pg_ptr, w_ptr, u_ptr, m_ptr, m_stride_b,
     blk_ptr, ag_ptr, gc_ptr, ugc_ptr, gw_ptr, y_ptr, gm_ptr,
@@ -85,39 +123,16 @@ def _kspace_rows_kernel(
     kvalid = kcols < k
     mk = valid[:, None] & kvalid[None, :]
     w_b = w_ptr + b * (S + 1) * T
-    wm1 = tl.load(w_b + S * T + t, mask=valid, other=1.0).to(tl.float32) - 1.0
-
-    # R^T delta = W_src^T P_S + (w_self - 1) P_B, and v.delta from column k + b
-    acc = tl.zeros([BT, BK], dtype=tl.float32)
-    vd = tl.zeros([BT], dtype=tl.float32)
-    for s0 in range(0, S, BS):
-        scols = s0 + tl.arange(0, BS)
-        svalid = scols < S
-        wt = tl.load(w_b + scols[None, :] * T + t[:, None],
-                     mask=valid[:, None] & svalid[None, :], other=0.0).to(tl.float32)  # [BT, BS]
-        ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kc + kcols[None, :],
-                     mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-        acc = tl.dot(wt, ps, acc, input_precision="ieee")
-        if HAS_REFLECT:
-            sv = tl.load(ps_ptr + (b * S + scols) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32)
-            vd += tl.sum(wt * sv[None, :], axis=1)
     row_off = (b * T + t) * Kc
     pb = tl.load(pb_ptr + row_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
-    c = acc + wm1[:, None] * pb
+    bv = tl.zeros([BT], dtype=tl.float32)
     if HAS_REFLECT:
         u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
         bv = tl.load(pb_ptr + row_off + k + b, mask=valid, other=0.0).to(tl.float32) * -0.5
-        vd = -0.5 * vd + wm1 * bv
-        c = c - 2.0 * vd[:, None] * u[None, :]
     if HAS_MASK:
         m = tl.load(m_ptr + b * m_stride_b + kcols, mask=kvalid, other=0.0).to(tl.float32)
-        e = c * m[None, :]
-    else:
-        e = c
-    if HAS_REFLECT:
-        ue = tl.sum(e * u[None, :], axis=1)
-    else:
-        ue = tl.zeros([BT], dtype=tl.float32)
+    c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
+                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS)
 
     if not HAS_GRAD:
         _store_block(blk_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
@@ -144,6 +159,58 @@ def _kspace_rows_kernel(
             ugc = tl.zeros([BT], dtype=tl.float32)
         _store_block(blk_ptr, row_off, wm1[:, None] * gc, wm1 * ugc, b, kcols, valid, k, B, HAS_REFLECT, BB)
         _store_block(ag_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
+
+
+@triton.jit
+def _onepass_forward_kernel(
+    base_ptr, out_ptr, ps_ptr, w_ptr, R_ptr, v_ptr, u_ptr, m_ptr, m_stride_b,
+    T, S, d, k, Kc,
+    HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+):
+    """The forward for BT rows of batch b in one program, reading base once from memory:
+    pass 1 over d: pb = R^T base, bv = v.base; then c, e (k dimensions, from P_S); pass 2
+    over d: out = base + R e - 2 (u.e) v, re-reading the same base rows (from L2)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    valid = t < T
+    kcols = tl.arange(0, BK)
+    kvalid = kcols < k
+    row_off = (b * T + t) * d
+    pb = tl.zeros([BT, BK], dtype=tl.float32)
+    bv = tl.zeros([BT], dtype=tl.float32)
+    for d0 in range(0, d, BD):
+        dcols = d0 + tl.arange(0, BD)
+        dvalid = dcols < d
+        x = tl.load(base_ptr + row_off[:, None] + dcols[None, :], mask=valid[:, None] & dvalid[None, :], other=0.0)
+        r = tl.load(R_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
+        if IEEE:
+            pb = tl.dot(x, r, pb, input_precision="ieee")
+        else:
+            pb = tl.dot(x, r, pb)
+        if HAS_REFLECT:
+            vt = tl.load(v_ptr + b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
+            bv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+    w_b = w_ptr + b * (S + 1) * T
+    c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
+                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS)
+    if not IEEE:
+        e = e.to(R_ptr.dtype.element_ty)
+    for d0 in range(0, d, BD):
+        dcols = d0 + tl.arange(0, BD)
+        dvalid = dcols < d
+        m2 = valid[:, None] & dvalid[None, :]
+        rT = tl.load(R_ptr + dcols[None, :] * k + kcols[:, None], mask=kvalid[:, None] & dvalid[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(e, rT, input_precision="ieee")
+        else:
+            acc = tl.dot(e, rT)
+        res = tl.load(base_ptr + row_off[:, None] + dcols[None, :], mask=m2, other=0.0).to(tl.float32) + acc
+        if HAS_REFLECT:
+            vt = tl.load(v_ptr + b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
+            res = res - 2.0 * ue[:, None] * vt[None, :]
+        tl.store(out_ptr + row_off[:, None] + dcols[None, :], res.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -198,18 +265,26 @@ def _kspace_sources_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def use_projected(B: int, T: int, d: int, k: int) -> bool:
-    """Whether the soft op takes this path: from B*T*d = 2^24 up (the size from which the
-    CUDA backend's ATen version of the same algebra beat its fused kernels on an H200), while
-    the reflection columns stay few next to k (they widen every GEMM by B) and a row's k
-    columns fit one block. HYPERDAS_FAST_TRITON_SOFT=fused|projected forces a path (projected
-    still needs k <= 512)."""
+PATHS = ("fused", "projected", "onepass")
+
+
+def soft_path(B: int, T: int, d: int, k: int) -> str:
+    """Which soft path the triton backend takes: "projected" from B*T*d = 2^24 up (the size
+    from which the CUDA backend's ATen version of the same algebra beat its fused kernels on
+    an H200), while the reflection columns stay few next to k (they widen every GEMM by B)
+    and a row's k columns fit one block; else "fused" (triton_kernels.py).
+    HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path (the last two need
+    k <= 512). "onepass" (never chosen by itself yet) is the projected forward with the base
+    side in one kernel per row tile, which reads base once from memory instead of twice;
+    its backward is the projected one."""
     path = os.environ.get(ENV_PATH, "")
-    if path not in ("", "fused", "projected"):
-        raise ValueError(f"{ENV_PATH} must be 'fused' or 'projected' (or unset), got {path!r}")
+    if path not in ("",) + PATHS:
+        raise ValueError(f"{ENV_PATH} must be one of {', '.join(PATHS)} (or unset), got {path!r}")
     if path == "fused" or k > MAX_K:
-        return False
-    return path == "projected" or (B * T * d >= 2 ** 24 and B <= max(64, 2 * k))
+        return "fused"
+    if path:
+        return path
+    return "projected" if (B * T * d >= 2 ** 24 and B <= max(64, 2 * k)) else "fused"
 
 
 def _p2(n: int, lo: int) -> int:
@@ -218,11 +293,15 @@ def _p2(n: int, lo: int) -> int:
 
 def _launch_config(x: Tensor, k: int, B: int) -> dict:
     if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes
-        return dict(BT=16, BS=16, BK=_p2(k, 16), BB=16, W=1, BS2=16, BT2=16, W2=1)
+        return dict(BT=16, BS=16, BK=_p2(k, 16), BB=16, W=1, BS2=16, BT2=16, W2=1, BT1=16, BD1=32, W1=1)
     BK = _p2(k, 16)
-    # rows kernel: ~6 live [BT, BK] fp32 tiles in the backward; 8 warps from BK = 256
+    ieee = x.dtype == torch.float32
+    # rows kernel: ~6 live [BT, BK] fp32 tiles in the backward; 8 warps from BK = 256.
+    # onepass: BT1 rows per program over all of d (one wave of B*T/32 programs at B*T = 4096);
+    # fp32 runs its dots on FMA units, with smaller tiles.
     return dict(BT=16, BS=32, BK=BK, BB=min(64, _p2(B, 16)), W=4 if BK <= 128 else 8,
-                BS2=16, BT2=32 if BK <= 128 else 16, W2=4 if BK <= 128 else 8)
+                BS2=16, BT2=32 if BK <= 128 else 16, W2=4 if BK <= 128 else 8,
+                BT1=32 if BK <= 128 else 16, BD1=(32 if ieee else 64) // (2 if BK >= 512 else 1), W1=8)
 
 
 def _rv(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
@@ -257,6 +336,25 @@ def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflec
         BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], num_warps=cfg["W"],
     )
     return torch.addmm(base.view(B * T, d), E, RV.t()).view(B, T, d)
+
+
+def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
+                    u: Tensor, m: Tensor, m_stride: int, has_mask: bool) -> Tensor:
+    """As ``forward``, with P_B, the k-space step and the output in one kernel per row tile."""
+    B, T, d = base.shape
+    S, k = source.shape[1], basis.shape[1]
+    basis = basis.to(base.dtype)
+    RV = _rv(basis, reflect)
+    PS = _project(source, RV)
+    out = torch.empty_like(base)
+    cfg = _launch_config(base, k, B)
+    _onepass_forward_kernel[(triton.cdiv(T, cfg["BT1"]), B)](
+        base, out, PS, weights, basis, reflect if reflect is not None else u, u, m, m_stride,
+        T, S, d, k, RV.shape[1],
+        HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, IEEE=base.dtype == torch.float32,
+        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], num_warps=cfg["W1"],
+    )
+    return out
 
 
 def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
