@@ -53,6 +53,17 @@ MAX_K = 512  # the kernels hold a row's k columns in one block
 
 
 @triton.jit
+def _tile(n, k, BN: tl.constexpr, BK: tl.constexpr):
+    """This program's tile: BN of the n rows (or sources) of batch b = program_id(1), and
+    the k columns of one block, with their validity masks."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    idx = pid * BN + tl.arange(0, BN)
+    kcols = tl.arange(0, BK)
+    return pid, b, idx, idx < n, kcols, kcols < k
+
+
+@triton.jit
 def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
                  HAS_REFLECT: tl.constexpr, BB: tl.constexpr):
     """Rows [x | xu in column k + b, zeros in the other B - 1 columns] at ptr + row_off."""
@@ -115,12 +126,7 @@ def _kspace_rows_kernel(
     """One tile of BT rows of batch b. Forward: blk = block(e). Backward: blk =
     block((w_self - 1) g_c), ag = block(e), g_c, u.g_c, g_w[b, S, :], partials of y and
     of g_mask at [b, tile, :]."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    valid = t < T
-    kcols = tl.arange(0, BK)
-    kvalid = kcols < k
+    pid_t, b, t, valid, kcols, kvalid = _tile(T, k, BT, BK)
     mk = valid[:, None] & kvalid[None, :]
     w_b = w_ptr + b * (S + 1) * T
     row_off = (b * T + t) * Kc
@@ -171,12 +177,7 @@ def _onepass_forward_kernel(
     """The forward for BT rows of batch b in one program, reading base once from memory:
     pass 1 over d: pb = R^T base, bv = v.base; then c, e (k dimensions, from P_S); pass 2
     over d: out = base + R e - 2 (u.e) v, re-reading the same base rows (from L2)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    valid = t < T
-    kcols = tl.arange(0, BK)
-    kvalid = kcols < k
+    pid_t, b, t, valid, kcols, kvalid = _tile(T, k, BT, BK)
     row_off = (b * T + t) * d
     pb = tl.zeros([BT, BK], dtype=tl.float32)
     bv = tl.zeros([BT], dtype=tl.float32)
@@ -222,12 +223,7 @@ def _kspace_sources_kernel(
 ):
     """One tile of BS sources of batch b (backward): g_s = W_src g_c, block(g_s) (its u.g_s
     is W_src (u.g_c)), and g_w[b, s, t] = (R_b^T source_s) . g_c,t."""
-    pid_s = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    s = pid_s * BS + tl.arange(0, BS)
-    svalid = s < S
-    kcols = tl.arange(0, BK)
-    kvalid = kcols < k
+    pid_s, b, s, svalid, kcols, kvalid = _tile(S, k, BS, BK)
     w_b = w_ptr + b * (S + 1) * T
 
     gs = tl.zeros([BS, BK], dtype=tl.float32)
