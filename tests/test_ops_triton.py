@@ -415,12 +415,14 @@ def test_gpu_soft(backend, dtype, shape, variant):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["fused", "projected", "onepass"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(4, 64, 48, 1024, 128), (2, 37, 29, 4096, 128), (3, 50, 20, 512, 256)])
+@pytest.mark.parametrize("path", ["projected", "onepass"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 37, 29, 4096, 128), (3, 50, 20, 512, 256)])
 @pytest.mark.parametrize("variant", ["reflect_mask", "plain"])
 def test_gpu_triton_paths(path, dtype, shape, variant, monkeypatch):
-    """Both soft paths of the triton backend, each forced (HYPERDAS_FAST_TRITON_SOFT)."""
+    """The triton backend's projected and onepass paths, forced (HYPERDAS_FAST_TRITON_SOFT),
+    at sizes where it would take the fused path (test_gpu_soft covers that, and the projected
+    path by default at B*T*d = 2^24). Kept small: the GPU session's test stage has ~200 s."""
     if "triton" not in _gpu_backends():
         pytest.skip("triton backend not available")
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
