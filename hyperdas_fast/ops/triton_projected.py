@@ -3,9 +3,10 @@ for everything in k dimensions (large inputs; see ``soft_path``).
 
 Same algebra as ``csrc/common/interchange_projected.h`` (the CUDA backend's ATen version;
 its comment derives it): the mix is never formed in d dimensions, because projecting
-commutes with mixing. Where the ATen version runs some thirty small torch ops on [B, T, k]
-tensors (each a kernel launch of a few microseconds on a GPU, which is most of its time at
-Llama-3-8B shapes), this path runs one Triton kernel per pass for them.
+commutes with mixing. Where the ATen version runs 9 (forward) and 24 (backward) small
+elementwise ops and reductions on [B, T, k] tensors besides its GEMMs (each a kernel launch
+of a few microseconds on a GPU; benchmarks/count_kernels.py counts them), this path runs
+one Triton kernel per pass for them (two in the backward).
 
 With RV = [R | -2 v_1 .. -2 v_B] ([d, Kc], Kc = k + B; just R without reflect) and, for a
 row x in k dimensions of batch b, block(x) = [x | (u.x) in column k + b, zeros elsewhere]:
@@ -36,6 +37,9 @@ fp32 matmul does):
   g_mask (summed by torch afterwards: deterministic, no atomics).
 - ``_kspace_sources_kernel`` (backward, BS sources of one batch): g_s = W_src g_c,
   block(g_s) and g_w[:S, :].
+- ``_onepass_forward_kernel`` (the experimental "onepass" forward): P_B, the rows
+  kernel's k-space step and the output for BT rows in one program, so base is read once
+  from memory (the second pass over the same rows should hit the L2).
 """
 from __future__ import annotations
 
