@@ -101,10 +101,6 @@ def forced_path(backend: str, path: Optional[str]):
     return run
 
 
-def cpu_path(path: Optional[str]):
-    return forced_path("cpp", path)
-
-
 def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
                 cpu_paths: bool = False, triton_paths: bool = False) -> List[Dict[str, object]]:
     elem = torch.tensor([], dtype=dtype).element_size()

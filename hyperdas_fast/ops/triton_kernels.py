@@ -549,6 +549,15 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     base = base.contiguous()
     source = source.contiguous()
     weights = weights.contiguous()
+    if basis is not None:
+        basis = basis.contiguous()
+        reflect = reflect.contiguous() if reflect is not None else None
+        u = _u(basis, reflect)
+        path = triton_projected.soft_path(B, T, d, basis.shape[1])
+        if path != "fused":
+            m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
+            fwd = triton_projected.forward_onepass if path == "onepass" else triton_projected.forward
+            return fwd(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     if basis is None:
         out = torch.empty_like(base)
@@ -557,14 +566,6 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
                           IEEE=_ieee(base), BT=cfg["BT2"], BD=min(cfg["BD2"], cfg["DSPAN2"]), BS=cfg["BS"],
                           num_warps=cfg["W2"])
         return out
-    basis = basis.contiguous()
-    reflect = reflect.contiguous() if reflect is not None else None
-    u = _u(basis, reflect)
-    path = triton_projected.soft_path(B, T, d, basis.shape[1])
-    if path != "fused":
-        m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
-        fwd = triton_projected.forward_onepass if path == "onepass" else triton_projected.forward
-        return fwd(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
     c, vd, _, _, _ = _launch_coords(base, source, weights, basis, reflect, cfg)
     return _launch_apply(base, torch.empty_like(base), c, vd, mask, basis, reflect, u, cfg)
 
@@ -580,6 +581,15 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
     def empty():  # a fresh tensor per absent input: custom-op outputs may not alias
         return torch.empty(0, device=dev, dtype=base.dtype)
 
+    if basis is not None:
+        basis = basis.contiguous()
+        reflect = reflect.contiguous() if reflect is not None else None
+        k = basis.shape[1]
+        u = _u(basis, reflect)
+        if triton_projected.soft_path(B, T, d, k) != "fused":  # onepass: the projected backward
+            m, m_stride = _expanded_mask(mask, B, k, dev)
+            grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride)
+            return tuple(empty() if gr is None else gr for gr in grads)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     g_base = torch.empty_like(base)
     g_w = torch.empty(B, S + 1, T, device=dev, dtype=torch.float32)
@@ -596,14 +606,6 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
         g_source = torch.bmm(weights[:, :S, :], grad)
         return g_base, g_source, g_w.to(base.dtype), empty(), empty(), empty()
 
-    basis = basis.contiguous()
-    reflect = reflect.contiguous() if reflect is not None else None
-    k = basis.shape[1]
-    u = _u(basis, reflect)
-    if triton_projected.soft_path(B, T, d, k) != "fused":  # onepass: the projected backward
-        m, m_stride = _expanded_mask(mask, B, k, dev)
-        grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride)
-        return tuple(empty() if gr is None else gr for gr in grads)
     c, vd, ge, vg, delta = _launch_coords(base, source, weights, basis, reflect, cfg,
                                           grad=grad, store_delta=True)
     # Small [B*T, k] work in torch: sums of the d-split partials, the reflection correction
