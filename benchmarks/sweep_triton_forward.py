@@ -1,17 +1,27 @@
-"""Block-size sweep of the Triton soft forward's two kernels on a GPU (needs no C++ build).
+"""Block-size sweeps of the Triton soft forward on a GPU (needs no C++ build).
 
-The forward is two launches: coords (c = R_b^T (mix - base), partial sums over DSPLIT
-slices of d) and apply (out = base + R_b m c). Each is timed alone, as CUDA-graph replays
-with the L2 flushed before each, for a set of block sizes around what ``_config`` picks,
-and each variant's full forward is checked against the float64 reference
-(|out - ref64| <= 4 |torch_bf16 - ref64|). Writes JSON:
+``--path fused`` (default): the fused forward's two launches, coords (c = R_b^T (mix -
+base), partial sums over DSPLIT slices of d) and apply (out = base + R_b m c), each timed
+alone for a set of block sizes around what ``_config`` picks.
 
-    python benchmarks/sweep_triton_forward.py --out /tmp/sweep.json [--shape B T S d k]
+``--path onepass``: the experimental onepass forward (``triton_projected.forward_onepass``:
+the P_S GEMM, then one kernel per BT1 rows over all of d), over BT1 (rows per program), BD1
+(d chunk), W1 (warps) and S1 (pipeline stages), beside the projected forward and the torch
+reference in the same run. Each program reads all of R [d, k] twice (once per pass over d),
+so R's traffic from the L2, (B*T / BT1) * 2 d k bytes, is 4x base's at BT1 = 32 and k = 128;
+the rows report it (``r_l2_bytes``) next to the time, to tell whether larger row tiles pay.
+
+Every timing is a CUDA-graph replay with the L2 flushed before each, and each variant's
+full forward is checked against the float64 reference (|out - ref64| <= 4 |torch_bf16 -
+ref64|). Writes JSON:
+
+    python benchmarks/sweep_triton_forward.py --out /tmp/sweep.json [--path onepass] [--shape B T S d k]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import L2_FLUSH_BYTES, _cuda_event_times, _cuda_graph, machine_info, write_json_atomic  # noqa: E402
 
 from hyperdas_fast.ops import triton_kernels as tk  # noqa: E402
+from hyperdas_fast.ops import triton_projected as tp  # noqa: E402
 from hyperdas_fast.ops.reference import interchange_reference  # noqa: E402
 
 
@@ -38,14 +49,10 @@ def graph_ms(fn, device, flush, repeats=30):
     return statistics.median(_cuda_event_times({"fn": call}, device, repeats, float("inf"), flush)["fn"])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", nargs=5, type=int, default=[32, 128, 128, 4096, 128], metavar=("B", "T", "S", "d", "k"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda", help="cpu: check the script under TRITON_INTERPRET=1")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    B, T, S, d, k = args.shape
+def make_problem(shape, device):
+    """The inputs, the float64 reference output and the torch reference's own error in the
+    sweep's dtype (bf16 on a GPU, fp32 under the interpreter)."""
+    B, T, S, d, k = shape
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
     base = torch.randn(B, T, d, generator=g).to(device, dt)
@@ -54,11 +61,22 @@ def main():
     basis = torch.linalg.qr(torch.randn(d, k, generator=g))[0].contiguous().to(device, dt)
     reflect = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1).to(device, dt)
     mask = torch.rand(B, k, generator=g).to(device, dt)
-    args64 = [a.double() for a in (base, source, weights, basis, reflect, mask)]
-    ref = interchange_reference(*args64)
-    err_torch = (interchange_reference(base, source, weights, basis, reflect, mask).double() - ref).abs().max().item()
-    flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, dtype=torch.int32, device=device)
-    elem = 2
+    inputs = (base, source, weights, basis, reflect, mask)
+    ref = interchange_reference(*[a.double() for a in inputs])
+    err_torch = (interchange_reference(*inputs).double() - ref).abs().max().item()
+    return inputs, ref, err_torch
+
+
+def checked(out, ref, err_torch):
+    err = (out.double() - ref).abs().max().item()
+    return dict(max_err=err, err_torch_bf16=err_torch, correct=bool(err <= 4 * err_torch + 1e-2))
+
+
+def sweep_fused(inputs, ref, err_torch, device, flush):
+    base, source, weights, basis, reflect, mask = inputs
+    B, T, d = base.shape
+    S, k = source.shape[1], basis.shape[1]
+    elem = base.element_size()
     io_fwd = elem * (3 * B * T * d + B * S * d)  # base read twice, source, out (the design's floor)
     default = tk._config(base, T, B, d, k, S)
     original_config = tk._config
@@ -74,11 +92,9 @@ def main():
             coords_ms = graph_ms(lambda: tk._launch_coords(base, source, weights, basis, reflect, cfg), device, flush)
             apply_ms = graph_ms(lambda: tk._launch_apply(base, out, c, vd, mask, basis, reflect, u, cfg), device, flush)
             full = tk._forward(base, source, weights, basis, reflect, mask)
-            err = (full.double() - ref).abs().max().item()
             fwd_ms = graph_ms(lambda: tk._forward(base, source, weights, basis, reflect, mask), device, flush)
             row = dict(kind=kind, override=over, coords_ms=coords_ms, apply_ms=apply_ms, forward_ms=fwd_ms,
-                       max_err=err, err_torch_bf16=err_torch, correct=bool(err <= 4 * err_torch + 1e-2),
-                       forward_gbps=io_fwd / fwd_ms / 1e6)
+                       **checked(full, ref, err_torch), forward_gbps=io_fwd / fwd_ms / 1e6)
         except Exception as exc:  # noqa: BLE001  (a variant that does not compile or fit)
             row = dict(kind=kind, override=over, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         finally:
@@ -86,7 +102,10 @@ def main():
         rows.append(row)
         print(row, flush=True)
 
+    # The fused path only: at the default shape the triton backend would take the projected one.
+    os.environ[tp.ENV_PATH] = "fused"
     run_variant("default", {})
+
     def cdiv(a, b):
         return -(-a // b)
 
@@ -98,12 +117,96 @@ def main():
     for bt, bd, w, dspan in [(64, 64, 8, 512), (64, 128, 8, 512), (128, 64, 8, 512), (32, 64, 4, 512),
                              (64, 64, 4, 1024), (64, 128, 8, 4096), (128, 128, 8, 1024), (32, 128, 4, 256)]:
         run_variant("apply", dict(BT2=bt, BD2=bd, W2=w, DSPAN2=dspan))
-    payload = dict(benchmark="triton soft forward block-size sweep", machine=machine_info(device),
-                   shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(dt), default_config=default,
-                   floor_bytes=io_fwd, results=rows)
+    return dict(default_config=default, floor_bytes=io_fwd), rows
+
+
+# (BT1, BD1, W1, S1) variants of the onepass kernel for a GPU; the interpreter (fp32) checks
+# a few, with tl.dot's smallest blocks.
+ONEPASS_VARIANTS = [(bt, bd, w, st) for bt in (32, 64) for bd in (32, 64) for w in (4, 8) for st in (2, 3, 4)] + \
+    [(16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)]
+ONEPASS_VARIANTS_INTERPRETER = [(16, 32, 1, 1), (32, 16, 1, 1), (64, 32, 1, 1)]
+
+
+def sweep_onepass(inputs, ref, err_torch, device, flush):
+    base, source, weights, basis, reflect, mask = inputs
+    B, T, d = base.shape
+    S, k = source.shape[1], basis.shape[1]
+    elem = base.element_size()
+    # the effective bytes of the op (base, source, out) and the onepass kernel's own floor
+    # (base read once, out written, P_S read)
+    io_fwd = elem * (2 * B * T * d + B * S * d)
+    kernel_floor = elem * (2 * B * T * d + B * S * (k + B))
+    default = tp._launch_config(base, k, B)
+    original_config = tp._launch_config
+    rows = []
+
+    def forward(path):
+        def run():
+            os.environ[tp.ENV_PATH] = path  # read by each call (and by each graph capture)
+            return tk._forward(base, source, weights, basis, reflect, mask)
+
+        return run
+
+    # Baselines in the same run: the torch reference, the projected forward and P_S alone.
+    RV = tp._rv(basis, reflect)
+    baselines = {
+        "torch_reference": lambda: interchange_reference(base, source, weights, basis, reflect, mask),
+        "projected": forward("projected"),
+        "ps_gemm": lambda: tp._project(source, RV),
+    }
+    for name, fn in baselines.items():
+        row = dict(kind=name, forward_ms=graph_ms(fn, device, flush))
+        if name != "ps_gemm":
+            row.update(checked(fn(), ref, err_torch), forward_gbps=io_fwd / row["forward_ms"] / 1e6)
+        rows.append(row)
+        print(row, flush=True)
+    variants = ONEPASS_VARIANTS if device.type == "cuda" else ONEPASS_VARIANTS_INTERPRETER
+    for bt, bd, w, st in [(default["BT1"], default["BD1"], default["W1"], default["S1"])] + variants:
+        over = dict(BT1=bt, BD1=bd, W1=w, S1=st)
+        cfg = dict(default, **over)
+        tp._launch_config = lambda *a, **kw: cfg  # noqa: E731
+        fn = forward("onepass")
+        try:
+            out = fn()
+            ms = graph_ms(fn, device, flush)
+            row = dict(kind="onepass", override=over, forward_ms=ms, **checked(out, ref, err_torch),
+                       forward_gbps=io_fwd / ms / 1e6, programs=B * -(-T // bt),
+                       r_l2_bytes=B * -(-T // bt) * 2 * d * k * elem)
+        except Exception as exc:  # noqa: BLE001  (a variant that does not compile or fit)
+            row = dict(kind="onepass", override=over, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            tp._launch_config = original_config
+        rows.append(row)
+        print(row, flush=True)
+    return dict(default_config=default, effective_bytes=io_fwd, onepass_kernel_floor_bytes=kernel_floor), rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", nargs=5, type=int, default=[32, 128, 128, 4096, 128], metavar=("B", "T", "S", "d", "k"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cpu: check the script under TRITON_INTERPRET=1")
+    parser.add_argument("--path", choices=["fused", "onepass"], default="fused")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    B, T, S, d, k = args.shape
+    inputs, ref, err_torch = make_problem(args.shape, device)
+    flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, dtype=torch.int32, device=device)
+    saved_path = os.environ.get(tp.ENV_PATH)
+    try:
+        sweep = sweep_fused if args.path == "fused" else sweep_onepass
+        info, rows = sweep(inputs, ref, err_torch, device, flush)
+    finally:
+        os.environ.pop(tp.ENV_PATH, None)
+        if saved_path is not None:
+            os.environ[tp.ENV_PATH] = saved_path
+    payload = dict(benchmark=f"triton soft forward block-size sweep ({args.path})", machine=machine_info(device),
+                   shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(inputs[0].dtype), **info, results=rows)
     write_json_atomic(args.out, payload)
-    best = min((r for r in rows if r.get("correct")), key=lambda r: r["forward_ms"], default=None)
-    print("default", rows[0].get("forward_ms"), "best", best)
+    timed = [r for r in rows if r.get("correct") and r["kind"] in ("default", "coords", "apply", "onepass")]
+    best = min(timed, key=lambda r: r["forward_ms"], default=None)
+    print("first", timed[0].get("forward_ms") if timed else None, "best", best)
+    return payload
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 #      paths forced: triton:fused, triton:projected, triton:onepass) -> $OUT/ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
 #      -> $OUT/ops_<gpu>_cuda_fused.json,
-#   4. one training step, ours vs the original pipeline, on a randomly initialised model of
+#   4. with SWEEP_ONEPASS=1, the onepass forward's block-size sweep (benchmarks/sweep_triton_forward.py
+#      --path onepass) -> $OUT/triton_onepass_sweep_<gpu>.json,
+#   5. one training step, ours vs the original pipeline, on a randomly initialised model of
 #      SmolLM2's shape -> $OUT/training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its
 #      config.json and tokenizer files).
 # Each stage has its own time limit and a failure does not stop the later ones.
@@ -59,6 +61,13 @@ if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
     --dtype bfloat16 --backends torch cuda ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_${TAG}_cuda_fused.json" \
     >"$OUT/bench_ops_fused.log" 2>&1
   rc=$?; status+=("bench_ops_fused=$rc")
+fi
+
+if [[ "${SWEEP_ONEPASS:-0}" == 1 ]]; then
+  stage "onepass block-size sweep (Llama-3-8B B=32 T=128)"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass \
+    --out "$OUT/triton_onepass_sweep_$TAG.json" >"$OUT/sweep_onepass.log" 2>&1
+  rc=$?; status+=("sweep_onepass=$rc"); tail -1 "$OUT/sweep_onepass.log" | cut -c1-400 | tee -a "$LOG"
 fi
 
 if [[ -n "${MODEL_CONFIG_DIR:-}" ]]; then

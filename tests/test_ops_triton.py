@@ -11,6 +11,7 @@ shapes; they skip without a CUDA device.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -186,6 +187,29 @@ def test_onepass_forward(shape, reflect, mask, monkeypatch):
     args = make_inputs(*shape, reflect=reflect, mask=mask)
     compare(args, tk.interchange_soft, grad=False)
     assert calls == [1]
+
+
+@needs_interp
+def test_onepass_sweep_checks_every_variant(tmp_path, monkeypatch):
+    """benchmarks/sweep_triton_forward.py --path onepass (the GPU session's block-size sweep)
+    end to end under the interpreter: the baselines and each onepass variant (row tiles of
+    16 to 64, d chunks of 16 and 32, so T and d end in partial blocks) are correct against
+    float64, and the forced path does not leak."""
+    import sweep_triton_forward as sweep
+
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    out = tmp_path / "sweep.json"
+    payload = sweep.main(["--device", "cpu", "--path", "onepass", "--shape", "2", "40", "6", "72", "9",
+                          "--out", str(out)])
+    rows = payload["results"]
+    assert [r["kind"] for r in rows[:3]] == ["torch_reference", "projected", "ps_gemm"]
+    onepass = [r for r in rows if r["kind"] == "onepass"]
+    assert len(onepass) == 1 + len(sweep.ONEPASS_VARIANTS_INTERPRETER)
+    assert all(r.get("correct") for r in rows if r["kind"] != "ps_gemm"), rows
+    # R is read twice per program: halving the programs halves its L2 traffic
+    by_rows = {r["override"]["BT1"]: r["r_l2_bytes"] for r in onepass}
+    assert by_rows[32] == 2 * by_rows[64] == 2 * (2 * 2 * 72 * 9 * 4)
+    assert out.exists() and "HYPERDAS_FAST_TRITON_SOFT" not in os.environ
 
 
 @needs_interp

@@ -293,7 +293,7 @@ def _p2(n: int, lo: int) -> int:
 
 def _launch_config(x: Tensor, k: int, B: int) -> dict:
     if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes
-        return dict(BT=16, BS=16, BK=_p2(k, 16), BB=16, W=1, BS2=16, BT2=16, W2=1, BT1=16, BD1=32, W1=1)
+        return dict(BT=16, BS=16, BK=_p2(k, 16), BB=16, W=1, BS2=16, BT2=16, W2=1, BT1=16, BD1=32, W1=1, S1=1)
     BK = _p2(k, 16)
     ieee = x.dtype == torch.float32
     # rows kernel: ~6 live [BT, BK] fp32 tiles in the backward; 8 warps from BK = 256.
@@ -301,7 +301,7 @@ def _launch_config(x: Tensor, k: int, B: int) -> dict:
     # fp32 runs its dots on FMA units, with smaller tiles.
     return dict(BT=16, BS=32, BK=BK, BB=min(64, _p2(B, 16)), W=4 if BK <= 128 else 8,
                 BS2=16, BT2=32 if BK <= 128 else 16, W2=4 if BK <= 128 else 8,
-                BT1=32 if BK <= 128 else 16, BD1=(32 if ieee else 64) // (2 if BK >= 512 else 1), W1=8)
+                BT1=32 if BK <= 128 else 16, BD1=(32 if ieee else 64) // (2 if BK >= 512 else 1), W1=8, S1=3)
 
 
 def _rv(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
@@ -352,7 +352,7 @@ def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
         base, out, PS, weights, basis, reflect if reflect is not None else u, u, m, m_stride,
         T, S, d, k, RV.shape[1],
         HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, IEEE=base.dtype == torch.float32,
-        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], num_warps=cfg["W1"],
+        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     return out
 
