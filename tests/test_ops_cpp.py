@@ -212,6 +212,27 @@ def test_fp64_per_example_sums_three_chunks_in_order(layout, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads, batches, forced", [(5, (10, 8), False), (3, (6, 4), True), (4, (6,), True)])
+def test_fp64_per_example_with_fewer_chunks_than_threads(threads, batches, forced, monkeypatch):
+    """B = 8 on 5 threads splits into 4 chunks of 2 examples (the per-example path is the
+    automatic choice there), B = 4 on 3 threads into 2 of 2, B = 6 on 4 threads into 3 of 2
+    (forced): no thread's chunk may be empty. (One was: its slice of the g_basis partials
+    was summed unwritten, so basis.grad took whatever the scratch buffer held, here the
+    previous call's partials.) The first, larger batch fills the scratch."""
+    if forced:
+        monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", "per_example")
+    else:
+        monkeypatch.delenv("HYPERDAS_FAST_CPU_SOFT", raising=False)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.get_num_threads() == threads
+        for B in batches:
+            assert_fp64_matches_reference(make_inputs(B, 4, 3, 16, 4, *VARIANTS[0]))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_cpu_path_override_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("HYPERDAS_FAST_CPU_SOFT", "fastest")
     args = make_inputs(2, 3, 2, 5, 2)

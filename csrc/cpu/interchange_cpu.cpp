@@ -401,9 +401,17 @@ void example_delta(const scalar_t* w, const scalar_t* src, const scalar_t* x, in
   }
 }
 
+// Examples per chunk: the batch split over at most one chunk per thread.
+inline int64_t examples_per_chunk(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  return std::max<int64_t>(1, (B + threads - 1) / threads);
+}
+
 // What both per-example passes take from their arguments, and how they split the batch:
 // `chunks` fixed ranges of `per_chunk` examples (one per thread), each walked in blocks of
-// `per_block` examples.
+// `per_block` examples. Every chunk holds at least one example: with B = 8 on 5 threads,
+// ranges of 2 make 4 chunks, not 5 (an empty fifth chunk would leave its slice of the
+// g_basis partials unwritten, and the ordered sum would add stale scratch memory).
 template <typename scalar_t>
 struct BlockedProblem {
   int64_t B, T, d, S, k, chunks, per_chunk, per_block;
@@ -416,7 +424,7 @@ struct BlockedProblem {
                  const at::Tensor& R_in, const std::optional<at::Tensor>& reflect,
                  const std::optional<at::Tensor>& mask)
       : B(base.size(0)), T(base.size(1)), d(base.size(2)), S(source.size(1)), k(R_in.size(1)),
-        chunks(std::min<int64_t>(B, at::get_num_threads())), per_chunk((B + chunks - 1) / chunks),
+        chunks((B + examples_per_chunk(B) - 1) / examples_per_chunk(B)), per_chunk(examples_per_chunk(B)),
         per_block(examples_per_block(T, per_chunk)), R(dense_basis(R_in)), r(basis_operand<scalar_t>(R)),
         sub(make_subspace<scalar_t>(R, reflect, mask)), wp(weights.const_data_ptr<scalar_t>()),
         xp(base.const_data_ptr<scalar_t>()), sp(source.const_data_ptr<scalar_t>()) {}
