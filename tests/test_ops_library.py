@@ -241,6 +241,77 @@ def test_rows_with_grad_falls_back_to_torch():
     assert basis.grad is not None
 
 
+@pytest.mark.parametrize("with_basis", [True, False])
+def test_inplace_rows_bump_the_version_counter(with_basis):
+    """interchange_rows_ writes base through a raw pointer: like any in-place op it must bump
+    base's version, so a graph that saved base before the write refuses to backpropagate
+    (it computed a silently wrong gradient before), and an inference tensor is refused
+    outside inference mode (and accepted inside it)."""
+    base, source, _, basis, v, m = make_inputs()
+    subspace = (basis, v, m) if with_basis else (None, None, None)
+    index = torch.full(base.shape[:2], ops.KEEP)
+    index[0, 1] = 2
+    w = torch.ones(base.shape[-1], requires_grad=True)
+    h = base.clone()
+    y = (w * h).sum()  # saves h
+    ops.interchange_hard(h, source, index, *subspace, inplace=True, backend="cpp")
+    assert h._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        frozen = base.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        ops.interchange_hard(frozen, source, index, *subspace, inplace=True, backend="cpp")
+    with torch.inference_mode():
+        ops.interchange_hard(frozen, source, index, *subspace, inplace=True, backend="cpp")
+    assert not torch.equal(frozen[0, 1], base[0, 1]) and torch.equal(frozen[1], base[1])
+
+
+@pytest.mark.parametrize("with_basis", [True, False])
+def test_inplace_rows_with_source_aliasing_base(with_basis):
+    """interchange_hard(h, h, ...) swaps rows of one stream: every row reads the values from
+    before the call, as the torch backend does (the vanilla kernel copied row by row, so a
+    row could read another already overwritten)."""
+    base, _, _, basis, v, m = make_inputs()
+    subspace = (basis, v, m) if with_basis else (None, None, None)
+    T = base.shape[1]
+    index = torch.full(base.shape[:2], ops.KEEP)
+    index[:, 0], index[:, 1] = 1, 0
+    expected = ops.interchange_hard(base.clone(), base.clone(), index, *subspace, backend="torch")
+    h = base.clone()
+    ops.interchange_hard(h, h, index, *subspace, inplace=True, backend="cpp")
+    torch.testing.assert_close(h, expected)
+    assert T > 2 and torch.equal(h[:, 2:], base[:, 2:])
+
+
+def test_double_backward_is_refused_not_dropped():
+    """A gradient penalty differentiates the op's gradients again. The cpp (and cuda) backward
+    has no derivative of its own: it must raise, not let autograd treat the gradients as
+    constants (which dropped the second-order terms with only a warning). A first-order
+    backward with create_graph=True still works, and the torch backend does the rest."""
+    args = [a.detach().clone().requires_grad_() if a is not None else None for a in make_inputs()]
+    loss = ops.interchange(*args, backend="cpp").square().sum()
+    (g_weights,) = torch.autograd.grad(loss, args[2], create_graph=True)
+    expected = torch.autograd.grad(ops.interchange(*args, backend="torch").square().sum(), args[2])[0]
+    torch.testing.assert_close(g_weights, expected)
+    with pytest.raises(RuntimeError, match="not differentiable.*backend='torch'"):
+        g_weights.square().sum().backward()
+
+
+def test_inference_tensor_inputs_with_a_basis_to_train():
+    """Hidden states computed under torch.inference_mode() (a frozen LM) and a basis to train:
+    the C++ autograd saves copies of the inference tensors (saving them fails)."""
+    args = make_inputs()
+    with torch.inference_mode():
+        base, source = args[0].clone(), args[1].clone()
+    grads = {}
+    for backend in ("torch", "cpp"):
+        basis = args[3].detach().clone().requires_grad_()
+        ops.interchange(base, source, args[2], basis, *args[4:], backend=backend).square().sum().backward()
+        grads[backend] = basis.grad
+    torch.testing.assert_close(grads["cpp"], grads["torch"])
+
+
 # ------------------------------------------------------------------------------------
 # GPU: the same registration checks on CUDA tensors (the CUDA dispatch key of _C_cuda)
 # ------------------------------------------------------------------------------------

@@ -139,6 +139,12 @@ def test_bad_hard_input():
         ops.interchange_triples(base, source, torch.tensor([[0, 3, 0]]), basis)
     with pytest.raises(ValueError, match="unique"):
         ops.interchange_triples(base, source, torch.tensor([[0, 1, 0], [0, 1, 2]]), basis)
+    # not truncated to integers, nor moved to base's device, silently
+    for bad in (torch.tensor([[0.0, 1.7, 0.2]]), torch.tensor([[False, True, False]])):
+        with pytest.raises(ValueError, match=f"triples must be an integer tensor .*got {bad.dtype}"):
+            ops.interchange_triples(base, source, bad, basis)
+    with pytest.raises(ValueError, match="triples is on meta but base is on cpu"):
+        ops.interchange_triples(base, source, torch.zeros(1, 3, dtype=torch.long, device="meta"), basis)
     with pytest.raises(ValueError, match="contiguous"):
         ops.interchange_hard(base.transpose(0, 1).contiguous().transpose(0, 1), source,
                              torch.zeros(2, 3, dtype=torch.long), basis, inplace=True)

@@ -289,6 +289,29 @@ def test_rows(inplace, case):
 
 
 @needs_interp
+def test_inplace_rows_bump_the_version_counter():
+    """The rows kernels write base through a pointer: base's version must move (as for any
+    in-place op) so a graph that saved base refuses to backpropagate, and an inference tensor
+    is refused outside inference mode before anything is written."""
+    (base, source, _, basis, v, m), (bi, tp, sp) = _rows_case()
+    w = torch.ones(base.shape[-1], requires_grad=True)
+    h = base.clone()
+    y = (w * h).sum()
+    tk.interchange_rows(h, source, bi, tp, sp, basis, v, m, True)
+    assert h._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        frozen = base.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        tk.interchange_rows(frozen, source, bi, tp, sp, basis, v, m, True)
+    assert torch.equal(frozen, base)
+    with torch.inference_mode():
+        tk.interchange_rows(frozen, source, bi, tp, sp, basis, v, m, True)
+    assert not torch.equal(frozen, base)
+
+
+@needs_interp
 def test_rows_through_public_api_and_empty_selection():
     (base, source, _, basis, v, m), _ = _rows_case()
     index = torch.full(base.shape[:2], ops.KEEP)
@@ -480,6 +503,27 @@ def test_gpu_rows(backend, dtype, inplace, case):
         assert torch.equal(base, before)
     eps = torch.finfo(dtype).eps
     assert _err(out, ref) <= GPU_C[dtype] * _err(lp, ref) + eps * (1 + ref.abs().max().item())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("with_basis", [True, False])
+def test_gpu_rows_source_aliasing_base_and_version(backend, with_basis):
+    """interchange_hard(h, h, ...) swaps rows of one stream (each row reads the values from
+    before the call), and the in-place write bumps h's version."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available")
+    (base, _, _, basis, v, m), _ = _rows_case(B=3, T=40, S=40, d=512, k=64, device="cuda")
+    subspace = (basis, v, m) if with_basis else (None, None, None)
+    index = torch.full(base.shape[:2], ops.KEEP, device="cuda")
+    index[:, :20] = torch.arange(20, 40, device="cuda")
+    index[:, 20:] = torch.arange(0, 20, device="cuda")
+    expected = ops.interchange_hard(base.clone(), base.clone(), index, *subspace, backend="torch")
+    h = base.clone()
+    ops.interchange_hard(h, h, index, *subspace, inplace=True, backend=backend)
+    assert h._version >= 1
+    torch.testing.assert_close(h, expected, rtol=1e-4, atol=1e-4)
 
 
 @gpu

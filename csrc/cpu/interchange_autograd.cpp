@@ -62,8 +62,11 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
     } else {
       std::tie(out, coords) = fwd.call(base, source, weights, basis, reflect, mask, with_coords);
     }
-    ctx->save_for_backward({base, source, weights, basis.value_or(Tensor()), reflect.value_or(Tensor()),
-                            mask.value_or(Tensor()), coords, delta});
+    // Inference tensors (hidden states computed under torch.inference_mode(), say, with a
+    // basis to train) cannot be saved for backward: save copies of those.
+    auto savable = [](const Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; };
+    ctx->save_for_backward({savable(base), savable(source), savable(weights), savable(basis.value_or(Tensor())),
+                            savable(reflect.value_or(Tensor())), savable(mask.value_or(Tensor())), coords, delta});
     // The caller gets coords only when it asked for them (same output as the plain op).
     Tensor coords_out = (with_coords || !train) ? coords : at::empty({0}, base.options());
     ctx->mark_non_differentiable({coords_out});
@@ -119,9 +122,71 @@ std::tuple<Tensor, Tensor> interchange_fwd_autograd(const Tensor& base, const Te
   return {out[0], out[1]};
 }
 
+// interchange_bwd under autograd: the gradients it returns are not differentiable again.
+// With create_graph=True (a gradient penalty, say) its outputs get a node whose backward
+// raises, instead of the dispatcher's fallback, which would treat them as constants and
+// drop the second-order terms with only a warning. Building the node (AOTAutograd traces
+// the backward with create_graph) is allowed; only running it is refused.
+class InterchangeBwdFunction : public torch::autograd::Function<InterchangeBwdFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& base,
+                               const Tensor& source, const Tensor& weights, const std::optional<Tensor>& basis,
+                               const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+                               const std::optional<Tensor>& coords, const std::optional<Tensor>& delta) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("hyperdas_fast::interchange_bwd", "")
+                         .typed<BwdSig>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto grads = op.call(grad_out, base, source, weights, basis, reflect, mask, coords, delta);
+    return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
+            std::get<3>(grads), std::get<4>(grads), std::get<5>(grads)};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "hyperdas_fast: the interchange op's gradients are not differentiable (double backward, "
+                "e.g. a gradient penalty, is not implemented by the cpp and cuda backends); use "
+                "backend='torch' for higher-order gradients");
+    return {};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_autograd(
+    const Tensor& grad_out, const Tensor& base, const Tensor& source, const Tensor& weights,
+    const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& coords, const std::optional<Tensor>& delta) {
+  variable_list g =
+      InterchangeBwdFunction::apply(grad_out, base, source, weights, basis, reflect, mask, coords, delta);
+  return {g[0], g[1], g[2], g[3], g[4], g[5]};
+}
+
+// interchange_rows_ writes into base: bump its version counter like any in-place op, so
+// autograd refuses a backward through a graph that saved base before the write (rather
+// than computing a gradient from the overwritten values), and an inference tensor cannot
+// be updated outside inference mode.
+void interchange_rows_inplace(const Tensor& base, const Tensor& source, const Tensor& batch_index,
+                              const Tensor& base_pos, const Tensor& source_pos, const std::optional<Tensor>& basis,
+                              const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hyperdas_fast::interchange_rows_", "")
+                       .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                   const std::optional<Tensor>&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(base, source, batch_index, base_pos, source_pos, basis, reflect, mask);
+  }
+  torch::autograd::impl::bump_version(base);
+}
+
 }  // namespace
 }  // namespace hyperdas_fast
 
 TORCH_LIBRARY_IMPL(hyperdas_fast, Autograd, m) {
   m.impl("interchange_fwd", &hyperdas_fast::interchange_fwd_autograd);
+  m.impl("interchange_bwd", &hyperdas_fast::interchange_bwd_autograd);
+}
+
+TORCH_LIBRARY_IMPL(hyperdas_fast, ADInplaceOrView, m) {
+  m.impl("interchange_rows_", &hyperdas_fast::interchange_rows_inplace);
 }

@@ -1200,7 +1200,10 @@ void interchange_rows_(const at::Tensor& base, const at::Tensor& source_in,
     base.copy_(base_f);
     return;
   }
-  const at::Tensor source = source_in.contiguous();
+  // A source that shares memory with base (interchange_hard(h, h, ...): rows of one stream
+  // swapped) is read from a copy: the rows are written while others are still to be read.
+  const at::Tensor source = source_in.is_alias_of(base) ? source_in.clone(at::MemoryFormat::Contiguous)
+                                                        : source_in.contiguous();
   // basis is only read through GEMMs, which take a row- or column-major R as it is (a QR
   // factor is column-major): no copy.
   const auto& basis = basis_in;

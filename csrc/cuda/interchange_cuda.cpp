@@ -258,7 +258,10 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
     base.index_put_({bidx, tpos}, y.to(base.scalar_type()));
     return;
   }
-  Tensor source = source_in.contiguous();
+  // A source that shares memory with base is read from a copy (the rows kernels write rows
+  // that other blocks may still read).
+  Tensor source = source_in.is_alias_of(base) ? source_in.clone(at::MemoryFormat::Contiguous)
+                                              : source_in.contiguous();
   SubspaceTensors st = prepare_subspace(basis, reflect, mask);
   hk::Dims dims;
   dims.B = base.size(0);

@@ -155,7 +155,10 @@ def interchange_triples(
     if not isinstance(triples, Tensor) or triples.dim() != 2 or triples.shape[1] != 3:
         shape = list(triples.shape) if isinstance(triples, Tensor) else type(triples).__name__
         raise ValueError(f"triples must be a [P, 3] integer tensor of (batch, base_pos, source_pos), got {shape}")
-    triples = triples.to(device=base.device if isinstance(base, Tensor) else None)
+    if triples.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"triples must be an integer tensor (int64 or int32), got {triples.dtype}")
+    if isinstance(base, Tensor) and triples.device != base.device:
+        raise ValueError(f"triples is on {triples.device} but base is on {base.device}")
     batch_index, base_pos, source_pos = triples.long().unbind(1)
     checks.check_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask)
     if inplace and not base.is_contiguous():

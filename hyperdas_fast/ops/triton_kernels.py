@@ -771,6 +771,9 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
                                   _f32(basis), _f32(reflect), _f32(mask), True)
         out[batch_index, base_pos] = rows32[batch_index, base_pos].to(base.dtype)
         return out
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed; "
+                           "clone it first or call under torch.inference_mode()")
     source = source.contiguous()
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
@@ -781,6 +784,10 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
     # The coords kernel reads the rows before the apply kernel writes them.
     c, vd, _, _, _ = _launch_coords(out, source, None, basis, reflect, cfg, rows=rows)
     _launch_apply(out, out, c, vd, mask, basis, reflect, u, cfg, rows=rows)
+    if not out.is_inference():
+        # What an in-place torch op does: autograd then refuses a backward through a graph
+        # that saved base before the write, which the kernel made through a raw pointer.
+        torch.autograd.graph.increment_version(out)
     return out
 
 
