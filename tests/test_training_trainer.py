@@ -151,6 +151,85 @@ def test_config_errors(tok, records, tmp_path):
         Trainer(_mdas(tok), TrainConfig(label_mode="guess"), tokenizer=tok)
     with pytest.raises(ValueError, match="tokenizer"):
         Trainer(_mdas(tok), TrainConfig())
+    with pytest.raises(ValueError, match=r"final_eval_modes has unknown inference modes \['global_argmx'\]"):
+        Trainer(_mdas(tok), TrainConfig(final_eval_modes=("global_argmax", "global_argmx")), tokenizer=tok)
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        Trainer(_mdas(tok), TrainConfig(checkpoint_dir=str(tmp_path), resume=True, overwrite=True), tokenizer=tok)
+
+
+def _train_steps(tok, records, run_dir, **kw):
+    """A short MDAS run (batch 4 over 28 examples: 7 steps per epoch)."""
+    kw = dict(dict(batch_size=4, epochs=1, final_eval=False), **kw)
+    net = _mdas(tok)
+    return net, Trainer(net, _cfg(records, run_dir, **kw), tokenizer=tok).train()
+
+
+def _logged_steps(run_dir):
+    return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_new_run_in_an_earlier_runs_folder(tok, records, tmp_path):
+    """A new run in a folder holding an earlier one is refused (the earlier run's later
+    checkpoints used to outrank the new ones: pruning deleted each new checkpoint right after
+    writing it, and --resume restored the earlier run's weights); overwrite=True replaces it."""
+    _train_steps(tok, records, tmp_path, checkpoint_every=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6, 7]
+    with pytest.raises(ValueError, match="already holds a run .*ckpt-00000006.*--resume.*--overwrite"):
+        _train_steps(tok, records, tmp_path, max_steps=2, checkpoint_every=1)
+    net, res = _train_steps(tok, records, tmp_path, max_steps=2, checkpoint_every=1, overwrite=True)
+    assert res["steps"] == 2 and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    assert _logged_steps(tmp_path) == [1, 2]
+    tensors, _ = ckpt.read_checkpoint(ckpt.checkpoint_path(tmp_path, 2))
+    for name, value in _weights(net).items():
+        assert torch.equal(tensors[f"model/{name}"], value)
+
+
+def test_resume_sets_aside_damaged_checkpoints(tok, records, tmp_path):
+    """Resume skips a damaged newest checkpoint; it is renamed (kept, not deleted) so that
+    it neither outranks the checkpoints the resumed run writes nor is found by a later
+    resume, and the metrics rows after the restored step are dropped. With no readable
+    checkpoint at all the run starts over with an empty log."""
+    full, _ = _train_steps(tok, records, tmp_path / "full")
+    run = tmp_path / "run"
+    _train_steps(tok, records, run, checkpoint_every=2, keep_checkpoints=3)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 6, 7]
+    for step in (6, 7):  # truncate one, flip bytes in the other
+        path = ckpt.checkpoint_path(run, step)
+        data = bytearray(path.read_bytes())
+        data[-20] ^= 0xFF
+        path.write_bytes(bytes(data[:100]) if step == 7 else bytes(data))
+    (run / ".ckpt-x1y2.tmp").write_bytes(b"partial")  # left by a save killed mid-write
+    (run / ".tmpAb12Cd").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="damaged"):
+        resumed, res = _train_steps(tok, records, run, checkpoint_every=2, keep_checkpoints=3, resume=True)
+    assert res["steps"] == 7 and [s for s, _ in ckpt.list_checkpoints(run)] == [4, 6, 7]
+    assert sorted(p.name for p in run.glob("*.damaged")) == ["ckpt-00000006.safetensors.damaged",
+                                                             "ckpt-00000007.safetensors.damaged"]
+    assert not list(run.glob(".*"))
+    assert _logged_steps(run) == list(range(1, 8))
+    for name, value in _weights(full).items():
+        assert torch.equal(_weights(resumed)[name], value), name
+
+    only_damaged = tmp_path / "only_damaged"
+    _train_steps(tok, records, only_damaged, max_steps=3, checkpoint_every=3)
+    ckpt.checkpoint_path(only_damaged, 3).write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="no checkpoint found"):
+        _train_steps(tok, records, only_damaged, max_steps=2, resume=True)
+    assert _logged_steps(only_damaged) == [1, 2]
+    assert [s for s, _ in ckpt.list_checkpoints(only_damaged)] == [2]
+
+
+def test_resume_refuses_other_options(tok, records, tmp_path):
+    """Resuming with another learning rate, batch size or seed would mix two runs (the
+    optimizer state kept the old learning rate while train_config.json claimed the new one):
+    refused, naming the options. Training longer is allowed; a checkpoint past the end is not."""
+    _train_steps(tok, records, tmp_path, max_steps=4, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"batch_size=4 \(now 8\), lr=4e-05 \(now 0.01\)"):
+        _train_steps(tok, records, tmp_path, max_steps=4, batch_size=8, lr=1e-2, resume=True)
+    with pytest.raises(ValueError, match="at step 4, beyond this run's 2 steps"):
+        _train_steps(tok, records, tmp_path, max_steps=2, resume=True)
+    _, res = _train_steps(tok, records, tmp_path, max_steps=6, resume=True)
+    assert res["steps"] == 6 and _logged_steps(tmp_path) == list(range(1, 7))
 
 
 def test_hyperdas_short_training(tok, records, tmp_path):

@@ -53,6 +53,36 @@ def list_checkpoints(directory) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
+# Temporary files a killed save leaves behind: ours (mkstemp) and safetensors' own, which
+# save_file writes first and renames onto ours (".tmp" and six random characters).
+_TEMP_NAME = re.compile(r"^(\.ckpt-.*\.tmp|\.tmp[A-Za-z0-9]{6})$")
+
+
+def remove_stale_temp_files(directory) -> List[Path]:
+    """Delete the temporary files of checkpoint saves that were killed mid-write (each as
+    large as a checkpoint); returns their paths. Call only when no save is running."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if _TEMP_NAME.match(entry.name) and entry.is_file():
+                try:
+                    entry.unlink()
+                    removed.append(entry)
+                except OSError:
+                    pass
+    return removed
+
+
+def set_aside(path, reason: str) -> Path:
+    """Rename a checkpoint out of the ``ckpt-*.safetensors`` pattern (to ``<name>.<reason>``)
+    so that resume and pruning no longer see it; nothing is deleted."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.{reason}")
+    os.replace(path, target)
+    return target
+
+
 def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
@@ -121,7 +151,9 @@ def save_checkpoint(
     trainer_state: Optional[Dict[str, Any]] = None,
     keep: Optional[int] = 2,
 ) -> Path:
-    """Write ``ckpt-<step>.safetensors`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write ``ckpt-<step>.safetensors`` atomically; keep the newest ``keep`` checkpoints up
+    to ``step`` (a later one, from a run this one resumed before, is never pruned in favour
+    of it: the trainer sets those aside when it resumes)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -153,7 +185,8 @@ def save_checkpoint(
             os.unlink(tmp)
         raise
     if keep is not None and keep > 0:
-        for _, old in list_checkpoints(directory)[:-keep]:
+        upto = [(s, p) for s, p in list_checkpoints(directory) if s <= step]
+        for _, old in upto[:-keep]:
             try:
                 old.unlink()
             except OSError:
@@ -238,4 +271,4 @@ def load_checkpoint(
 
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "checkpoint_path"]
+           "list_checkpoints", "checkpoint_path", "remove_stale_temp_files", "set_aside"]

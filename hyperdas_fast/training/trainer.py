@@ -85,6 +85,7 @@ class TrainConfig:
     log_path: Optional[str] = None          # JSONL log (default <checkpoint_dir>/metrics.jsonl)
     tensorboard: bool = False
     resume: Union[bool, str] = False        # True: newest checkpoint in checkpoint_dir; or a checkpoint path
+    overwrite: bool = False                 # a new run may replace an earlier run's files in checkpoint_dir
     progress: bool = True
     save_final: bool = True
     train_records: Optional[List[dict]] = field(default=None, repr=False)  # bypass RAVEL loading
@@ -118,6 +119,35 @@ class TrainConfig:
             raise ValueError("checkpoint_every needs checkpoint_dir")
         if self.resume and not self.checkpoint_dir and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint path)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the earlier run, or replace it")
+        from ..models.selector import INFERENCE_MODES
+
+        for name in ("eval_modes", "final_eval_modes"):
+            unknown = [m for m in (getattr(self, name) or ()) if m not in INFERENCE_MODES]
+            if unknown:
+                raise ValueError(f"{name} has unknown inference modes {unknown}; valid: {list(INFERENCE_MODES)}")
+
+
+# TrainConfig fields that may differ between a run and the run it resumes: how long it
+# trains, what it logs, evaluates and saves, and where. Any other difference (learning
+# rate, batch size, seed, data, loss weights, ...) would make the resumed run a mix of two
+# runs, so resume refuses it.
+RESUMABLE_CHANGES = frozenset({
+    "data_dir", "epochs", "max_steps", "eval_every", "eval_modes", "eval_max_examples", "eval_batch_size",
+    "final_eval", "final_eval_modes", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_path",
+    "tensorboard", "resume", "overwrite", "progress", "save_final",
+})
+
+# What the trainer writes into a run folder (checkpoint_dir): a new run there must not mix
+# with an earlier run's (its checkpoints would outrank the new ones in pruning and resume,
+# its metrics rows would stay in metrics.jsonl).
+RUN_FILES = ("ckpt-*.safetensors", "final", "train_config.json", "metrics.jsonl", "train.csv", "eval.csv",
+             "results.json", "tensorboard", "eval_*.json")
+
+
+def earlier_run_files(run_dir: Path) -> List[Path]:
+    return sorted({p for pattern in RUN_FILES for p in Path(run_dir).glob(pattern)})
 
 
 class MetricsLogger:
@@ -292,6 +322,10 @@ class Trainer:
         if wanted is None:
             return supported if final else supported[:1]
         modes = tuple(m for m in wanted if m in supported)
+        dropped = [m for m in wanted if m not in supported]
+        if dropped:
+            warnings.warn(f"{self.method} does not support the inference modes {dropped}; "
+                          f"evaluating {list(modes or supported[:1])}")
         return modes or supported[:1]
 
     # -- loop ----------------------------------------------------------------------
@@ -320,12 +354,77 @@ class Trainer:
         }
         atomic_write_json(run_dir / "train_config.json", info)
 
+    def _claim_run_dir(self, run_dir: Path) -> None:
+        """A new run (not resume) starts in an empty run folder: it refuses one that holds an
+        earlier run, or with overwrite=True removes that run's files first."""
+        c = self.config
+        earlier = earlier_run_files(run_dir)
+        if not earlier or c.resume:
+            return
+        if not c.overwrite:
+            names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise ValueError(f"checkpoint_dir {run_dir} already holds a run ({names}): resume it (--resume), "
+                             f"replace it (--overwrite), or choose another checkpoint_dir")
+        if self.dist.is_main:
+            import shutil
+
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def _resume(self, run_dir: Optional[Path], total: int, logger: "MetricsLogger") -> None:
+        """Restores the newest readable checkpoint (or the one named by resume=); sets aside
+        (renames, deletes nothing) the checkpoints after it, damaged or from the run it
+        abandons, so that they neither outrank this run's checkpoints nor get resumed later."""
+        c = self.config
+        main = self.dist.is_main
+        path = Path(c.resume) if isinstance(c.resume, (str, os.PathLike)) and not isinstance(c.resume, bool) else None
+        if path is not None and path.is_dir():
+            path = ckpt.latest_checkpoint(path)
+        elif path is None:
+            path = ckpt.latest_checkpoint(run_dir)
+        if path is not None:
+            state = ckpt.load_checkpoint(path, self.net, self.optimizer, self.scheduler)
+            step = int(state["step"])
+            trainer_state = state.get("trainer", {})
+            saved_n = trainer_state.get("num_train_examples")
+            if saved_n is not None and saved_n != len(self.train_records):
+                raise ValueError(f"cannot resume from {path}: it was trained on {saved_n} examples, "
+                                 f"this run has {len(self.train_records)}")
+            saved, now = trainer_state.get("config") or {}, c.to_dict()
+            changed = sorted(k for k in saved.keys() & now.keys() if k not in RESUMABLE_CHANGES and saved[k] != now[k])
+            if changed:
+                diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
+                raise ValueError(f"cannot resume from {path}: it was trained with {diff}; pass the same options, "
+                                 f"or start a new run in another checkpoint_dir")
+            if step > total:
+                raise ValueError(f"cannot resume from {path}: it is at step {step}, beyond this run's {total} steps")
+            self.step = step
+        elif main:
+            warnings.warn(f"resume requested but no checkpoint found in {run_dir}; starting from scratch")
+        if main:
+            if run_dir is not None:
+                for later_step, later in ckpt.list_checkpoints(run_dir):
+                    if later_step > self.step:
+                        try:
+                            ckpt.read_checkpoint(later)
+                            reason = "superseded"
+                        except ckpt.CheckpointError:
+                            reason = "damaged"
+                        moved = ckpt.set_aside(later, reason)
+                        warnings.warn(f"resuming at step {self.step}: set aside {later.name} as {moved.name}")
+            logger.truncate_after(self.step)
+
     def train(self) -> Dict[str, Any]:
         c = self.config
         torch.manual_seed(c.seed)
-        self.prepare_data()
         run_dir = Path(c.checkpoint_dir) if c.checkpoint_dir else None
         main = self.dist.is_main
+        if run_dir is not None:
+            self._claim_run_dir(run_dir)
+            if main:
+                for stale in ckpt.remove_stale_temp_files(run_dir):
+                    warnings.warn(f"removed {stale}, left by a checkpoint save that was killed mid-write")
+        self.prepare_data()
         n = len(self.train_records)
         steps_per_epoch = math.ceil(n / c.batch_size)
         total = steps_per_epoch * c.epochs
@@ -343,21 +442,7 @@ class Trainer:
 
         self.step = 0
         if c.resume:
-            path = Path(c.resume) if isinstance(c.resume, (str, os.PathLike)) and not isinstance(c.resume, bool) else None
-            if path is not None and path.is_dir():
-                path = ckpt.latest_checkpoint(path)
-            elif path is None:
-                path = ckpt.latest_checkpoint(run_dir)
-            if path is not None:
-                state = ckpt.load_checkpoint(path, self.net, self.optimizer, self.scheduler)
-                self.step = int(state["step"])
-                saved_n = state.get("trainer", {}).get("num_train_examples")
-                if saved_n is not None and saved_n != n:
-                    raise ValueError(f"cannot resume from {path}: it was trained on {saved_n} examples, this run has {n}")
-                if main:
-                    logger.truncate_after(self.step)
-            elif main:
-                warnings.warn(f"resume requested but no checkpoint found in {run_dir}; starting from scratch")
+            self._resume(run_dir, total, logger)
         if run_dir is not None and main:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_config(run_dir)
