@@ -44,9 +44,21 @@ def _dtype(name: Optional[str]):
     return table[name]
 
 
+def _check_device(device: Optional[str]) -> None:
+    """Fail with a clear message before loading anything: torch's own error for a CUDA device on
+    a CPU-only build is an AssertionError deep inside the model load."""
+    import torch
+
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available (torch {torch.__version__}, "
+                         "torch.cuda.is_available() is False); use --device cpu or leave --device out")
+
+
 # --------------------------------------------------------------------------- train
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from .models.selector import INFERENCE_MODES
+
     _opt(p, "domain", default="city", help="RAVEL domain (city, nobel_prize_winner, occupation, physical_object, verb) or 'all'")
     _opt(p, "attribute", default=None, help="one attribute of the domain (default: all of them)")
     _opt(p, "method", default="hyperdas", choices=METHODS)
@@ -72,8 +84,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "seed", type=int, default=0)
     _opt(p, "eval_every", type=int, default=0)
     _opt(p, "eval_max_examples", type=int, default=128)
-    _opt(p, "eval_modes", nargs="+", default=None)
-    _opt(p, "final_eval_modes", nargs="+", default=None, help="modes of the final evaluation (default: all supported)")
+    # choices: a misspelt mode is an argparse error naming the valid ones, not silently dropped
+    _opt(p, "eval_modes", nargs="+", default=None, choices=INFERENCE_MODES)
+    _opt(p, "final_eval_modes", nargs="+", default=None, choices=INFERENCE_MODES,
+         help="modes of the final evaluation (default: all supported)")
     _opt(p, "no_final_eval", action="store_true", help="skip the evaluation on the test split at the end")
     _opt(p, "checkpoint_dir", default=None, help="run folder (default checkpoints/<method>_<domain>[_<attribute>])")
     _opt(p, "checkpoint_every", type=int, default=0)
@@ -85,6 +99,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
          help="'model': the model's own greedy answers become the labels")
     _opt(p, "no_filter", action="store_true", help="skip knowledge filtering")
     _opt(p, "resume", nargs="?", const=True, default=False, help="resume from the newest checkpoint (or this path)")
+    _opt(p, "overwrite", action="store_true",
+         help="replace an earlier run in the run folder (without it, a new run there is refused)")
     _opt(p, "tensorboard", action="store_true")
     _opt(p, "device", default=None)
     _opt(p, "dtype", default=None)
@@ -116,11 +132,14 @@ def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 12
 
 
 def _train_config(args, domain: str, run_dir: Path):
+    from .data import ravel
     from .training.trainer import TrainConfig
 
     return TrainConfig(
-        data_dir=args.data_dir, domain=domain, attribute=args.attribute, epochs=args.epochs,
-        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr, basis_lr=args.basis_lr,
+        # absolute: the stored path must still work when evaluate.py runs from another directory
+        data_dir=str(ravel.resolve_data_dir(args.data_dir)),
+        domain=domain, attribute=args.attribute, epochs=args.epochs, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, basis_lr=args.basis_lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, causal_weight=args.causal_weight,
         isolation_weight=args.isolation_weight, sparsity_start=args.sparsity_start, sparsity_end=args.sparsity_end,
         sparsity_warmup=args.sparsity_warmup, lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
@@ -129,7 +148,7 @@ def _train_config(args, domain: str, run_dir: Path):
         final_eval_modes=tuple(args.final_eval_modes) if args.final_eval_modes else None,
         checkpoint_dir=str(run_dir), checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
         max_examples=args.max_examples, max_test_examples=args.max_test_examples, filter=not args.no_filter,
-        label_mode=args.label_mode, tensorboard=args.tensorboard, resume=args.resume,
+        label_mode=args.label_mode, tensorboard=args.tensorboard, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
 
@@ -138,9 +157,10 @@ def run_train(args) -> Dict[str, Any]:
     from .data import ravel
     from .training.trainer import Trainer
 
+    _check_device(args.device)
     ravel.resolve_data_dir(args.data_dir)  # fail early with the override hint
     splits = ravel.available_splits(args.data_dir)
-    domains = ravel._resolve_domains(args.domain, splits)
+    domains = ravel._resolve_domains(args.domain, splits, args.data_dir)
     if args.attribute is not None:
         for d in domains:
             ravel._resolve_attributes(d, args.attribute, splits)
@@ -178,15 +198,19 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "domain", default=None, help="default: the training domain")
     _opt(p, "attribute", default=None)
     _opt(p, "model", default=None, help="target model (default: the one recorded at training time)")
-    _opt(p, "data_dir", default=None)
+    _opt(p, "data_dir", default=None, help="RAVEL folder (default: $HYPERDAS_FAST_RAVEL_DIR, then the "
+         "training run's, then ../shared/ravel)")
     _opt(p, "modes", nargs="+", default=None, help="inference modes (default: all the model supports)")
     _opt(p, "primary_mode", default=None, help="mode reported in the table (default: default / groundtruth for MDAS)")
-    _opt(p, "max_examples", type=int, default=None, help="cap on test examples (after filtering)")
+    _opt(p, "max_examples", type=int, default=None,
+         help="cap on test examples (after filtering; default: the training run's --max-test-examples, so that "
+              "the test set is the one behind its results.json)")
     _opt(p, "label_mode", default=None, choices=("data", "model"))
     _opt(p, "no_filter", action="store_true")
     _opt(p, "seed", type=int, default=None, help="split seed (default: the training seed)")
     _opt(p, "batch_size", type=int, default=32)
-    _opt(p, "out", default=None, help="output prefix for <out>.json and <out>.md (default <run>/eval_<domain>)")
+    _opt(p, "out", default=None, help="output prefix for <out>.json and <out>.md (default "
+         "<run>/eval_<domain>[_<attribute>], plus _<checkpoint name> for a ckpt-*.safetensors file)")
     _opt(p, "device", default=None)
     _opt(p, "no_progress", action="store_true")
 
@@ -251,9 +275,10 @@ def load_trained(model_path, model=None, device=None):
 def run_evaluate(args) -> Dict[str, Any]:
     from .data import ravel
     from .evaluation.metrics import evaluate
-    from .evaluation.tables import atomic_write_json, method_title, write_table
+    from .evaluation.tables import atomic_write_json, method_title, with_extension, write_table
     from .training.trainer import method_name
 
+    _check_device(args.device)
     wrapper, run_cfg = load_trained(args.model_path, args.model, args.device)
     train_cfg = run_cfg.get("train", {})
     domain = args.domain or train_cfg.get("domain") or "city"
@@ -263,10 +288,12 @@ def run_evaluate(args) -> Dict[str, Any]:
         attribute = train_cfg.get("attribute")
     label_mode = args.label_mode or train_cfg.get("label_mode", "data")
     seed = args.seed if args.seed is not None else train_cfg.get("seed", 0)
-    data_dir = args.data_dir or train_cfg.get("data_dir")
+    # the environment variable beats the stored path: it is how to point a run at the data on another machine
+    data_dir = args.data_dir or os.environ.get(ravel.ENV_VAR) or train_cfg.get("data_dir")
     do_filter = not args.no_filter and train_cfg.get("filter", True)
+    max_examples = args.max_examples if args.max_examples is not None else train_cfg.get("max_test_examples")
     records = ravel.load_dataset(domain, attribute, "test", data_dir, model=wrapper.target, tokenizer=wrapper.tokenizer,
-                                 filter=do_filter, label_mode=label_mode, max_examples=args.max_examples, seed=seed,
+                                 filter=do_filter, label_mode=label_mode, max_examples=max_examples, seed=seed,
                                  progress=not args.no_progress)
     net = wrapper.model
     from .models.selector import INFERENCE_MODES
@@ -291,12 +318,14 @@ def run_evaluate(args) -> Dict[str, Any]:
     base = Path(args.model_path)
     run_dir = base.parent if base.is_file() or base.name == "final" else base
     stem = f"eval_{domain}" + ("" if attribute is None else f"_{attribute}")
+    if base.is_file():  # a training checkpoint: its own file, not the final model's
+        stem += f"_{base.stem}"
     out = Path(args.out) if args.out else run_dir / stem
-    atomic_write_json(out.with_suffix(".json"), result)
+    atomic_write_json(with_extension(out, ".json"), result)
     write_table([result], out.parent / (out.name + "_table"),
                 title=f"{method_title(method)} on {domain}, disentangle % ({primary})")
     summary = {m: v["overall"] for m, v in metrics.items()}
-    print(json.dumps({"results": str(out.with_suffix(".json")), "overall": summary}, indent=2))
+    print(json.dumps({"results": str(with_extension(out, ".json")), "overall": summary}, indent=2))
     return result
 
 
@@ -310,12 +339,14 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
 # --------------------------------------------------------------------------- table
 
 def add_table_args(p: argparse.ArgumentParser) -> None:
+    from .models.selector import INFERENCE_MODES
+
     p.add_argument("results", nargs="+", help="results JSON files (results.json / eval_*.json)")
     _opt(p, "out", default="results/table", help="output prefix: <out>.json and <out>.md")
     _opt(p, "title", default=None)
     _opt(p, "metric", default="disentangle", choices=("disentangle", "causal", "isolation"))
-    _opt(p, "mode", default=None, help="inference mode to report for the results that evaluated it (e.g. "
-         "global_argmax); the others keep their primary mode (default: every result's primary mode)")
+    _opt(p, "mode", default=None, choices=INFERENCE_MODES, help="inference mode to report for the results that "
+         "evaluated it (e.g. global_argmax); the others keep their primary mode (default: every result's primary mode)")
 
 
 def run_table(args) -> Dict[str, Any]:

@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Each run replaces the previous one in runs/hyperdas_city_country, unless it resumes it.
+overwrite=--overwrite
+for arg in "$@"; do [[ "$arg" == --resume* ]] && overwrite=; done
 python train.py --domain city --attribute country --layer 15 --feature_dim 128 \
   --label-mode model --max-examples 160 --max-test-examples 80 --batch_size 8 --epochs 3 \
   --lr 5e-4 --causal_weight 1.0 --isolation_weight 1.0 \
-  --seed 0 --checkpoint_dir runs/hyperdas_city_country --checkpoint_every 20 "$@"
+  --seed 0 --checkpoint_dir runs/hyperdas_city_country --checkpoint_every 20 $overwrite "$@"

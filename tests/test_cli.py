@@ -1,5 +1,7 @@
 """The CLIs end to end on a tiny random Llama saved to disk (no knowledge filtering)."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,23 +39,43 @@ def _train_args(model_dir, run_dir, ravel_dir, method="mdas", extra=()):
 
 
 @pytest.mark.parametrize("method", ["mdas", "hyperdas"])
-def test_train_then_evaluate(method, tiny_model_dir, tmp_path, ravel_dir):
+def test_train_then_evaluate(method, tiny_model_dir, tmp_path, ravel_dir, monkeypatch):
+    monkeypatch.delenv("HYPERDAS_FAST_RAVEL_DIR", raising=False)
     run = tmp_path / "run"
-    assert cli.train_main(_train_args(tiny_model_dir, run, ravel_dir, method)) == 0
+    # a relative --data-dir is stored absolute: evaluate.py then works from any directory
+    monkeypatch.chdir(tmp_path)
+    assert cli.train_main(_train_args(tiny_model_dir, run, os.path.relpath(ravel_dir), method)) == 0
     assert (run / "results.json").is_file() and (run / "final").is_dir()
-    assert cli.evaluate_main(["--model_path", str(run), "--max-examples", "6", "--no-progress"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["train"]["data_dir"] == str(ravel_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # no --max-examples: the training run's --max-test-examples 6, i.e. the test set behind results.json
+    assert cli.evaluate_main(["--model_path", str(run), "--no-progress"]) == 0
     result = json.loads((run / "eval_city_continent.json").read_text())
     assert result["method"] == ("MDAS" if method == "mdas" else "HyperDAS")
     assert result["test_examples"] == 6
     md = (run / "eval_city_continent_table.md").read_text()
     assert "| Method | City | Nobel Laureate | Occupation | Physical Object | Verb | Average |" in md
-    # the training checkpoint file evaluates too
+    # the training checkpoint file evaluates too, into its own file beside the final model's
     ckpt = sorted(run.glob("ckpt-*.safetensors"))[-1]
-    assert cli.evaluate_main(["--model_path", str(ckpt), "--max-examples", "6", "--no-progress",
-                              "--out", str(tmp_path / "from_ckpt")]) == 0
-    again = json.loads((tmp_path / "from_ckpt.json").read_text())
+    final_eval = (run / "eval_city_continent.json").read_text()
+    assert cli.evaluate_main(["--model_path", str(ckpt), "--max-examples", "6", "--no-progress"]) == 0
+    again = json.loads((run / f"eval_city_continent_{ckpt.stem}.json").read_text())
+    assert (run / "eval_city_continent.json").read_text() == final_eval
     mode = again["primary_mode"]
     assert again["metrics"][mode]["overall"] == result["metrics"][mode]["overall"]
+    # --out with a dot in its name: the extension is appended, not substituted
+    assert cli.evaluate_main(["--model_path", str(ckpt), "--max-examples", "6", "--no-progress",
+                              "--out", str(tmp_path / "from_ckpt.v1.5")]) == 0
+    assert json.loads((tmp_path / "from_ckpt.v1.5.json").read_text())["metrics"] == again["metrics"]
+    # the run folder now holds a run: a new one there is refused (exit 2) unless it --overwrite's it
+    monkeypatch.chdir(tmp_path)
+    args = _train_args(tiny_model_dir, run, os.path.relpath(ravel_dir), method, ("--no_final_eval",))
+    assert cli.train_main(args) == 2
+    assert (run / "results.json").is_file()
+    assert cli.train_main(args + ["--overwrite"]) == 0
+    assert not (run / "results.json").exists() and not list(run.glob("eval_*"))
 
 
 def test_same_seed_same_weights(tiny_model_dir, tmp_path, ravel_dir):
@@ -100,9 +122,25 @@ def test_table_subcommand(tmp_path):
     t2 = json.loads((tmp_path / "t2.json").read_text())
     assert t2["table"]["HyperDAS"]["City"] == 75.0 and t2["table"]["MDAS"]["City"] == 25.0
     assert [s["mode_used"] for s in t2["sources"]] == ["global_argmax", "groundtruth"]
+    # --out with dots in its name keeps them ("table.v1.5" used to write table.v1.json)
+    assert cli.main(["table", files[0], "--out", str(tmp_path / "table.v1.5")]) == 0
+    assert (tmp_path / "table.v1.5.json").is_file() and (tmp_path / "table.v1.5.md").is_file()
+    assert not (tmp_path / "table.v1.json").exists()
 
 
-def test_bad_inputs(tiny_model_dir, tmp_path, ravel_dir, capsys):
+def test_table_bad_inputs(tmp_path, capsys):
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    assert cli.main(["table", str(listed), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert str(listed) in err and "expected a JSON object" in err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["table", str(listed), "--mode", "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_bad_inputs(tiny_model_dir, tmp_path, ravel_dir, capsys, monkeypatch):
     assert cli.train_main(["--data-dir", str(tmp_path / "missing")]) == 2
     assert "RAVEL data directory not found" in capsys.readouterr().err
     assert cli.train_main(["--domain", "planets", "--data-dir", str(ravel_dir)]) == 2
@@ -114,6 +152,11 @@ def test_bad_inputs(tiny_model_dir, tmp_path, ravel_dir, capsys):
     # a corrupt trained model: clear error, no result written
     run = tmp_path / "run"
     assert cli.train_main(_train_args(tiny_model_dir, run, ravel_dir, extra=["--no_final_eval"])) == 0
+    # $HYPERDAS_FAST_RAVEL_DIR beats the data folder stored at training time (data moved / another machine)
+    monkeypatch.setenv("HYPERDAS_FAST_RAVEL_DIR", str(tmp_path / "moved_ravel"))
+    assert cli.evaluate_main(["--model_path", str(run), "--no-progress"]) == 2
+    assert f"RAVEL data directory not found: {tmp_path / 'moved_ravel'}" in capsys.readouterr().err
+    monkeypatch.delenv("HYPERDAS_FAST_RAVEL_DIR")
     weights = run / "final" / "mdas.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
     assert cli.evaluate_main(["--model_path", str(run), "--no-progress"]) == 2
@@ -125,6 +168,43 @@ def test_bad_inputs(tiny_model_dir, tmp_path, ravel_dir, capsys):
     ckpt.write_bytes(bytes(data))
     assert cli.evaluate_main(["--model_path", str(ckpt), "--no-progress"]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_bad_train_options(tmp_path, ravel_dir, monkeypatch, capsys):
+    """Errors that come before any training: each one line naming the culprit, exit status 2."""
+    # a misspelt inference mode is an argparse error listing the valid ones (it used to be dropped)
+    for option in ("--final_eval_modes", "--eval-modes"):
+        with pytest.raises(SystemExit) as exc:
+            cli.train_main([option, "default", "global_argmx", "--data-dir", str(ravel_dir)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "invalid choice: 'global_argmx'" in err and "global_argmax" in err
+    # a path-like --model that does not exist is named, not sent to the hub as a repo id
+    missing = tmp_path / "no_such_model"
+    assert cli.train_main(["--model", str(missing), "--data-dir", str(ravel_dir)]) == 2
+    assert f"model path not found: {missing}" in capsys.readouterr().err
+    # an empty data folder is named in the error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.train_main(["--data-dir", str(empty)]) == 2
+    assert f"no split folders in the RAVEL data directory {empty.resolve()}" in capsys.readouterr().err
+    # --device cuda without CUDA: a clear error, not torch's AssertionError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.train_main(["--device", "cuda", "--data-dir", str(ravel_dir)]) == 2
+    assert "--device cuda requested but CUDA is not available" in capsys.readouterr().err
+    assert cli.evaluate_main(["--model_path", str(tmp_path), "--device", "cuda:0"]) == 2
+    assert "--device cuda:0 requested but CUDA is not available" in capsys.readouterr().err
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    from hyperdas_fast.models.default_model import resolve_model_path
+
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # hub name: as given
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("./gone", "../gone", "~/surely_not_a_model_dir_here", str(tmp_path / "gone")):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"model path not found: {missing}")):
+            resolve_model_path(missing)
 
 
 def test_entry_scripts_help():

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -47,6 +48,13 @@ def test_available_and_errors(ravel_dir):
         ravel.load_rows("city", "population", data_dir=ravel_dir)
     with pytest.raises(ValueError, match="split"):
         ravel.load_rows("city", "country", "dev", data_dir=ravel_dir)
+
+
+def test_empty_data_dir_is_named(tmp_path):
+    with pytest.raises(ValueError, match=f"no split folders in the RAVEL data directory {re.escape(str(tmp_path.resolve()))}"):
+        ravel.load_rows("city", "country", "test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"no RAVEL domain has split folders .* {re.escape(str(tmp_path.resolve()))}"):
+        ravel.load_rows("all", None, "test", data_dir=tmp_path)
 
 
 def test_given_split_and_built_split(ravel_dir):

@@ -96,3 +96,21 @@ def test_tables_layout_and_atomic(tmp_path):
         tables.build_table([{"method": "x", "primary_mode": "bidding_argmax", "metrics": {"default": {}}}])
     with pytest.raises(FileNotFoundError):
         tables.load_results([tmp_path / "none.json"])
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json holds a JSON list; expected a JSON object"):
+        tables.load_results([listed])
+
+
+def test_table_names_keep_their_dots(tmp_path):
+    """The extension is appended to the whole name: Path.with_suffix turned "t_0.5" into
+    "t_0.json", overwriting the table "t_0"."""
+    assert tables.with_extension("results/t_0.5", ".json").as_posix() == "results/t_0.5.json"
+    assert tables.with_extension("tb/table.v1.5", ".md").as_posix() == "tb/table.v1.5.md"
+    assert tables.with_extension("results/t.json", ".json").as_posix() == "results/t.json"
+    results = [{"method": "HyperDAS", "primary_mode": "default",
+                "metrics": {"default": {"domains": {"city": {"disentangle": 0.5}}}}}]
+    for prefix in ("t_0", "t_0.5", "table.v1.5", "named.json"):
+        tables.write_table(results, tmp_path / prefix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "named.json", "named.md", "t_0.5.json", "t_0.5.md", "t_0.json", "t_0.md", "table.v1.5.json", "table.v1.5.md"]

@@ -93,12 +93,14 @@ def available_splits(data_dir: Optional[str | os.PathLike] = None) -> Dict[str, 
     return found
 
 
-def _resolve_domains(domain: str, splits) -> List[str]:
+def _resolve_domains(domain: str, splits, data_dir: Optional[str | os.PathLike] = None) -> List[str]:
+    """``data_dir``: the folder ``splits`` came from, named in the errors (an empty or wrong
+    folder is the usual cause)."""
     name = normalize_name(domain)
     if name == "all":
         domains = [d for d in DOMAINS if d in splits]
         if not domains:
-            raise ValueError("no RAVEL domain has split folders in the data directory")
+            raise ValueError(f"no RAVEL domain has split folders in the data directory {resolve_data_dir(data_dir)}")
         return domains
     aliases = {normalize_name(t): d for d, t in DOMAIN_TITLES.items()}
     aliases.update({"nobel": "nobel_prize_winner", "nobel_prize": "nobel_prize_winner", "object": "physical_object"})
@@ -106,13 +108,14 @@ def _resolve_domains(domain: str, splits) -> List[str]:
     if name not in DOMAINS:
         raise ValueError(f"domain must be one of {', '.join(DOMAINS)} or 'all'; got {domain!r}")
     if name not in splits:
-        raise ValueError(f"domain {name!r} has no split folders in the RAVEL data directory")
+        raise ValueError(f"domain {name!r} has no split folders in the RAVEL data directory "
+                         f"{resolve_data_dir(data_dir)}")
     return [name]
 
 
 def list_attributes(domain: str, data_dir=None) -> List[str]:
     splits = available_splits(data_dir)
-    return sorted(splits.get(_resolve_domains(domain, splits)[0], {}))
+    return sorted(splits.get(_resolve_domains(domain, splits, data_dir)[0], {}))
 
 
 def _resolve_attributes(domain: str, attribute: Optional[str], splits) -> List[str]:
@@ -175,7 +178,7 @@ def load_rows(
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     splits = available_splits(data_dir)
     out: List[dict] = []
-    for dom in _resolve_domains(domain, splits):
+    for dom in _resolve_domains(domain, splits, data_dir):
         for attr in _resolve_attributes(dom, attribute, splits):
             folders = splits[dom][attr]
             if "train" in folders and "test" in folders:
@@ -519,7 +522,7 @@ def load_dataset(
     Raises ValueError when no usable row is left."""
     if tokenizer is None:
         raise ValueError("tokenizer is required to compute entity positions")
-    domains = _resolve_domains(domain, available_splits(data_dir))
+    domains = _resolve_domains(domain, available_splits(data_dir), data_dir)
     if len(domains) > 1:
         records: List[dict] = []
         for dom in domains:

@@ -44,6 +44,14 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def with_extension(path: Union[str, os.PathLike], extension: str) -> Path:
+    """``path`` with ``extension`` (".json") appended to its whole name, unless the name already
+    ends with it. ``Path.with_suffix`` would replace what follows the last dot instead:
+    "table.v1.5" -> "table.v1.json", "t_0.5" -> "t_0.json" (another table's file)."""
+    path = Path(path)
+    return path if path.name.endswith(extension) else path.with_name(path.name + extension)
+
+
 def method_title(method: str) -> str:
     return {"hyperdas": "HyperDAS", "mdas": "MDAS"}.get(str(method).lower(), str(method))
 
@@ -99,9 +107,13 @@ def load_results(paths: Sequence[Union[str, os.PathLike]]) -> List[dict]:
         if not p.is_file():
             raise FileNotFoundError(f"results file not found: {p}")
         try:
-            out.append(json.loads(p.read_text()))
+            result = json.loads(p.read_text())
         except ValueError as exc:
             raise ValueError(f"results file {p} is not valid JSON: {exc}") from exc
+        if not isinstance(result, dict):
+            raise ValueError(f"results file {p} holds a JSON {type(result).__name__}; expected a JSON object: one "
+                             "result as train.py / hyperdas-evaluate write it (results.json, eval_*.json)")
+        out.append(result)
     return out
 
 
@@ -112,12 +124,15 @@ def write_table(results: Iterable[Mapping], out_prefix: Union[str, os.PathLike],
     results = list(results)
     table = build_table(results, metric, mode)
     out_prefix = Path(out_prefix)
+    for extension in (".json", ".md"):  # "--out results/table.json" still names the pair table.json / table.md
+        if out_prefix.name.endswith(extension):
+            out_prefix = out_prefix.with_name(out_prefix.name[: -len(extension)])
 
     def used(r):
         metrics = r.get("metrics") or {}
         return mode if mode is not None and mode in metrics else r.get("primary_mode")
 
-    j = atomic_write_json(out_prefix.with_suffix(".json"), {
+    j = atomic_write_json(with_extension(out_prefix, ".json"), {
         "metric": metric,
         "mode": mode,
         "columns": COLUMNS,
@@ -126,9 +141,9 @@ def write_table(results: Iterable[Mapping], out_prefix: Union[str, os.PathLike],
                                             "feature_dim", "train_examples", "test_examples")}, "mode_used": used(r)}
                     for r in results],
     })
-    md = atomic_write_text(out_prefix.with_suffix(".md"), markdown_table(table, title))
+    md = atomic_write_text(with_extension(out_prefix, ".md"), markdown_table(table, title))
     return {"json": j, "markdown": md}
 
 
 __all__ = ["COLUMNS", "atomic_write_text", "atomic_write_json", "build_table", "markdown_table", "load_results",
-           "write_table", "method_title"]
+           "write_table", "method_title", "with_extension"]

@@ -77,9 +77,20 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: Optional[str]) -> str:
+    """The embedded model's folder, a local path, or a hub name passed through as given.
+
+    A name written as a path (absolute, or starting with '.' or '~') must exist: otherwise
+    transformers takes it for a hub name and fails with "Repo id must be in the form ...",
+    which does not say that the path is missing."""
     if name_or_path is None or name_or_path in ("default", DEFAULT_MODEL_NAME):
         return str(default_model_dir())
-    return str(name_or_path)
+    name = str(name_or_path)
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model path not found: {name}")
+        return str(path)
+    return name
 
 
 def load_model(

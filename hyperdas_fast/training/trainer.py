@@ -143,7 +143,7 @@ RESUMABLE_CHANGES = frozenset({
 # with an earlier run's (its checkpoints would outrank the new ones in pruning and resume,
 # its metrics rows would stay in metrics.jsonl).
 RUN_FILES = ("ckpt-*.safetensors", "final", "train_config.json", "metrics.jsonl", "train.csv", "eval.csv",
-             "results.json", "tensorboard", "eval_*.json")
+             "results.json", "tensorboard", "eval_*.json", "eval_*.md")
 
 
 def earlier_run_files(run_dir: Path) -> List[Path]:
