@@ -289,29 +289,6 @@ def test_rows(inplace, case):
 
 
 @needs_interp
-def test_inplace_rows_bump_the_version_counter():
-    """The rows kernels write base through a pointer: base's version must move (as for any
-    in-place op) so a graph that saved base refuses to backpropagate, and an inference tensor
-    is refused outside inference mode before anything is written."""
-    (base, source, _, basis, v, m), (bi, tp, sp) = _rows_case()
-    w = torch.ones(base.shape[-1], requires_grad=True)
-    h = base.clone()
-    y = (w * h).sum()
-    tk.interchange_rows(h, source, bi, tp, sp, basis, v, m, True)
-    assert h._version == 1
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.backward()
-    with torch.inference_mode():
-        frozen = base.clone()
-    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
-        tk.interchange_rows(frozen, source, bi, tp, sp, basis, v, m, True)
-    assert torch.equal(frozen, base)
-    with torch.inference_mode():
-        tk.interchange_rows(frozen, source, bi, tp, sp, basis, v, m, True)
-    assert not torch.equal(frozen, base)
-
-
-@needs_interp
 def test_rows_through_public_api_and_empty_selection():
     (base, source, _, basis, v, m), _ = _rows_case()
     index = torch.full(base.shape[:2], ops.KEEP)

@@ -13,6 +13,7 @@
 // and torch.compile traces both ops through their fake kernels (ops/library.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -172,6 +173,10 @@ void interchange_rows_inplace(const Tensor& base, const Tensor& source, const Te
                        .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
                                    const std::optional<Tensor>&)>();
+  // An inference tensor may be updated in inference mode only: refuse before writing.
+  TORCH_CHECK(!base.is_inference() || c10::InferenceMode::is_enabled(),
+              "Inplace update to inference tensor outside InferenceMode is not allowed; clone it first or call "
+              "under torch.inference_mode()");
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.call(base, source, batch_index, base_pos, source_pos, basis, reflect, mask);

@@ -755,6 +755,9 @@ def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
 
 def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask, inplace) -> Tensor:
     out = base if inplace else base.clone(memory_format=torch.contiguous_format)
+    if out.is_inference() and not torch.is_inference_mode_enabled():  # refused before anything is written
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed; "
+                           "clone it first or call under torch.inference_mode()")
     if batch_index.numel() == 0:
         return out
     if basis is None:
@@ -771,9 +774,6 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
                                   _f32(basis), _f32(reflect), _f32(mask), True)
         out[batch_index, base_pos] = rows32[batch_index, base_pos].to(base.dtype)
         return out
-    if out.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed; "
-                           "clone it first or call under torch.inference_mode()")
     source = source.contiguous()
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
