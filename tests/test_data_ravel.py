@@ -137,6 +137,36 @@ class _FakeModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(3))
 
 
+def test_model_fingerprint_ignores_where_the_model_was_loaded_from(tmp_path):
+    """The knowledge-filter cache key: the same weights and tokenizer loaded from another
+    folder (another HYPERDAS_FAST_CACHE) give the same key, so the filter is not re-run;
+    other weights give another key."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hyperdas_fast.models.default_model import default_model_dir
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in default_model_dir().iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, copy / f.name)
+    tokenizers = [AutoTokenizer.from_pretrained(default_model_dir()), AutoTokenizer.from_pretrained(copy)]
+    assert tokenizers[0].name_or_path != tokenizers[1].name_or_path
+
+    def tiny(seed, path):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+        model.config._name_or_path = path
+        return model
+
+    a = ravel.model_fingerprint(tiny(0, str(default_model_dir())), tokenizers[0])
+    assert ravel.model_fingerprint(tiny(0, str(copy)), tokenizers[1]) == a
+    assert ravel.model_fingerprint(tiny(1, str(copy)), tokenizers[1]) != a
+
+
 def test_filter_logic_and_cache(tmp_path, monkeypatch):
     rows = [
         _row("A", "B", True, "France", "Italy"),   # known

@@ -311,13 +311,17 @@ def extract_answer(generated: str) -> str:
 
 
 def model_fingerprint(model, tokenizer=None) -> str:
-    """A short hash of the model's config, a sample of its weights and its tokenizer."""
+    """A short hash of the model's config, a sample of its weights and its tokenizer's
+    vocabulary. Not of where they were loaded from: the same weights under another path
+    (another HYPERDAS_FAST_CACHE, a copied model folder) share the knowledge-filter cache."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         try:
-            h.update(config.to_json_string(use_diff=False).encode())
-        except Exception:  # pragma: no cover - configs without json
+            fields = config.to_dict()
+            fields.pop("_name_or_path", None)
+            h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        except Exception:  # pragma: no cover - configs without to_dict
             h.update(repr(config).encode())
     for i, (name, p) in enumerate(model.state_dict().items()):
         if i >= 4:
@@ -326,7 +330,8 @@ def model_fingerprint(model, tokenizer=None) -> str:
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     if tokenizer is not None:
-        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        h.update(json.dumps(sorted(vocab.items())).encode())
         h.update(str(len(tokenizer)).encode())
     return h.hexdigest()[:16]
 
