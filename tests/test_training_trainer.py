@@ -224,8 +224,12 @@ def test_resume_refuses_other_options(tok, records, tmp_path):
     optimizer state kept the old learning rate while train_config.json claimed the new one):
     refused, naming the options. Training longer is allowed; a checkpoint past the end is not."""
     _train_steps(tok, records, tmp_path, max_steps=4, checkpoint_every=2)
+    net = _mdas(tok, seed=5)
+    before = _weights(net)
     with pytest.raises(ValueError, match=r"batch_size=4 \(now 8\), lr=4e-05 \(now 0.01\)"):
-        _train_steps(tok, records, tmp_path, max_steps=4, batch_size=8, lr=1e-2, resume=True)
+        Trainer(net, _cfg(records, tmp_path, max_steps=4, batch_size=8, lr=1e-2, epochs=1, final_eval=False,
+                          resume=True), tokenizer=tok).train()
+    assert all(torch.equal(before[k], v) for k, v in _weights(net).items())  # nothing restored
     with pytest.raises(ValueError, match="at step 4, beyond this run's 2 steps"):
         _train_steps(tok, records, tmp_path, max_steps=2, resume=True)
     _, res = _train_steps(tok, records, tmp_path, max_steps=6, resume=True)

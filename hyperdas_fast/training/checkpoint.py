@@ -220,6 +220,19 @@ def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     return tensors, state
 
 
+def read_state(path) -> Dict[str, Any]:
+    """The state metadata of a checkpoint (step, trainer state, run config) without reading
+    its tensors: enough to decide whether to resume from it before anything is restored."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return json.loads(metadata["state"])
+    except Exception as exc:  # noqa: BLE001  (unreadable header or state)
+        raise CheckpointError(f"checkpoint {path} has no readable state: {exc}") from exc
+
+
 def latest_checkpoint(directory) -> Optional[Path]:
     """The newest readable checkpoint in ``directory`` (damaged ones are skipped with a warning)."""
     for _, path in reversed(list_checkpoints(directory)):
@@ -271,4 +284,4 @@ def load_checkpoint(
 
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "checkpoint_path", "remove_stale_temp_files", "set_aside"]
+           "list_checkpoints", "checkpoint_path", "read_state", "remove_stale_temp_files", "set_aside"]

@@ -383,7 +383,8 @@ class Trainer:
         elif path is None:
             path = ckpt.latest_checkpoint(run_dir)
         if path is not None:
-            state = ckpt.load_checkpoint(path, self.net, self.optimizer, self.scheduler)
+            # checked before anything is restored: a refused resume leaves the model as it was
+            state = ckpt.read_state(path)
             step = int(state["step"])
             trainer_state = state.get("trainer", {})
             saved_n = trainer_state.get("num_train_examples")
@@ -398,6 +399,7 @@ class Trainer:
                                  f"or start a new run in another checkpoint_dir")
             if step > total:
                 raise ValueError(f"cannot resume from {path}: it is at step {step}, beyond this run's {total} steps")
+            ckpt.load_checkpoint(path, self.net, self.optimizer, self.scheduler)
             self.step = step
         elif main:
             warnings.warn(f"resume requested but no checkpoint found in {run_dir}; starting from scratch")
