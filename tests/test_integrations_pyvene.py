@@ -131,6 +131,19 @@ def test_gradients_reach_the_rotation():
     torch.testing.assert_close(source.grad.double(), source2.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_cached_rotation_follows_writes_through_data():
+    """The rotation is cached between no-grad calls; a write through ``.data`` (manual SGD,
+    weight editing) bumps no version counter and used to leave the old rotation in use."""
+    torch.manual_seed(4)
+    inter = hp.LowRankRotatedSpaceIntervention(embed_dim=12, low_rank_dimension=3)
+    base, source = torch.randn(4, 12), torch.randn(4, 12)
+    with torch.no_grad():
+        inter(base, source)  # fills the cache
+        inter.rotate_layer.parametrizations.weight.original.data.add_(0.5 * torch.randn(12, 3))
+        expected = _formula(base.double(), source.double(), inter.rotate_layer.weight.double())
+        torch.testing.assert_close(inter(base, source).double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_raise_value_error():
     inter = hp.LowRankRotatedSpaceIntervention(embed_dim=8, low_rank_dimension=2)
     with pytest.raises(ValueError, match="source"):
@@ -362,6 +375,12 @@ def test_native_rejects_bad_arguments(smollm2, ravel_batch):
         hp.das_interchange(model, base, source, base_pos, cf_pos, 99, None)
     with pytest.raises(ValueError, match="base_positions"):
         hp.das_interchange(model, base, source, base_pos[:2], cf_pos, LAYER, None)
+    # left padding: the passes would read padding at "length - 1"
+    left = {k: v.clone() for k, v in base.items()}
+    left["attention_mask"] = left["attention_mask"].flip(1)
+    assert bool((left["attention_mask"][:, 0] == 0).any())
+    with pytest.raises(ValueError, match="base_inputs must be right padded"):
+        hp.das_interchange(model, left, source, base_pos, cf_pos, LAYER, None)
 
 
 @needs_pyvene

@@ -95,6 +95,25 @@ def test_unknown_model_type():
         get_adapter(torch.nn.Linear(2, 2))
 
 
+def test_llama_layouts_it_does_not_compute_are_refused():
+    """Models with the Llama module layout whose forward does more than the adapter re-runs
+    (Granite's multipliers, Phi-3's fused projections) gave silently different logits or an
+    AttributeError; sliding-window attention is exact only up to the window."""
+    import transformers as tf
+
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2)
+    with pytest.raises(ValueError, match="unsupported model type 'granite': it has embedding_multiplier"):
+        get_adapter(tf.GraniteForCausalLM(tf.GraniteConfig(embedding_multiplier=12.0, **small)))
+    with pytest.raises(ValueError, match="unsupported model type 'phi3': it has fused attention projections"):
+        get_adapter(tf.Phi3ForCausalLM(tf.Phi3Config(pad_token_id=0, **small)))
+    adapter = get_adapter(tf.MistralForCausalLM(tf.MistralConfig(sliding_window=4, **small)).eval())
+    adapter.prepare(torch.zeros(1, 4, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="5 tokens exceed mistral's sliding attention window of 4"):
+        adapter.prepare(torch.zeros(1, 5, dtype=torch.long), None)
+    assert get_adapter(tf.Qwen2ForCausalLM(tf.Qwen2Config(sliding_window=4, **small))).sliding_window is None
+
+
 def test_parameter_groups_split_basis():
     hd = HyperDASModel(tiny("llama"), layer=2, feature_dim=8, num_hypernet_layers=1)
     groups = hd.parameter_groups(lr=1e-4, basis_lr=1e-3, weight_decay=0.1)

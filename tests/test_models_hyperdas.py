@@ -237,6 +237,24 @@ def test_save_load_roundtrip(smollm2, batch, tmp_path):
     assert sum(v.numel() for v in saved.values()) < 0.2 * sum(p.numel() for p in target.parameters())
 
 
+def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):
+    """A checkpoint of the fp32 target loads onto the same weights in bf16 and fp16 (the bf16
+    load was refused: the embedding checksum moved by more than its tolerance), and a
+    position heatmap is the same on every call even in train mode."""
+    from hyperdas_fast.models.default_model import load_model
+
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    hd.save(tmp_path / "ckpt")
+    for dtype in (torch.bfloat16, torch.float16):
+        half, _ = load_model(dtype=dtype)
+        HyperDAS.load(tmp_path / "ckpt", model=half, tokenizer=tok)
+    hd.model.train()
+    first = hd.position_weights("city: Vienna, country:", "city: Paris, country:", "country")[0]
+    second = hd.position_weights("city: Vienna, country:", "city: Paris, country:", "country")[0]
+    assert (first == second).all() and hd.model.training
+
+
 def test_load_refuses_weights_from_another_save_or_corrupt(smollm2, tmp_path):
     target, tok = smollm2
     first = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)

@@ -303,7 +303,12 @@ def aligned_patch(
 
 class _CachedRotation:
     """Mixin: the parametrized rotation evaluated once per call, and cached while its
-    parameters are unchanged and no gradient is needed."""
+    parameters are unchanged and no gradient is needed.
+
+    Unchanged means equal values, not only the same storage and version counter: a write
+    through ``.data`` (``p.data -= lr * g``, weight editing, an EMA) bumps no version, and a
+    cache keyed on versions alone kept serving the old rotation. Comparing against a copy
+    reads the parameters once per call, far less than evaluating the parametrization."""
 
     def _rotation(self) -> Tensor:
         layer = self.rotate_layer
@@ -311,13 +316,13 @@ class _CachedRotation:
         if _needs_grad(original):
             return layer.weight
         tensors = [original] + list(layer.parametrizations.weight.buffers())
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
         cached = self.__dict__.get("_hdf_rotation_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == key and all(torch.equal(t, c) for t, c in zip(tensors, cached[1])):
+            return cached[2]
         with torch.no_grad():
             weight = layer.weight.detach()
-        self.__dict__["_hdf_rotation_cache"] = (key, weight)
+        self.__dict__["_hdf_rotation_cache"] = (key, [t.detach().clone() for t in tensors], weight)
         return weight
 
 
@@ -619,6 +624,14 @@ def das_interchange(
         raise ValueError(
             f"source_inputs must have the base batch size {batch}, got {source_inputs['input_ids'].shape[0]}"
         )
+    for name, inputs in (("base_inputs", base_inputs), ("source_inputs", source_inputs)):
+        # The passes cut rows at their real length and read "last" at length - 1: with left
+        # padding they would silently read padding (set tokenizer.padding_side = "right").
+        attn = inputs.get("attention_mask")
+        if attn is not None and attn.dim() == 2 and bool((attn[:, 1:] > attn[:, :-1]).any()):
+            row = int((attn[:, 1:] > attn[:, :-1]).any(1).nonzero()[0])
+            raise ValueError(f"{name} must be right padded (tokenizer.padding_side = 'right'); row {row} of "
+                             f"its attention_mask has padding before tokens")
     bpos = _positions("base_positions", base_positions, batch, device)
     spos = _positions("source_positions", source_positions, batch, device)
     body = getattr(model, getattr(model, "base_model_prefix", "model"), None)

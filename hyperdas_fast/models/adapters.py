@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-LLAMA_FAMILY = ("llama", "qwen2", "mistral", "smollm2", "smollm3", "olmo", "olmo2", "granite")
+LLAMA_FAMILY = ("llama", "qwen2", "mistral", "smollm2", "smollm3", "olmo")
 GPT2_FAMILY = ("gpt2",)
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
 
@@ -67,6 +67,12 @@ class DecoderAdapter:
         self.hidden_size = int(self.config.hidden_size)
         self.num_layers = len(self.blocks)
         self.num_heads = int(self.config.num_attention_heads)
+        # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window): the blocks
+        # run with a full causal mask here, exact only up to the window's length.
+        window = getattr(self.config, "sliding_window", None)
+        if getattr(self.config, "use_sliding_window", True) is False:
+            window = None
+        self.sliding_window = int(window) if window else None
         # Optional hook: called as block_callback(index) before each block runs (tests count calls).
         self.block_callback: Optional[Callable[[int], None]] = None
 
@@ -110,9 +116,17 @@ class DecoderAdapter:
         raise NotImplementedError
 
     # -- running ---------------------------------------------------------------
+    def check_length(self, length: int) -> None:
+        """ValueError when ``length`` tokens exceed the model's sliding attention window."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ValueError(f"{length} tokens exceed {self.model_type}'s sliding attention window of "
+                             f"{self.sliding_window}, which hyperdas_fast does not implement (its results are "
+                             f"exact up to {self.sliding_window} tokens)")
+
     def prepare(self, input_ids_or_hidden: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor] = None):
         """(mask [B,1,T,T], position_ids [1 or B, T], position embeddings) for a sequence."""
         seq = input_ids_or_hidden.shape[1]
+        self.check_length(seq)
         device = input_ids_or_hidden.device
         if position_ids is None:
             position_ids = torch.arange(seq, device=device).unsqueeze(0)
@@ -143,6 +157,7 @@ class DecoderAdapter:
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         if mask4d is None:
+            self.check_length(hidden.shape[1])
             mask4d = additive_mask(attention_mask, hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
         if pos_emb is None:
             pos_emb = self.position_embeddings(hidden, position_ids)
@@ -255,6 +270,26 @@ class GPT2Adapter(DecoderAdapter):
         return (block.ln_1, q_w, k_w, v_w, o_w, (q_b, k_b, v_b, attn.c_proj.bias), heads, heads, d // heads)
 
 
+def _unsupported_llama_layout(config, block: nn.Module) -> List[str]:
+    """What a model with the Llama module layout may compute that LlamaAdapter does not
+    (it re-runs embeddings, blocks, final norm and head itself): each would give silently
+    different hidden states and logits, so such models are refused."""
+    found = []
+    for name in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            found.append(f"{name}={getattr(config, name)}")  # Granite
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            found.append(f"{name}={getattr(config, name)}")  # Gemma 2
+    for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        if hasattr(block, name):
+            found.append(f"blocks with {name}")  # Gemma 2/3, OLMo 2
+    attn = getattr(block, "self_attn", None)
+    if attn is not None and not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        found.append("fused attention projections (no q_proj/k_proj/v_proj/o_proj)")  # Phi-3
+    return found
+
+
 def get_adapter(model: nn.Module) -> DecoderAdapter:
     """The adapter for a Hugging Face causal LM; ValueError for an unsupported model type."""
     config = getattr(model, "config", None)
@@ -270,6 +305,11 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
     ):
         if not hasattr(model, "lm_head") or not hasattr(model, "model"):
             raise ValueError(f"model of type {model_type!r} must be a causal LM with .model and .lm_head")
+        unsupported = _unsupported_llama_layout(config, model.model.layers[0])
+        if unsupported:
+            raise ValueError(f"unsupported model type {model_type!r}: it has {', '.join(unsupported)}, which "
+                             f"hyperdas_fast's Llama adapter does not compute; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         return LlamaAdapter(model)
     raise ValueError(
         f"unsupported model type {model_type!r} ({type(model).__name__}); supported: "

@@ -146,9 +146,14 @@ def target_fingerprint(model: nn.Module) -> Dict[str, Any]:
     arch = {k: getattr(config, k, None) for k in keys}
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        checksum = float(emb[: min(64, emb.shape[0])].double().sum())
+        rows = emb[: min(64, emb.shape[0])]
+        checksum = float(rows.double().sum())
+        # The same sum over the rows rounded to bfloat16: equal whether the target was loaded
+        # in fp32, bf16 or fp16 (the plain sum moves by more than its tolerance in bf16).
+        checksum_bf16 = float(rows.to(torch.bfloat16).double().sum())
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-    return {"name": getattr(config, "_name_or_path", "") or "", **arch, "arch_digest": digest, "embedding_checksum": checksum}
+    return {"name": getattr(config, "_name_or_path", "") or "", **arch, "arch_digest": digest,
+            "embedding_checksum": checksum, "embedding_checksum_bf16": checksum_bf16}
 
 
 class HyperDASModel(nn.Module):
@@ -427,6 +432,7 @@ class HyperDAS:
         out = [token]
         for step in range(max_new_tokens - 1):
             am = torch.cat([am, torch.ones(batch_size, 1, dtype=am.dtype, device=am.device)], dim=1)
+            ad.check_length(am.shape[1])
             pos = (lengths + step).unsqueeze(1)
             hidden = ad.embed(token.unsqueeze(1), pos)
             mask = additive_mask(am, 1, am.shape[1], hidden.dtype, hidden.device, causal=False)
@@ -465,10 +471,17 @@ class HyperDAS:
 
     @torch.no_grad()
     def position_weights(self, base_prompt: str, counterfactual_prompt: str, concept: str):
-        """(weights [S+1, T] numpy, source tokens + ["[SELF]"], base tokens) for one example."""
+        """(weights [S+1, T] numpy, source tokens + ["[SELF]"], base tokens) for one example
+        (in eval mode, as ``intervene``: dropout would make two calls differ)."""
         _, (base, cf, concept) = self._as_lists(base_prompt, counterfactual_prompt, concept)
         batch = self._batch(base[:1], cf[:1], concept[:1])
-        enc = self.model.encode(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                enc = self.model.encode(batch)
+        finally:
+            self.model.train(was_training)
         weights = enc["weights"][0].float().cpu().numpy()
         conv = self.tokenizer.convert_ids_to_tokens
         src = conv(batch["source_input_ids"][0].tolist()) + ["[SELF]"]
@@ -512,8 +525,16 @@ class HyperDAS:
             if saved.get(key) != now.get(key):
                 raise ValueError(f"checkpoint {directory} was trained on a different target model: {key} is "
                                  f"{saved.get(key)!r} there and {now.get(key)!r} here ({config.get('target_name')!r} vs {here!r})")
-        a, b = saved.get("embedding_checksum"), now.get("embedding_checksum")
-        if a is not None and b is not None and abs(a - b) > 1e-3 * max(1.0, abs(a)):
+        # The same target loaded in fp32 or fp16 matches the plain checksum, in bf16 the bf16
+        # one; a checkpoint from before the bf16 checksum, loaded in bf16, gets the rounding's
+        # own error as slack.
+        emb = model.get_input_embeddings().weight
+        slack = 0.0
+        if "embedding_checksum_bf16" not in saved and emb.dtype == torch.bfloat16:
+            slack = float(emb[:64].double().abs().sum()) * torch.finfo(emb.dtype).eps
+        pairs = [(saved[k], now[k]) for k in ("embedding_checksum", "embedding_checksum_bf16")
+                 if saved.get(k) is not None and now.get(k) is not None]
+        if pairs and not any(abs(a - b) <= 1e-3 * max(1.0, abs(a)) + slack for a, b in pairs):
             raise ValueError(f"checkpoint {directory} was trained on a different target model: the embedding "
                              f"weights differ ({config.get('target_name')!r} vs {here!r})")
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
