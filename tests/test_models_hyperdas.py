@@ -239,8 +239,8 @@ def test_save_load_roundtrip(smollm2, batch, tmp_path):
 
 def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):
     """A checkpoint of the fp32 target loads onto the same weights in bf16 and fp16 (the bf16
-    load was refused: the embedding checksum moved by more than its tolerance), and a
-    position heatmap is the same on every call even in train mode."""
+    load was refused: the embedding checksum moved by more than its tolerance), and the
+    position heatmap is computed in eval mode (with dropout, two calls differed)."""
     from hyperdas_fast.models.default_model import load_model
 
     target, tok = smollm2
@@ -249,10 +249,12 @@ def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):
     for dtype in (torch.bfloat16, torch.float16):
         half, _ = load_model(dtype=dtype)
         HyperDAS.load(tmp_path / "ckpt", model=half, tokenizer=tok)
+    # (SmolLM2 has no dropout, so the mode is checked where the weights are computed)
+    modes, encode = [], hd.model.encode
+    hd.model.encode = lambda batch: (modes.append(hd.model.training), encode(batch))[1]
     hd.model.train()
-    first = hd.position_weights("city: Vienna, country:", "city: Paris, country:", "country")[0]
-    second = hd.position_weights("city: Vienna, country:", "city: Paris, country:", "country")[0]
-    assert (first == second).all() and hd.model.training
+    hd.position_weights("city: Vienna, country:", "city: Paris, country:", "country")
+    assert modes == [False] and hd.model.training
 
 
 def test_load_refuses_weights_from_another_save_or_corrupt(smollm2, tmp_path):
