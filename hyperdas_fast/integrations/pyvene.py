@@ -628,10 +628,12 @@ def das_interchange(
         # The passes cut rows at their real length and read "last" at length - 1: with left
         # padding they would silently read padding (set tokenizer.padding_side = "right").
         attn = inputs.get("attention_mask")
-        if attn is not None and attn.dim() == 2 and bool((attn[:, 1:] > attn[:, :-1]).any()):
-            row = int((attn[:, 1:] > attn[:, :-1]).any(1).nonzero()[0])
-            raise ValueError(f"{name} must be right padded (tokenizer.padding_side = 'right'); row {row} of "
-                             f"its attention_mask has padding before tokens")
+        if attn is None or attn.dim() != 2:
+            continue
+        padding_first = (attn[:, 1:] > attn[:, :-1]).any(1)
+        if bool(padding_first.any()):
+            raise ValueError(f"{name} must be right padded (tokenizer.padding_side = 'right'); row "
+                             f"{int(padding_first.nonzero()[0])} of its attention_mask has padding before tokens")
     bpos = _positions("base_positions", base_positions, batch, device)
     spos = _positions("source_positions", source_positions, batch, device)
     body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
