@@ -263,21 +263,42 @@ def main(argv=None) -> Dict[str, object]:
         print(f"# measured device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
+    def payload_of(rows: List[Dict[str, object]], shapes_done: List[str]) -> Dict[str, object]:
+        rows = [dict(r) for r in rows]
+        for r in rows:
+            if args.peak_gbps:
+                r["fraction_of_peak_bandwidth"] = r["gbps"] / args.peak_gbps
+            if copy_gbps:
+                r["fraction_of_copy_bandwidth"] = r["gbps"] / copy_gbps
+        return {
+            "benchmark": "interchange op",
+            "machine": machine_info(device),
+            "dtype": str(dtype),
+            "backends": backends,
+            "shapes": {n: SHAPES[n] for n in shapes_done},
+            "runs": args.runs,
+            "repeats": args.repeats,
+            "peak_bandwidth_gbps": args.peak_gbps,
+            "measured_copy_bandwidth_gbps": copy_gbps,
+            "results": rows,
+        }
+
     runs: List[List[Dict[str, object]]] = []
     for run in range(args.runs):
         rows: List[Dict[str, object]] = []
-        for name in shapes:
+        for i, name in enumerate(shapes):
             print(f"# {name} {SHAPES[name]}" + (f" (run {run + 1}/{args.runs})" if args.runs > 1 else ""), flush=True)
             rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths,
                                     args.triton_paths))
+            if args.out and args.runs == 1 and i + 1 < len(shapes):
+                # the shapes measured so far, in case a time limit stops the rest (a lent GPU's
+                # call has one); the complete file replaces it at the end
+                add_ratios(rows)
+                write_json_atomic(args.out, dict(payload_of(rows, shapes[: i + 1]), partial=True))
         add_ratios(rows)
         runs.append(rows)
-    rows = summarize_runs(runs)
-    for r in rows:
-        if args.peak_gbps:
-            r["fraction_of_peak_bandwidth"] = r["gbps"] / args.peak_gbps
-        if copy_gbps:
-            r["fraction_of_copy_bandwidth"] = r["gbps"] / copy_gbps
+    payload = payload_of(summarize_runs(runs), shapes)
+    for r in payload["results"]:
         ratio = "  ".join(
             f"{k}={v:.2f}x" + (f" [{r[k + '_min']:.2f}-{r[k + '_max']:.2f}]" if k + "_min" in r else "")
             for k, v in r.items() if k.startswith(("speedup_vs_", "eager_speedup_vs_")) and not k.endswith(("_min", "_max"))
@@ -285,18 +306,6 @@ def main(argv=None) -> Dict[str, object]:
         eager = f" (eager {r['eager_median_ms']:.3f})" if "eager_median_ms" in r else ""
         print(f"{r['shape']:16s} {r['mode']:4s} {r['pass_']:16s} {r['impl']:16s} "
               f"{r['median_ms']:9.3f} ms{eager} {r['gbps']:8.2f} GB/s  {ratio}", flush=True)
-    payload = {
-        "benchmark": "interchange op",
-        "machine": machine_info(device),
-        "dtype": str(dtype),
-        "backends": backends,
-        "shapes": {n: SHAPES[n] for n in shapes},
-        "runs": args.runs,
-        "repeats": args.repeats,
-        "peak_bandwidth_gbps": args.peak_gbps,
-        "measured_copy_bandwidth_gbps": copy_gbps,
-        "results": rows,
-    }
     if args.out:
         write_json_atomic(args.out, payload)
         print(f"wrote {args.out}")

@@ -150,16 +150,24 @@ def sweep_onepass(inputs, ref, err_torch, device, flush):
 
         return run
 
-    # Baselines in the same run: the torch reference, the projected forward and P_S alone.
+    # Baselines in the same run: the torch reference, the projected forward, and its parts
+    # (the P_S GEMM, alike P_B's at S = T; the output GEMM out = base + E RV^T), and a copy of
+    # base (its read and write: the memory's own speed on this op's largest stream).
     RV = tp._rv(basis, reflect)
+    E = torch.randn(B * T, RV.shape[1], device=device, dtype=base.dtype)
     baselines = {
         "torch_reference": lambda: interchange_reference(base, source, weights, basis, reflect, mask),
         "projected": forward("projected"),
         "ps_gemm": lambda: tp._project(source, RV),
+        "out_addmm": lambda: torch.addmm(base.view(B * T, d), E, RV.t()),
+        "copy_base": lambda: base.clone(),
     }
+    part_bytes = {"ps_gemm": elem * (B * S * d), "out_addmm": elem * 2 * B * T * d, "copy_base": elem * 2 * B * T * d}
     for name, fn in baselines.items():
         row = dict(kind=name, forward_ms=graph_ms(fn, device, flush))
-        if name != "ps_gemm":
+        if name in part_bytes:
+            row["gbps"] = part_bytes[name] / row["forward_ms"] / 1e6
+        else:
             row.update(checked(fn(), ref, err_torch), forward_gbps=io_fwd / row["forward_ms"] / 1e6)
         rows.append(row)
         print(row, flush=True)

@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call (a lent GPU machine has ~15 minutes in all):
 #   1. build the C++ and CUDA extensions in place (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
-#   2. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
+#      in the background while step 2 runs (it needs no build; the build's CPU load does not
+#      change CUDA-graph timings),
+#   2. with SWEEP_ONEPASS=1, the onepass forward's block-size sweep (benchmarks/sweep_triton_forward.py
+#      --path onepass, beside the projected forward, its parts and a copy) -> triton_onepass_sweep_<gpu>.json,
 #   3. the op benchmark (bf16, every backend, side by side, and the triton backend's soft
-#      paths forced: triton:fused, triton:projected, triton:onepass) -> $OUT/ops_<gpu>.json, and with
+#      paths forced: triton:fused, triton:projected, triton:onepass) -> ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
-#      -> $OUT/ops_<gpu>_cuda_fused.json,
-#   4. with SWEEP_ONEPASS=1, the onepass forward's block-size sweep (benchmarks/sweep_triton_forward.py
-#      --path onepass) -> $OUT/triton_onepass_sweep_<gpu>.json,
-#   5. one training step, ours vs the original pipeline, on a randomly initialised model of
-#      SmolLM2's shape -> $OUT/training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its
-#      config.json and tokenizer files).
+#      -> ops_<gpu>_cuda_fused.json,
+#   4. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
+#   5. with PROFILE=1, a per-kernel profile of each backend and triton path at Llama-3-8B B=32
+#      T=128, forward and forward+backward (benchmarks/profile_op.py) -> profile_<pass>_<gpu>.json,
+#   6. one training step, ours vs the original pipeline, on a randomly initialised model of
+#      SmolLM2's shape -> training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its config.json and
+#      tokenizer files).
 # Each stage has its own time limit and a failure does not stop the later ones.
 # BENCH_SHAPES (e.g. "llama3_B32_T128 llama3_B8_T128") limits the op benchmark to some shapes;
 # the issue's bandwidth target is for B*T >= 4096 (llama3_B32_T128).
+# Logs and JSON go to $WORK; after every stage $WORK/gpu_check.tgz is rewritten with all of them
+# (the device tool returns at most 8 files, and a call cut by its time limit still returns
+# what the finished stages wrote), beside $WORK/gpu_check.log.
 # Usage (repo root): OUT=/tmp/gpu HYPERDAS_FAST_COMMIT=<sha> bash scripts/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/hyperdas_fast_gpu}"
-mkdir -p "$OUT"
+WORK="${WORK:-$(mktemp -d /tmp/hyperdas_fast_gpu.XXXXXX)}"
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
-LOG="$OUT/gpu_check.log"
-stage() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
+LOG="$WORK/gpu_check.log"
+pack() { tar czf "$OUT/gpu_check.tgz.tmp" -C "$WORK" . && mv "$OUT/gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"; cp "$LOG" "$OUT/"; }
+stage() { [[ -f "$LOG" ]] && pack; echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
 status=()
 
 stage "machine"
@@ -36,10 +45,34 @@ case "$GPU_NAME" in
   *) TAG=gpu; PEAK="" ;;
 esac
 
-stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
-rc=$?; status+=("build=$rc"); tail -3 "$OUT/build.log" | tee -a "$LOG"
+stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST), in the background"
+( timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1; echo $? >"$WORK/build.rc" ) &
+BUILD_PID=$!
+
+if [[ "${SWEEP_ONEPASS:-0}" == 1 ]]; then
+  stage "onepass block-size sweep (Llama-3-8B B=32 T=128; triton only, beside the build)"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass \
+    --out "$WORK/triton_onepass_sweep_$TAG.json" >"$WORK/sweep_onepass.log" 2>&1
+  rc=$?; status+=("sweep_onepass=$rc"); tail -1 "$WORK/sweep_onepass.log" | cut -c1-400 | tee -a "$LOG"
+fi
+
+wait "$BUILD_PID"
+stage "build done: rc=$(cat "$WORK/build.rc")"
+status+=("build=$(cat "$WORK/build.rc")"); tail -3 "$WORK/build.log" | tee -a "$LOG"
 "$PY" -c "from hyperdas_fast import ops; print('backends on cuda:', ops.available_backends('cuda'))" 2>&1 | tee -a "$LOG"
+
+stage "op benchmark"
+timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths \
+  ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} ${PEAK:+--peak-gbps $PEAK} --out "$WORK/ops_$TAG.json" >"$WORK/bench_ops.log" 2>&1
+rc=$?; status+=("bench_ops=$rc")
+
+if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
+  stage "op benchmark, cuda with its fused kernels forced"
+  HYPERDAS_FAST_CUDA_SOFT=fused timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda \
+    --dtype bfloat16 --backends torch cuda ${PEAK:+--peak-gbps $PEAK} --out "$WORK/ops_${TAG}_cuda_fused.json" \
+    >"$WORK/bench_ops_fused.log" 2>&1
+  rc=$?; status+=("bench_ops_fused=$rc")
+fi
 
 stage "tests (pytest -m gpu)"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
@@ -47,33 +80,24 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 # names its failures (the summary at the end is what a cut loses).
 timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -v --tb=short -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
   ${TEST_K:+-k "$TEST_K"} tests/test_ops_triton.py tests/test_ops_library.py tests/test_ops_projected.py \
-  >"$OUT/tests.log" 2>&1
-rc=$?; status+=("tests=$rc"); grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20 | tee -a "$LOG"
+  >"$WORK/tests.log" 2>&1
+rc=$?; status+=("tests=$rc"); grep -E "FAILED|ERROR|passed|failed" "$WORK/tests.log" | tail -20 | tee -a "$LOG"
 
-stage "op benchmark"
-timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths \
-  ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_$TAG.json" >"$OUT/bench_ops.log" 2>&1
-rc=$?; status+=("bench_ops=$rc")
-
-if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
-  stage "op benchmark, cuda with its fused kernels forced"
-  HYPERDAS_FAST_CUDA_SOFT=fused timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda \
-    --dtype bfloat16 --backends torch cuda ${PEAK:+--peak-gbps $PEAK} --out "$OUT/ops_${TAG}_cuda_fused.json" \
-    >"$OUT/bench_ops_fused.log" 2>&1
-  rc=$?; status+=("bench_ops_fused=$rc")
-fi
-
-if [[ "${SWEEP_ONEPASS:-0}" == 1 ]]; then
-  stage "onepass block-size sweep (Llama-3-8B B=32 T=128)"
-  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass \
-    --out "$OUT/triton_onepass_sweep_$TAG.json" >"$OUT/sweep_onepass.log" 2>&1
-  rc=$?; status+=("sweep_onepass=$rc"); tail -1 "$OUT/sweep_onepass.log" | cut -c1-400 | tee -a "$LOG"
+if [[ "${PROFILE:-0}" == 1 ]]; then
+  for pass in forward forward+backward; do
+    stage "profile, triton paths, $pass"
+    timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_op.py --device cuda --shape llama3_B32_T128 \
+      --pass "$pass" --backends torch cuda triton:projected triton:onepass triton:fused \
+      --out "$WORK/profile_${pass/+/_}_$TAG.json" >>"$WORK/profile.log" 2>&1
+    rc=$?; status+=("profile_$pass=$rc")
+  done
 fi
 
 if [[ -n "${MODEL_CONFIG_DIR:-}" ]]; then
   stage "training step (random init, $MODEL_CONFIG_DIR)"
   timeout "${STEP_TIMEOUT:-120}" "$PY" benchmarks/bench_training_step.py --device cuda --model "$MODEL_CONFIG_DIR" \
-    --random-init --batch 16 --steps 10 --out "$OUT/training_step_$TAG.json" >"$OUT/training_step.log" 2>&1
-  rc=$?; status+=("training_step=$rc"); tail -16 "$OUT/training_step.log" | tee -a "$LOG"
+    --random-init --batch 16 --steps 10 --out "$WORK/training_step_$TAG.json" >"$WORK/training_step.log" 2>&1
+  rc=$?; status+=("training_step=$rc"); tail -16 "$WORK/training_step.log" | tee -a "$LOG"
 fi
 stage "done: ${status[*]}"
+pack

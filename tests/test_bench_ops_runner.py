@@ -30,6 +30,33 @@ def test_runner_times_both_cpu_paths_side_by_side(tmp_path, monkeypatch):
     assert "HYPERDAS_FAST_CPU_SOFT" not in os.environ
 
 
+def test_runner_keeps_the_shapes_measured_before_a_stop(tmp_path, monkeypatch):
+    """A lent GPU's call has a time limit: the shapes measured before the runner is stopped
+    are on disk (marked partial), and the complete file has no mark."""
+    monkeypatch.setitem(bench_ops.SHAPES, "tiny", dict(B=4, T=5, S=3, d=16, k=4))
+    monkeypatch.setitem(bench_ops.SHAPES, "tiny2", dict(B=2, T=3, S=2, d=8, k=2))
+    out = tmp_path / "ops.json"
+    argv = ["--device", "cpu", "--shapes", "tiny", "tiny2", "--backends", "torch", "--repeats", "2", "--out", str(out)]
+    real = bench_ops.bench_shape
+
+    def stop_at_tiny2(name, *a, **kw):
+        if name == "tiny2":
+            raise KeyboardInterrupt  # as a timeout's signal would stop it
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(bench_ops, "bench_shape", stop_at_tiny2)
+    with pytest.raises(KeyboardInterrupt):
+        bench_ops.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and list(partial["shapes"]) == ["tiny"]
+    assert {r["shape"] for r in partial["results"]} == {"tiny"}
+    assert all(r["speedup_vs_torch"] > 0 for r in partial["results"])
+    monkeypatch.setattr(bench_ops, "bench_shape", real)
+    bench_ops.main(argv)
+    complete = json.loads(out.read_text())
+    assert "partial" not in complete and list(complete["shapes"]) == ["tiny", "tiny2"]
+
+
 @pytest.mark.parametrize("backend", sorted(bench_ops.FORCED_PATHS))
 def test_plain_backend_clears_a_forced_path(backend, monkeypatch):
     """With --cpu-paths / --triton-paths, the plain backend runs in rounds after a forced

@@ -202,10 +202,12 @@ def test_onepass_sweep_checks_every_variant(tmp_path, monkeypatch):
     payload = sweep.main(["--device", "cpu", "--path", "onepass", "--shape", "2", "40", "6", "72", "9",
                           "--out", str(out)])
     rows = payload["results"]
-    assert [r["kind"] for r in rows[:3]] == ["torch_reference", "projected", "ps_gemm"]
+    parts = ["ps_gemm", "out_addmm", "copy_base"]
+    assert [r["kind"] for r in rows[:5]] == ["torch_reference", "projected"] + parts
+    assert all(r["gbps"] > 0 for r in rows[2:5])
     onepass = [r for r in rows if r["kind"] == "onepass"]
     assert len(onepass) == 1 + len(sweep.ONEPASS_VARIANTS_INTERPRETER)
-    assert all(r.get("correct") for r in rows if r["kind"] != "ps_gemm"), rows
+    assert all(r.get("correct") for r in rows if r["kind"] not in parts), rows
     # R is read twice per program: halving the programs halves its L2 traffic
     by_rows = {r["override"]["BT1"]: r["r_l2_bytes"] for r in onepass}
     assert by_rows[32] == 2 * by_rows[64] == 2 * (2 * 2 * 72 * 9 * 4)
