@@ -77,9 +77,10 @@ def count(B=4, T=8, S=6, d=64, k=8, dtype=torch.float32) -> dict:
     lib = torch.ops.hyperdas_fast
 
     launches: list = []
-    saved = tp._kspace_rows_kernel, tp._kspace_sources_kernel
-    tp._kspace_rows_kernel = _CountedLaunch(launches, "_kspace_rows_kernel")
-    tp._kspace_sources_kernel = _CountedLaunch(launches, "_kspace_sources_kernel")
+    stubbed = ("_kspace_rows_kernel", "_kspace_sources_kernel", "_add_product_kernel")
+    saved = {name: getattr(tp, name) for name in stubbed}
+    for name in stubbed:
+        setattr(tp, name, _CountedLaunch(launches, name))
     try:
         def triton_fwd():
             u = tk._u(basis, reflect)
@@ -108,7 +109,8 @@ def count(B=4, T=8, S=6, d=64, k=8, dtype=torch.float32) -> dict:
             n_triton = len(log) // 2 if log is not None else 0  # aten_calls runs fn twice
             result[name] = dict(aten_calls=sum(aten.values()), triton_launches=n_triton, by_op=dict(aten))
     finally:
-        tp._kspace_rows_kernel, tp._kspace_sources_kernel = saved
+        for name, kernel in saved.items():
+            setattr(tp, name, kernel)
     from common import machine_info  # benchmarks/common.py
 
     return dict(benchmark="kernel-launching calls per projected soft pass", machine=machine_info(base.device),

@@ -130,7 +130,7 @@ ONEPASS_VARIANTS = [(bt, bd, w, st) for bt in (32, 64) for bd in (32, 64) for w 
 ONEPASS_VARIANTS_INTERPRETER = [(16, 32, 1, 1), (32, 16, 1, 1), (64, 32, 1, 1)]
 
 
-def sweep_onepass(inputs, ref, err_torch, device, flush):
+def sweep_onepass(inputs, ref, err_torch, device, flush, baselines_only=False):
     base, source, weights, basis, reflect, mask = inputs
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
@@ -160,9 +160,11 @@ def sweep_onepass(inputs, ref, err_torch, device, flush):
         "projected": forward("projected"),
         "ps_gemm": lambda: tp._project(source, RV),
         "out_addmm": lambda: torch.addmm(base.view(B * T, d), E, RV.t()),
+        "out_add_product": lambda: tp.add_product(base.view(B * T, d), E, RV),
         "copy_base": lambda: base.clone(),
     }
-    part_bytes = {"ps_gemm": elem * (B * S * d), "out_addmm": elem * 2 * B * T * d, "copy_base": elem * 2 * B * T * d}
+    part_bytes = {"ps_gemm": elem * (B * S * d), "out_addmm": elem * 2 * B * T * d,
+                  "out_add_product": elem * 2 * B * T * d, "copy_base": elem * 2 * B * T * d}
     for name, fn in baselines.items():
         row = dict(kind=name, forward_ms=graph_ms(fn, device, flush))
         if name in part_bytes:
@@ -172,6 +174,8 @@ def sweep_onepass(inputs, ref, err_torch, device, flush):
         rows.append(row)
         print(row, flush=True)
     variants = ONEPASS_VARIANTS if device.type == "cuda" else ONEPASS_VARIANTS_INTERPRETER
+    if baselines_only:
+        variants = []
     for bt, bd, w, st in [(default["BT1"], default["BD1"], default["W1"], default["S1"])] + variants:
         over = dict(BT1=bt, BD1=bd, W1=w, S1=st)
         cfg = dict(default, **over)
@@ -198,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: check the script under TRITON_INTERPRET=1")
     parser.add_argument("--path", choices=["fused", "onepass"], default="fused")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="onepass: the baselines and the default configuration, no other variants")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     B, T, S, d, k = args.shape
@@ -205,8 +211,10 @@ def main(argv=None):
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, dtype=torch.int32, device=device)
     saved_path = os.environ.get(tp.ENV_PATH)
     try:
-        sweep = sweep_fused if args.path == "fused" else sweep_onepass
-        info, rows = sweep(inputs, ref, err_torch, device, flush)
+        if args.path == "fused":
+            info, rows = sweep_fused(inputs, ref, err_torch, device, flush)
+        else:
+            info, rows = sweep_onepass(inputs, ref, err_torch, device, flush, args.baselines_only)
     finally:
         os.environ.pop(tp.ENV_PATH, None)
         if saved_path is not None:

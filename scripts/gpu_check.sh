@@ -16,6 +16,8 @@
 #      SmolLM2's shape -> training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its config.json and
 #      tokenizer files).
 # Each stage has its own time limit and a failure does not stop the later ones.
+# SKIP_BUILD=1 skips step 1 (for a call that measures Triton changes only); SWEEP_ARGS, BENCH_BACKENDS
+# and PROFILE_BACKENDS pass arguments on (e.g. SWEEP_ARGS=--baselines-only, BENCH_BACKENDS="torch triton").
 # BENCH_SHAPES (e.g. "llama3_B32_T128 llama3_B8_T128") limits the op benchmark to some shapes;
 # the issue's bandwidth target is for B*T >= 4096 (llama3_B32_T128).
 # Logs and JSON go to $WORK; after every stage $WORK/gpu_check.tgz is rewritten with all of them
@@ -45,13 +47,18 @@ case "$GPU_NAME" in
   *) TAG=gpu; PEAK="" ;;
 esac
 
-stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST), in the background"
-( timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1; echo $? >"$WORK/build.rc" ) &
+if [[ "${SKIP_BUILD:-0}" == 1 ]]; then  # triton and torch only (the cuda backend is then unavailable)
+  stage "build skipped (SKIP_BUILD=1)"
+  ( echo skipped >"$WORK/build.log"; echo 0 >"$WORK/build.rc" ) &
+else
+  stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST), in the background"
+  ( timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1; echo $? >"$WORK/build.rc" ) &
+fi
 BUILD_PID=$!
 
 if [[ "${SWEEP_ONEPASS:-0}" == 1 ]]; then
   stage "onepass block-size sweep (Llama-3-8B B=32 T=128; triton only, beside the build)"
-  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass \
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass ${SWEEP_ARGS:-} \
     --out "$WORK/triton_onepass_sweep_$TAG.json" >"$WORK/sweep_onepass.log" 2>&1
   rc=$?; status+=("sweep_onepass=$rc"); tail -1 "$WORK/sweep_onepass.log" | cut -c1-400 | tee -a "$LOG"
 fi
@@ -63,6 +70,7 @@ status+=("build=$(cat "$WORK/build.rc")"); tail -3 "$WORK/build.log" | tee -a "$
 
 stage "op benchmark"
 timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths \
+  ${BENCH_BACKENDS:+--backends $BENCH_BACKENDS} \
   ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} ${PEAK:+--peak-gbps $PEAK} --out "$WORK/ops_$TAG.json" >"$WORK/bench_ops.log" 2>&1
 rc=$?; status+=("bench_ops=$rc")
 
@@ -87,7 +95,7 @@ if [[ "${PROFILE:-0}" == 1 ]]; then
   for pass in forward forward+backward; do
     stage "profile, triton paths, $pass"
     timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_op.py --device cuda --shape llama3_B32_T128 \
-      --pass "$pass" --backends torch cuda triton:projected triton:onepass triton:fused \
+      --pass "$pass" --backends ${PROFILE_BACKENDS:-torch cuda triton:projected triton:onepass triton:fused} \
       --out "$WORK/profile_${pass/+/_}_$TAG.json" >>"$WORK/profile.log" 2>&1
     rc=$?; status+=("profile_$pass=$rc")
   done

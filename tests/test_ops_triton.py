@@ -107,9 +107,35 @@ SHAPES = [  # B, T, S, d, k
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reflect", [True, False])
 @pytest.mark.parametrize("mask", ["batch", "shared", None])
-def test_soft_forward_and_grads(shape, reflect, mask):
+@pytest.mark.parametrize("path", [None, "fused"])
+def test_soft_forward_and_grads(shape, reflect, mask, path, monkeypatch):
+    """The default paths (at these sizes: the fused forward without a gradient, the projected
+    forward and backward with one) and the fused path forced (its backward too)."""
+    if path is None:
+        monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    else:
+        monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
     args = make_inputs(*shape, reflect=reflect, mask=mask)
     compare(args, tk.interchange_soft)
+
+
+@needs_interp
+def test_training_forward_keeps_the_projections_for_the_backward(monkeypatch):
+    """With a gradient needed, the projected forward's P_S and P_B go to the backward, which
+    then projects only grad (one GEMM over d instead of three); without one, the forward
+    keeps nothing."""
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    projected = []
+    real = tk.triton_projected._project
+    monkeypatch.setattr(tk.triton_projected, "_project", lambda x, RV: (projected.append(x.shape), real(x, RV))[1])
+    args = [a.requires_grad_() for a in make_inputs(2, 3, 4, 40, 5, reflect=True, mask="batch")]
+    out = tk.interchange_soft(*args)
+    assert len(projected) == 2 and "interchange_triton_train" in out.grad_fn.name()
+    out.backward(torch.ones_like(out))
+    assert len(projected) == 3 and projected[2] == (2, 3, 40)  # grad alone
+    with torch.no_grad():
+        assert tk.interchange_soft(*args).grad_fn is None
+    assert len(projected) == 3  # the inference forward at this size is the fused one
 
 
 @pytest.fixture
@@ -120,7 +146,7 @@ def projected_calls(monkeypatch):
     proj = tk.triton_projected
     for name in ("forward", "backward"):
         fn = getattr(proj, name)
-        monkeypatch.setattr(proj, name, lambda *a, _fn=fn, _name=name: (calls.append(_name), _fn(*a))[1])
+        monkeypatch.setattr(proj, name, lambda *a, _fn=fn, _name=name, **kw: (calls.append(_name), _fn(*a, **kw))[1])
     return calls
 
 
@@ -148,8 +174,8 @@ def test_projected_paths_launch_few_kernels():
 
     counts = count()["counts"]
     total = {name: c["aten_calls"] + c["triton_launches"] for name, c in counts.items()}
-    assert counts["triton_projected_forward"]["triton_launches"] == 1
-    assert counts["triton_projected_backward"]["triton_launches"] == 2
+    assert counts["triton_projected_forward"]["triton_launches"] == 2
+    assert counts["triton_projected_backward"]["triton_launches"] == 3
     assert total["triton_projected_forward"] <= 7 and total["triton_projected_backward"] <= 17, total
     assert total["aten_projected_forward"] <= 15 and total["aten_projected_backward"] <= 43, total
 
@@ -157,10 +183,14 @@ def test_projected_paths_launch_few_kernels():
 def test_projected_path_choice(monkeypatch):
     path = tk.triton_projected.soft_path
     monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
-    assert path(32, 128, 4096, 128) == path(16, 256, 4096, 128) == "projected"  # B*T*d = 2^24 and up
-    assert path(32, 32, 4096, 128) == path(8, 128, 4096, 128) == "fused"
-    assert path(300, 128, 4096, 128) == "fused"  # B > 2k: the reflection columns would dominate the GEMMs
-    assert path(32, 128, 4096, 1024) == "fused"  # a row's k columns no longer fit one block
+    assert path(32, 128, 4096, 128) == path(8, 32, 4096, 128) == path(8, 16, 4096, 128) == "projected"  # 2^19 up
+    assert path(16, 24, 576, 64) == path(8, 15, 4096, 128) == "fused"  # SmolLM2's training shape, 2^19 - ...
+    assert path(16, 24, 576, 64, backward=True) == path(1, 1, 8, 4, backward=True) == "projected"
+    for backward in (False, True):
+        # B > 2k: the reflection columns would dominate the GEMMs
+        assert path(300, 128, 4096, 128, backward=backward) == "fused"
+        # a row's k columns no longer fit one block
+        assert path(32, 128, 4096, 1024, backward=backward) == "fused"
     for forced in ("projected", "onepass"):
         monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", forced)
         assert path(1, 1, 8, 4) == forced and path(1, 1, 1024, 1024) == "fused"
@@ -202,9 +232,9 @@ def test_onepass_sweep_checks_every_variant(tmp_path, monkeypatch):
     payload = sweep.main(["--device", "cpu", "--path", "onepass", "--shape", "2", "40", "6", "72", "9",
                           "--out", str(out)])
     rows = payload["results"]
-    parts = ["ps_gemm", "out_addmm", "copy_base"]
-    assert [r["kind"] for r in rows[:5]] == ["torch_reference", "projected"] + parts
-    assert all(r["gbps"] > 0 for r in rows[2:5])
+    parts = ["ps_gemm", "out_addmm", "out_add_product", "copy_base"]
+    assert [r["kind"] for r in rows[:6]] == ["torch_reference", "projected"] + parts
+    assert all(r["gbps"] > 0 for r in rows[2:6])
     onepass = [r for r in rows if r["kind"] == "onepass"]
     assert len(onepass) == 1 + len(sweep.ONEPASS_VARIANTS_INTERPRETER)
     assert all(r.get("correct") for r in rows if r["kind"] not in parts), rows
@@ -249,6 +279,15 @@ def test_custom_op_is_registered_with_fake(path, monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
     grads = torch.ops.hyperdas_fast.interchange_triton_backward(grad, *args)
     assert all(gr.is_contiguous() for gr in grads), [gr.stride() for gr in grads]
+    if path == "projected":  # the training forward, and the backward given its projections
+        torch.library.opcheck(torch.ops.hyperdas_fast.interchange_triton_train.default, tuple(args),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        _, ps, pb = torch.ops.hyperdas_fast.interchange_triton_train(*args)
+        torch.library.opcheck(torch.ops.hyperdas_fast.interchange_triton_backward.default,
+                              (grad, *args, ps, pb), test_utils=("test_schema", "test_faketensor"))
+        given = torch.ops.hyperdas_fast.interchange_triton_backward(grad, *args, ps, pb)
+        for a, b in zip(grads, given):
+            torch.testing.assert_close(a, b)
 
 
 def _rows_case(B=2, T=5, S=4, d=40, k=5, reflect=True, mask="batch", dtype=torch.float32, device="cpu", seed=0):
@@ -345,7 +384,7 @@ def test_gpu_launch_plan_fits_the_memory_target(B, T, path, monkeypatch):
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
     for name in ("_coords_kernel", "_apply_kernel", "_bwd_delta_kernel", "_mix_kernel"):
         monkeypatch.setattr(tk, name, _NoKernel())
-    for name in ("_kspace_rows_kernel", "_kspace_sources_kernel", "_onepass_forward_kernel"):
+    for name in ("_kspace_rows_kernel", "_kspace_sources_kernel", "_onepass_forward_kernel", "_add_product_kernel"):
         monkeypatch.setattr(tk.triton_projected, name, _NoKernel())
     monkeypatch.setattr(tk, "_interpreting", lambda t: False)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 132)
@@ -359,7 +398,7 @@ def test_gpu_launch_plan_fits_the_memory_target(B, T, path, monkeypatch):
     io_bytes = 2 * (2 * args[0].numel() + sum(a.numel() for a in args[1:]))
 
     def forward_backward():
-        torch.ops.hyperdas_fast.interchange_triton(*args).backward(grad_out)
+        tk._soft_op(*args).backward(grad_out)  # with projected: the train op, keeping P_S and P_B
 
     ratio = profiled_peak_bytes(forward_backward, tensors_only=True) / io_bytes
     assert all(a.grad is not None and a.grad.shape == a.shape for a in args)
@@ -561,6 +600,7 @@ def _aot_compile_all(arch: int = 90) -> list:
     for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         P = "*" + dt
         ieee = dt == "fp32"
+        prec = proj._precision(torch.empty(1, dtype=tdt))
         for k in ((128, 512) if dt == "bf16" else (128,)):  # fp32: slow FMA dots, one size
             cfg = kern._config(torch.empty(1, dtype=tdt), 64, 64, 4096, k, 64)
             coords = dict(base_ptr=P, src_ptr=P, w_ptr=P, R_ptr=P, v_ptr=P, c_ptr=f32, vd_ptr=f32, g_ptr=P,
@@ -587,14 +627,19 @@ def _aot_compile_all(arch: int = 90) -> list:
                       dict(ps_ptr=P, pb_ptr=P, pg_ptr=P, w_ptr=P, u_ptr=f32, m_ptr=P, blk_ptr=P, ag_ptr=P,
                            gc_ptr=f32, ugc_ptr=f32, gw_ptr=f32, y_ptr=f32, gm_ptr=f32),
                       dict(HAS_REFLECT=True, HAS_MASK=True, HAS_GRAD=grad, BT=pcfg["BT"], BK=pcfg["BK"],
-                           BS=pcfg["BS"], BB=pcfg["BB"]), pcfg["W"])
+                           BS=pcfg["BS"], BB=pcfg["BB"], PREC=prec), pcfg["W"])
             build(proj._onepass_forward_kernel,
                   dict(base_ptr=P, out_ptr=P, ps_ptr=P, w_ptr=P, R_ptr=P, v_ptr=P, u_ptr=f32, m_ptr=P),
                   dict(HAS_REFLECT=True, HAS_MASK=True, IEEE=ieee, BT=pcfg["BT1"], BK=pcfg["BK"],
-                       BD=pcfg["BD1"], BS=pcfg["BS"]), pcfg["W1"])
+                       BD=pcfg["BD1"], BS=pcfg["BS"], PREC=prec), pcfg["W1"])
             build(proj._kspace_sources_kernel,
                   dict(ps_ptr=P, w_ptr=P, u_ptr=f32, gc_ptr=f32, ugc_ptr=f32, as_ptr=P, gw_ptr=f32),
-                  dict(HAS_REFLECT=True, BS=pcfg["BS2"], BK=pcfg["BK"], BT=pcfg["BT2"], BB=pcfg["BB"]), pcfg["W2"])
+                  dict(HAS_REFLECT=True, BS=pcfg["BS2"], BK=pcfg["BK"], BT=pcfg["BT2"], BB=pcfg["BB"], PREC=prec),
+                  pcfg["W2"])
+        # the output GEMM out = x + A W^T, with the blocks add_product launches on a GPU
+        acfg = proj._add_product_config(torch.empty(1, device="meta", dtype=tdt))
+        build(proj._add_product_kernel, dict(x_ptr=P, a_ptr=P, w_ptr=P, out_ptr=P),
+              dict(IEEE=ieee, BM=acfg["BM"], BN=acfg["BN"], BK=acfg["BK"]), acfg["W"])
         build(kern._mix_kernel, dict(base_ptr=P, src_ptr=P, w_ptr=P, out_ptr=P),
               dict(IEEE=ieee, BT=cfg["BT2"], BD=cfg["BD2"], BS=cfg["BS"]), cfg["W2"])
         build(kern._bwd_delta_kernel,

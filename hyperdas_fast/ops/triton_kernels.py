@@ -34,10 +34,10 @@ g_source = (w_src g_c) R^T - 2 (w_src (u.g_c)) v^T (bmm on [B, S, k], one mm), g
 g_reflect (two bmm plus a [B, k] x [k, d] mm), vanilla rows (an index copy), float64
 inputs (the torch reference: the kernels are written for fp32/fp16/bf16).
 
-Large soft inputs (``triton_projected.soft_path``: B*T*d >= 2^24 by default;
-HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path) take the projected path in
+The backward, and the forward from B*T*d >= 2^19 (``triton_projected.soft_path``;
+HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path), take the projected path in
 ``triton_projected.py`` instead: cuBLAS GEMMs over d and Triton kernels in k dimensions, so
-the mix is never formed in d dimensions.
+the mix is never formed in d dimensions. Both were faster that way on an H200.
 
 On CPU tensors the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set
 before triton is imported); that is only for tests.
@@ -570,7 +570,18 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
     return _launch_apply(base, torch.empty_like(base), c, vd, mask, basis, reflect, u, cfg)
 
 
-def _backward(grad, base, source, weights, basis, reflect, mask):
+def _forward_train(base, source, weights, basis, reflect, mask):
+    """The projected forward for a call that needs a gradient: (out, P_S, P_B), the two
+    projections the projected backward would otherwise compute again."""
+    B, T, d = base.shape
+    basis = basis.contiguous()
+    reflect = reflect.contiguous() if reflect is not None else None
+    m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
+    return triton_projected.forward(base.contiguous(), source.contiguous(), weights.contiguous(), basis, reflect,
+                                    _u(basis, reflect), m, m_stride, mask is not None, keep_projections=True)
+
+
+def _backward(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None):
     B, T, d = base.shape
     S = source.shape[1]
     dev = base.device
@@ -586,9 +597,10 @@ def _backward(grad, base, source, weights, basis, reflect, mask):
         reflect = reflect.contiguous() if reflect is not None else None
         k = basis.shape[1]
         u = _u(basis, reflect)
-        if triton_projected.soft_path(B, T, d, k) != "fused":  # onepass: the projected backward
+        if triton_projected.soft_path(B, T, d, k, backward=True) != "fused":  # onepass: the projected one
             m, m_stride = _expanded_mask(mask, B, k, dev)
-            grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride)
+            grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride,
+                                              ps, pb)
             return tuple(empty() if gr is None else gr for gr in grads)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     g_base = torch.empty_like(base)
@@ -694,16 +706,36 @@ def _(base, source, weights, basis, reflect, mask):
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("hyperdas_fast::interchange_triton_train", mutates_args=())
+def interchange_triton_train(
+    base: Tensor, source: Tensor, weights: Tensor,
+    basis: Tensor, reflect: Optional[Tensor], mask: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward when a gradient is needed and the backward takes the projected path:
+    out, and P_S = source RV [B*S, Kc] and P_B = base RV [B*T, Kc] (Kc = k, plus B with
+    reflect), which the backward reuses (two GEMMs over d fewer; a few MB kept)."""
+    return _forward_train(base, source, weights, basis, reflect, mask)
+
+
+@interchange_triton_train.register_fake
+def _(base, source, weights, basis, reflect, mask):
+    B, T, _ = base.shape
+    kc = basis.shape[1] + (B if reflect is not None else 0)
+    return (torch.empty_like(base, memory_format=torch.contiguous_format),
+            base.new_empty(B * source.shape[1], kc), base.new_empty(B * T, kc))
+
+
 @torch.library.custom_op("hyperdas_fast::interchange_triton_backward", mutates_args=())
 def interchange_triton_backward(
     grad: Tensor, base: Tensor, source: Tensor, weights: Tensor,
     basis: Optional[Tensor], reflect: Optional[Tensor], mask: Optional[Tensor],
+    ps: Optional[Tensor] = None, pb: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad, base, source, weights, basis, reflect, mask)
+    return _backward(grad, base, source, weights, basis, reflect, mask, ps, pb)
 
 
 @interchange_triton_backward.register_fake
-def _(grad, base, source, weights, basis, reflect, mask):
+def _(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None):
     def like(t):
         if t is None:
             return base.new_empty(0)
@@ -728,6 +760,25 @@ torch.library.register_autograd(
 )
 
 
+def _setup_context_train(ctx, inputs, output):
+    base, source, weights, basis, reflect, mask = inputs
+    _, ps, pb = output
+    ctx.save_for_backward(base, source, weights, basis, reflect, mask, ps, pb)
+
+
+def _autograd_backward_train(ctx, grad, _grad_ps, _grad_pb):
+    # P_S and P_B never leave interchange_soft, so nothing flows back into them.
+    base, source, weights, basis, reflect, mask, ps, pb = ctx.saved_tensors
+    grads = interchange_triton_backward(grad, base, source, weights, basis, reflect, mask, ps, pb)
+    present = (base, source, weights, basis, reflect, mask)
+    return tuple(None if p is None else gr for p, gr in zip(present, grads))
+
+
+torch.library.register_autograd(
+    "hyperdas_fast::interchange_triton_train", _autograd_backward_train, setup_context=_setup_context_train
+)
+
+
 # --------------------------------------------------------------------------------------
 # Backend entry points (see ops/__init__.py)
 # --------------------------------------------------------------------------------------
@@ -743,14 +794,24 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
+def _soft_op(base, source, weights, basis, reflect, mask) -> Tensor:
+    """The train op where a gradient is needed and the backward takes the projected path
+    (it keeps P_S and P_B for the backward), else the plain op (any forward path)."""
+    args = (base, source, weights, basis, reflect, mask)
+    if (basis is not None and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+            and triton_projected.soft_path(*base.shape, basis.shape[1], backward=True) == "projected"):
+        return torch.ops.hyperdas_fast.interchange_triton_train(*args)[0]
+    return torch.ops.hyperdas_fast.interchange_triton(*args)
+
+
 def interchange_soft(base, source, weights, basis, reflect, mask) -> Tensor:
     if base.dtype not in _KERNEL_DTYPES:
         # float64: the kernels target fp32/fp16/bf16; the torch reference is exact enough.
         return interchange_reference(base, source, weights, basis, reflect, mask)
     if _interpreter_low_precision(base):
         args = [_f32(t) for t in (base, source, weights, basis, reflect, mask)]
-        return torch.ops.hyperdas_fast.interchange_triton(*args).to(base.dtype)
-    return torch.ops.hyperdas_fast.interchange_triton(base, source, weights, basis, reflect, mask)
+        return _soft_op(*args).to(base.dtype)
+    return _soft_op(base, source, weights, basis, reflect, mask)
 
 
 def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, reflect, mask, inplace) -> Tensor:

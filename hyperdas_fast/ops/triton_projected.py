@@ -29,8 +29,8 @@ RV's reflection columns hold -2 v rather than v, so block(.) is the same matrix 
 output GEMMs (where the rank-one terms carry -2) and in the g_R GEMMs (where they do not);
 the kernels read v.x from a P column times -1/2, which is exact (a power of two).
 
-Kernels (fp32 arithmetic; the k-space products use ``input_precision="ieee"``, as torch's
-fp32 matmul does):
+Kernels (fp32 arithmetic; the k-space products use ``input_precision="ieee"`` for fp32
+inputs, as torch's fp32 matmul does, and tf32 for bf16/fp16 inputs, see ``_precision``):
 
 - ``_kspace_rows_kernel`` (BT rows of one batch): c, e and block(e); in the backward also
   g_c, u.g_c, g_w[S, :], block((w_self - 1) g_c), and per-tile partial sums of y and of
@@ -84,7 +84,7 @@ def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
 @triton.jit
 def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid, kcols, kvalid,
                              S, T, k, Kc, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
-                             BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+                             BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
     """For BT rows t of batch b, from P_S (global, [B*S, Kc]) and the rows' pb = R^T base
     [BT, BK] and bv = v.base [BT]: c = R^T delta - 2 (v.delta) u, e = m c, u.e, v.delta and
     w_self - 1 (all fp32). R^T delta = W_src^T P_S + (w_self - 1) pb; P_S's column k + b
@@ -99,7 +99,7 @@ def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t
                      mask=valid[:, None] & svalid[None, :], other=0.0).to(tl.float32)  # [BT, BS]
         ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kc + kcols[None, :],
                      mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-        acc = tl.dot(wt, ps, acc, input_precision="ieee")
+        acc = tl.dot(wt, ps, acc, input_precision=PREC)
         if HAS_REFLECT:
             sv = tl.load(ps_ptr + (b * S + scols) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32)
             vd += tl.sum(wt * sv[None, :], axis=1)
@@ -125,7 +125,7 @@ def _kspace_rows_kernel(
     blk_ptr, ag_ptr, gc_ptr, ugc_ptr, gw_ptr, y_ptr, gm_ptr,
     T, S, k, Kc, B, ntile,
     HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr,
 ):
     """One tile of BT rows of batch b. Forward: blk = block(e). Backward: blk =
     block((w_self - 1) g_c), ag = block(e), g_c, u.g_c, g_w[b, S, :], partials of y and
@@ -142,7 +142,7 @@ def _kspace_rows_kernel(
     if HAS_MASK:
         m = tl.load(m_ptr + b * m_stride_b + kcols, mask=kvalid, other=0.0).to(tl.float32)
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
-                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS)
+                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS, PREC)
 
     if not HAS_GRAD:
         _store_block(blk_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
@@ -176,7 +176,7 @@ def _onepass_forward_kernel(
     base_ptr, out_ptr, ps_ptr, w_ptr, R_ptr, v_ptr, u_ptr, m_ptr, m_stride_b,
     T, S, d, k, Kc,
     HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
 ):
     """The forward for BT rows of batch b in one program, reading base once from memory:
     pass 1 over d: pb = R^T base, bv = v.base; then c, e (k dimensions, from P_S); pass 2
@@ -199,7 +199,7 @@ def _onepass_forward_kernel(
             bv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
     w_b = w_ptr + b * (S + 1) * T
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
-                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS)
+                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS, PREC)
     if not IEEE:
         e = e.to(R_ptr.dtype.element_ty)
     for d0 in range(0, d, BD):
@@ -223,7 +223,7 @@ def _kspace_sources_kernel(
     ps_ptr, w_ptr, u_ptr, gc_ptr, ugc_ptr, as_ptr, gw_ptr,
     T, S, k, Kc, B,
     HAS_REFLECT: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BB: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr,
 ):
     """One tile of BS sources of batch b (backward): g_s = W_src g_c, block(g_s) (its u.g_s
     is W_src (u.g_c)), and g_w[b, s, t] = (R_b^T source_s) . g_c,t."""
@@ -239,7 +239,7 @@ def _kspace_sources_kernel(
                     mask=svalid[:, None] & tvalid[None, :], other=0.0).to(tl.float32)  # [BS, BT]
         gct = tl.load(gc_ptr + (b * T + tc)[:, None] * k + kcols[None, :],
                       mask=tvalid[:, None] & kvalid[None, :], other=0.0)  # [BT, BK]
-        gs = tl.dot(w, gct, gs, input_precision="ieee")
+        gs = tl.dot(w, gct, gs, input_precision=PREC)
         if HAS_REFLECT:
             ugs += tl.sum(w * tl.load(ugc_ptr + b * T + tc, mask=tvalid, other=0.0)[None, :], axis=1)
     _store_block(as_ptr, (b * S + s) * Kc, gs, ugs, b, kcols, svalid, k, B, HAS_REFLECT, BB)
@@ -255,9 +255,35 @@ def _kspace_sources_kernel(
         tvalid = tc < T
         gct = tl.load(gc_ptr + (b * T + tc)[:, None] * k + kcols[None, :],
                       mask=tvalid[:, None] & kvalid[None, :], other=0.0)  # [BT, BK]
-        gw = tl.dot(cs, tl.trans(gct), input_precision="ieee")  # [BS, BT]
+        gw = tl.dot(cs, tl.trans(gct), input_precision=PREC)  # [BS, BT]
         tl.store(gw_ptr + b * (S + 1) * T + s[:, None] * T + tc[None, :], gw,
                  mask=svalid[:, None] & tvalid[None, :])
+
+
+@triton.jit
+def _add_product_kernel(x_ptr, a_ptr, w_ptr, out_ptr, N, d, K,
+                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out = x + A W^T for one [BM, BN] tile: x, out [N, d]; A [N, K]; W [d, K] (RV), with
+    K small (k + B). What torch.addmm(x, A, W.t()) computes, without the copy of x into out
+    that addmm makes before its GEMM (a read and a write of [N, d] more)."""
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rvalid = rows < N
+    cvalid = cols < d
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kvalid = kk < K
+        a = tl.load(a_ptr + rows[:, None] * K + kk[None, :], mask=rvalid[:, None] & kvalid[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * K + kk[:, None], mask=kvalid[:, None] & cvalid[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+    m2 = rvalid[:, None] & cvalid[None, :]
+    off = rows[:, None] * d + cols[None, :]
+    res = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32) + acc
+    tl.store(out_ptr + off, res.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 # --------------------------------------------------------------------------------------
@@ -268,15 +294,24 @@ def _kspace_sources_kernel(
 PATHS = ("fused", "projected", "onepass")
 
 
-def soft_path(B: int, T: int, d: int, k: int) -> str:
-    """Which soft path the triton backend takes: "projected" from B*T*d = 2^24 up (the size
-    from which the CUDA backend's ATen version of the same algebra beat its fused kernels on
-    an H200), while the reflection columns stay few next to k (they widen every GEMM by B)
-    and a row's k columns fit one block; else "fused" (triton_kernels.py).
+# The forward takes the projected path from B*T*d = 2^19 up. Measured on an H200 (bf16,
+# benchmarks/results/ops_h200.json at 60b8923, CUDA-graph replay): projected against fused,
+# forward, 59 vs 78 us at Llama-3-8B B=8 T=32 (B*T*d = 2^20) and 122 vs 172 us at B=32 T=128;
+# fused faster at SmolLM2 B=16 T=24 (2^17.8), 34 vs 40 us. The backward took the projected
+# path in less time at every shape measured (forward+backward 137 vs 193 us at SmolLM2,
+# 196 vs 338 at Llama B=8 T=32), so it takes it whenever it can.
+FORWARD_PROJECTED_FROM = 2 ** 19
+
+
+def soft_path(B: int, T: int, d: int, k: int, backward: bool = False) -> str:
+    """Which soft path the triton backend's forward (or, with backward=True, backward)
+    takes: "projected" while the reflection columns stay few next to k (they widen every GEMM
+    by B) and a row's k columns fit one block; the forward only from B*T*d =
+    FORWARD_PROJECTED_FROM up; else "fused" (triton_kernels.py).
     HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path (the last two need
-    k <= 512). "onepass" (never chosen by itself yet) is the projected forward with the base
-    side in one kernel per row tile, which reads base once from memory instead of twice;
-    its backward is the projected one."""
+    k <= 512). "onepass" (never chosen by itself: slower than projected at every shape an
+    H200 timed) is the projected forward with the base side in one kernel per row tile,
+    which reads base once from memory instead of twice; its backward is the projected one."""
     path = os.environ.get(ENV_PATH, "")
     if path not in ("",) + PATHS:
         raise ValueError(f"{ENV_PATH} must be one of {', '.join(PATHS)} (or unset), got {path!r}")
@@ -284,7 +319,9 @@ def soft_path(B: int, T: int, d: int, k: int) -> str:
         return "fused"
     if path:
         return path
-    return "projected" if (B * T * d >= 2 ** 24 and B <= max(64, 2 * k)) else "fused"
+    if B > max(64, 2 * k):
+        return "fused"
+    return "projected" if backward or B * T * d >= FORWARD_PROJECTED_FROM else "fused"
 
 
 def _p2(n: int, lo: int) -> int:
@@ -304,6 +341,35 @@ def _launch_config(x: Tensor, k: int, B: int) -> dict:
                 BT1=32 if BK <= 128 else 16, BD1=(32 if ieee else 64) // (2 if BK >= 512 else 1), W1=8, S1=3)
 
 
+def add_product(x: Tensor, A: Tensor, W: Tensor) -> Tensor:
+    """x + A W^T as a new tensor (x [N, d], A [N, K], W [d, K], all contiguous, one dtype):
+    one pass over x, where torch.addmm first copies x into its result."""
+    N, d = x.shape
+    out = torch.empty_like(x)
+    cfg = _add_product_config(x)
+    _add_product_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(d, cfg["BN"]))](
+        x, A, W, out, N, d, A.shape[1], IEEE=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+        num_warps=cfg["W"], num_stages=cfg["S"])
+    return out
+
+
+def _add_product_config(x: Tensor) -> dict:
+    if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes
+        return dict(BM=16, BN=32, BK=16, W=1, S=1)
+    if x.dtype == torch.float32:  # ieee dots on the FMA units: smaller tiles
+        return dict(BM=64, BN=64, BK=32, W=4, S=2)
+    return dict(BM=128, BN=128, BK=32, W=8, S=3)
+
+
+def _precision(x: Tensor) -> str:
+    """The k-space products' precision: "ieee" for fp32 inputs (as torch's fp32 matmul);
+    "tf32" (tensor cores) for bf16/fp16 inputs, whose k-space operands are either exact in
+    tf32 (the weights and P_S, P_B, in the inputs' dtype) or fp32 values (g_c, R_b^T source)
+    rounded to tf32's 11 bits, no coarser than the bf16/fp16 results they end in. ieee ran these products
+    on the FMA units: 44 us for the sources kernel at Llama-3-8B B=32 T=128 on an H200."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def _rv(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
     """[R | -2 V^T] ([d, k + B], basis's dtype), or R without reflect."""
     if reflect is None:
@@ -317,9 +383,10 @@ def _project(x: Tensor, RV: Tensor) -> Tensor:
 
 
 def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
-            u: Tensor, m: Tensor, m_stride: int, has_mask: bool) -> Tensor:
+            u: Tensor, m: Tensor, m_stride: int, has_mask: bool, keep_projections: bool = False):
     """out [B, T, d]. base, source, weights, basis, reflect contiguous; u = R^T v [B, k] fp32;
-    m the mask ([B, k] with m_stride k, or [k] with m_stride 0)."""
+    m the mask ([B, k] with m_stride k, or [k] with m_stride 0). With keep_projections,
+    (out, P_S [B*S, Kc], P_B [B*T, Kc]): the backward takes them instead of two GEMMs over d."""
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
     RV = _rv(basis.to(base.dtype), reflect)
@@ -333,9 +400,10 @@ def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflec
         E, E, u, u, u, u, u,
         T, S, k, Kc, B, ntile,
         HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, HAS_GRAD=False,
-        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], num_warps=cfg["W"],
+        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W"],
     )
-    return torch.addmm(base.view(B * T, d), E, RV.t()).view(B, T, d)
+    out = add_product(base.view(B * T, d), E, RV).view(B, T, d)
+    return (out, PS, PB) if keep_projections else out
 
 
 def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
@@ -352,21 +420,26 @@ def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
         base, out, PS, weights, basis, reflect if reflect is not None else u, u, m, m_stride,
         T, S, d, k, RV.shape[1],
         HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, IEEE=base.dtype == torch.float32,
-        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], num_warps=cfg["W1"], num_stages=cfg["S1"],
+        BT=cfg["BT1"], BK=cfg["BK"], BD=cfg["BD1"], BS=cfg["BS"], PREC=_precision(base),
+        num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     return out
 
 
 def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
-             reflect: Optional[Tensor], mask: Optional[Tensor], u: Tensor, m: Tensor, m_stride: int):
+             reflect: Optional[Tensor], mask: Optional[Tensor], u: Tensor, m: Tensor, m_stride: int,
+             PS: Optional[Tensor] = None, PB: Optional[Tensor] = None):
     """(g_base, g_source, g_weights, g_basis, g_reflect or None, g_mask or None); the
-    arguments as in ``forward`` plus grad [B, T, d] (contiguous)."""
+    arguments as in ``forward`` plus grad [B, T, d] (contiguous), and P_S, P_B when the
+    forward kept them (else computed here)."""
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
     N, dt, dev = B * T, base.dtype, base.device
     RV = _rv(basis.to(dt), reflect)
     Kc = RV.shape[1]
-    PS, PB, PG = _project(source, RV), _project(base, RV), _project(grad, RV)
+    PS = _project(source, RV) if PS is None else PS
+    PB = _project(base, RV) if PB is None else PB
+    PG = _project(grad, RV)
     f32 = dict(device=dev, dtype=torch.float32)
     cfg = _launch_config(base, k, B)
     ntile = triton.cdiv(T, cfg["BT"])
@@ -383,16 +456,16 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
         Ab, Ag, gc, ugc, g_w, y_part, gm_part,
         T, S, k, Kc, B, ntile,
         HAS_REFLECT=reflect is not None, HAS_MASK=mask is not None, HAS_GRAD=True,
-        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], num_warps=cfg["W"],
+        BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W"],
     )
     _kspace_sources_kernel[(triton.cdiv(S, cfg["BS2"]), B)](
         PS, weights, u, gc, ugc, As, g_w,
         T, S, k, Kc, B,
         HAS_REFLECT=reflect is not None,
-        BS=cfg["BS2"], BK=cfg["BK"], BT=cfg["BT2"], BB=cfg["BB"], num_warps=cfg["W2"],
+        BS=cfg["BS2"], BK=cfg["BK"], BT=cfg["BT2"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W2"],
     )
     del PS, PB, PG, gc
-    g_base = torch.addmm(grad.view(N, d), Ab, RV.t()).view(B, T, d)
+    g_base = add_product(grad.view(N, d), Ab, RV).view(B, T, d)
     g_source = (As @ RV.t()).view(B, S, d)
     # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), summed in
     # fp32 (by the GEMMs themselves when the inputs are fp32)
