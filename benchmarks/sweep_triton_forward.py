@@ -4,6 +4,10 @@
 base), partial sums over DSPLIT slices of d) and apply (out = base + R_b m c), each timed
 alone for a set of block sizes around what ``_config`` picks.
 
+``--path add_product``: the projected path's output kernel (out = base + block(e) RV^T, and
+g_base likewise in the backward), each block configuration timed alone and inside the
+triton backend's forward and forward+backward, beside the torch reference and cuBLAS's addmm.
+
 ``--path onepass``: the experimental onepass forward (``triton_projected.forward_onepass``:
 the P_S GEMM, then one kernel per BT1 rows over all of d), over BT1 (rows per program), BD1
 (d chunk), W1 (warps) and S1 (pipeline stages), beside the projected forward and the torch
@@ -196,12 +200,96 @@ def sweep_onepass(inputs, ref, err_torch, device, flush, baselines_only=False):
     return dict(default_config=default, effective_bytes=io_fwd, onepass_kernel_floor_bytes=kernel_floor), rows
 
 
+# (BM, BN, BK, warps, stages, X_FIRST) of the output kernel (triton_projected.add_product)
+ADD_PRODUCT_VARIANTS = [(128, 128, 32, 8, 3, False), (128, 128, 32, 8, 3, True), (64, 128, 32, 4, 3, False),
+                        (64, 128, 32, 4, 3, True), (64, 128, 64, 4, 3, True), (128, 64, 32, 4, 3, True),
+                        (64, 64, 32, 4, 3, True), (32, 128, 32, 4, 3, True), (64, 256, 32, 8, 3, True),
+                        (128, 256, 32, 8, 3, True), (128, 128, 64, 8, 2, True), (64, 128, 32, 8, 4, True)]
+ADD_PRODUCT_VARIANTS_INTERPRETER = [(16, 32, 16, 1, 1, False), (32, 16, 16, 1, 1, True)]
+
+
+def sweep_add_product(inputs, ref, err_torch, device, flush):
+    """The output kernel's block sizes, each timed alone and inside the triton backend's
+    forward and forward+backward (its two uses: out and g_base), all side by side with the
+    torch reference and cuBLAS's addmm (which copies base first) in one set of rounds."""
+    base, source, weights, basis, reflect, mask = inputs
+    B, T, d = base.shape
+    S = source.shape[1]
+    elem = base.element_size()
+    RV = tp._rv(basis, reflect)
+    E = torch.randn(B * T, RV.shape[1], device=device, dtype=base.dtype)
+    leaves = [a.detach().clone().requires_grad_() for a in inputs]
+    grad_out = torch.randn_like(base)
+    io_fwd = elem * (2 * B * T * d + B * S * d)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            for a in leaves:
+                a.grad = None
+            fn(*leaves).backward(grad_out)
+        return run
+
+    def capture(fn):
+        if device.type != "cuda":
+            return fn
+        graph = _cuda_graph(fn, device)
+        return graph.replay if graph is not None else fn
+
+    os.environ.pop(tp.ENV_PATH, None)  # the default paths: projected at the sweep's shape
+    calls, rows = {}, {}
+    for name, fn in (("torch", interchange_reference), ("triton", tk.interchange_soft)):
+        calls[f"{name}:forward"] = capture(forward(fn))
+        calls[f"{name}:forward+backward"] = capture(forward_backward(fn))
+    calls["out_addmm"] = capture(lambda: torch.addmm(base.view(B * T, d), E, RV.t()))
+    calls["copy_base"] = capture(lambda: base.clone())
+    original = tp._add_product_config
+    variants = ADD_PRODUCT_VARIANTS if device.type == "cuda" else ADD_PRODUCT_VARIANTS_INTERPRETER
+    try:
+        for bm, bn, bk, w, st, x_first in variants:
+            cfg = dict(BM=bm, BN=bn, BK=bk, W=w, S=st, X_FIRST=x_first)
+            key = "add_product" + "".join(f" {k}={v}" for k, v in cfg.items())
+            tp._add_product_config = lambda x, _cfg=cfg: _cfg  # read at launch, so at capture
+            try:
+                rows[key] = dict(kind="add_product", config=cfg, **checked(forward(tk.interchange_soft)(), ref, err_torch))
+                calls[key] = capture(lambda: tp.add_product(base.view(B * T, d), E, RV))
+                calls[key + " :forward"] = capture(forward(tk.interchange_soft))
+                calls[key + " :forward+backward"] = capture(forward_backward(tk.interchange_soft))
+            except Exception as exc:  # noqa: BLE001  (a variant that does not compile or fit)
+                rows[key] = dict(kind="add_product", config=cfg, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        tp._add_product_config = original
+    if device.type == "cuda":
+        times = {n: statistics.median(t) for n, t in _cuda_event_times(calls, device, 30, float("inf"), flush).items()}
+    else:  # a check of this script under TRITON_INTERPRET=1, not a timing
+        times = {n: graph_ms(fn, device, flush) for n, fn in calls.items()}
+    out = [dict(kind=n, ms=times[n], **({"gbps": elem * 2 * B * T * d / times[n] / 1e6} if n in ("out_addmm", "copy_base")
+                                        else {}))
+           for n in ("torch:forward", "torch:forward+backward", "triton:forward", "triton:forward+backward",
+                     "out_addmm", "copy_base")]
+    for key, row in rows.items():
+        if "error" not in row:
+            row.update(kernel_ms=times[key], kernel_gbps=elem * 2 * B * T * d / times[key] / 1e6,
+                       forward_ms=times[key + " :forward"], forward_backward_ms=times[key + " :forward+backward"],
+                       forward_gbps=io_fwd / times[key + " :forward"] / 1e6,
+                       forward_speedup_vs_torch=times["torch:forward"] / times[key + " :forward"],
+                       forward_backward_speedup_vs_torch=times["torch:forward+backward"] / times[key + " :forward+backward"])
+        out.append(row)
+        print(row, flush=True)
+    return dict(default_config=original(base), effective_bytes=io_fwd), out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", nargs=5, type=int, default=[32, 128, 128, 4096, 128], metavar=("B", "T", "S", "d", "k"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: check the script under TRITON_INTERPRET=1")
-    parser.add_argument("--path", choices=["fused", "onepass"], default="fused")
+    parser.add_argument("--path", choices=["fused", "onepass", "add_product"], default="fused")
     parser.add_argument("--baselines-only", action="store_true",
                         help="onepass: the baselines and the default configuration, no other variants")
     args = parser.parse_args(argv)
@@ -213,6 +301,8 @@ def main(argv=None):
     try:
         if args.path == "fused":
             info, rows = sweep_fused(inputs, ref, err_torch, device, flush)
+        elif args.path == "add_product":
+            info, rows = sweep_add_product(inputs, ref, err_torch, device, flush)
         else:
             info, rows = sweep_onepass(inputs, ref, err_torch, device, flush, args.baselines_only)
     finally:
@@ -222,7 +312,7 @@ def main(argv=None):
     payload = dict(benchmark=f"triton soft forward block-size sweep ({args.path})", machine=machine_info(device),
                    shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(inputs[0].dtype), **info, results=rows)
     write_json_atomic(args.out, payload)
-    timed = [r for r in rows if r.get("correct") and r["kind"] in ("default", "coords", "apply", "onepass")]
+    timed = [r for r in rows if r.get("correct") and r["kind"] in ("default", "coords", "apply", "onepass", "add_product")]
     best = min(timed, key=lambda r: r["forward_ms"], default=None)
     print("first", timed[0].get("forward_ms") if timed else None, "best", best)
     return payload

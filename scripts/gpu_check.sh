@@ -5,6 +5,8 @@
 #      change CUDA-graph timings),
 #   2. with SWEEP_ONEPASS=1, the onepass forward's block-size sweep (benchmarks/sweep_triton_forward.py
 #      --path onepass, beside the projected forward, its parts and a copy) -> triton_onepass_sweep_<gpu>.json,
+#   2b. with SWEEP_ADD_PRODUCT=1, the output kernel's block-size sweep (--path add_product: each
+#      configuration alone and in the forward and forward+backward) -> triton_add_product_sweep_<gpu>.json,
 #   3. the op benchmark (bf16, every backend, side by side, and the triton backend's soft
 #      paths forced: triton:fused, triton:projected, triton:onepass) -> ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
@@ -61,6 +63,13 @@ if [[ "${SWEEP_ONEPASS:-0}" == 1 ]]; then
   timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path onepass ${SWEEP_ARGS:-} \
     --out "$WORK/triton_onepass_sweep_$TAG.json" >"$WORK/sweep_onepass.log" 2>&1
   rc=$?; status+=("sweep_onepass=$rc"); tail -1 "$WORK/sweep_onepass.log" | cut -c1-400 | tee -a "$LOG"
+fi
+
+if [[ "${SWEEP_ADD_PRODUCT:-0}" == 1 ]]; then
+  stage "output-kernel (add_product) block-size sweep (Llama-3-8B B=32 T=128; triton only, beside the build)"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path add_product \
+    --out "$WORK/triton_add_product_sweep_$TAG.json" >"$WORK/sweep_add_product.log" 2>&1
+  rc=$?; status+=("sweep_add_product=$rc"); tail -1 "$WORK/sweep_add_product.log" | cut -c1-400 | tee -a "$LOG"
 fi
 
 wait "$BUILD_PID"

@@ -245,6 +245,26 @@ def test_onepass_sweep_checks_every_variant(tmp_path, monkeypatch):
 
 
 @needs_interp
+def test_add_product_sweep_checks_every_variant(tmp_path, monkeypatch):
+    """benchmarks/sweep_triton_forward.py --path add_product under the interpreter: each
+    output-kernel configuration (x loaded first or last, d and rows in partial blocks) gives
+    the right forward, and the kernel's default configuration is restored."""
+    import sweep_triton_forward as sweep
+
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    before = tk.triton_projected._add_product_config
+    payload = sweep.main(["--device", "cpu", "--path", "add_product", "--shape", "2", "40", "6", "72", "9",
+                          "--out", str(tmp_path / "sweep.json")])
+    rows = payload["results"]
+    variants = [r for r in rows if r["kind"] == "add_product"]
+    assert len(variants) == len(sweep.ADD_PRODUCT_VARIANTS_INTERPRETER)
+    assert {r["config"]["X_FIRST"] for r in variants} == {True, False}
+    assert all(r["correct"] and r["forward_backward_ms"] > 0 for r in variants), variants
+    assert [r["kind"] for r in rows[:2]] == ["torch:forward", "torch:forward+backward"]
+    assert tk.triton_projected._add_product_config is before
+
+
+@needs_interp
 @pytest.mark.parametrize("shape", [(2, 3, 4, 40, 0), (1, 17, 18, 72, 0), (1, 1, 1, 40, 0)])
 def test_vanilla_forward_and_grads(shape):
     args = make_inputs(*shape, reflect=False, mask=None)
@@ -639,7 +659,7 @@ def _aot_compile_all(arch: int = 90) -> list:
         # the output GEMM out = x + A W^T, with the blocks add_product launches on a GPU
         acfg = proj._add_product_config(torch.empty(1, device="meta", dtype=tdt))
         build(proj._add_product_kernel, dict(x_ptr=P, a_ptr=P, w_ptr=P, out_ptr=P),
-              dict(IEEE=ieee, BM=acfg["BM"], BN=acfg["BN"], BK=acfg["BK"]), acfg["W"])
+              dict(IEEE=ieee, BM=acfg["BM"], BN=acfg["BN"], BK=acfg["BK"], X_FIRST=acfg["X_FIRST"]), acfg["W"])
         build(kern._mix_kernel, dict(base_ptr=P, src_ptr=P, w_ptr=P, out_ptr=P),
               dict(IEEE=ieee, BT=cfg["BT2"], BD=cfg["BD2"], BS=cfg["BS"]), cfg["W2"])
         build(kern._bwd_delta_kernel,

@@ -262,15 +262,22 @@ def _kspace_sources_kernel(
 
 @triton.jit
 def _add_product_kernel(x_ptr, a_ptr, w_ptr, out_ptr, N, d, K,
-                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        X_FIRST: tl.constexpr):
     """out = x + A W^T for one [BM, BN] tile: x, out [N, d]; A [N, K]; W [d, K] (RV), with
     K small (k + B). What torch.addmm(x, A, W.t()) computes, without the copy of x into out
-    that addmm makes before its GEMM (a read and a write of [N, d] more)."""
+    that addmm makes before its GEMM (a read and a write of [N, d] more). X_FIRST: the x
+    tile is loaded before the products (its load then overlaps them) as the accumulator."""
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     rvalid = rows < N
     cvalid = cols < d
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    m2 = rvalid[:, None] & cvalid[None, :]
+    off = rows[:, None] * d + cols[None, :]
+    if X_FIRST:
+        acc = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kvalid = kk < K
@@ -280,10 +287,9 @@ def _add_product_kernel(x_ptr, a_ptr, w_ptr, out_ptr, N, d, K,
             acc = tl.dot(a, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, wt, acc)
-    m2 = rvalid[:, None] & cvalid[None, :]
-    off = rows[:, None] * d + cols[None, :]
-    res = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32) + acc
-    tl.store(out_ptr + off, res.to(out_ptr.dtype.element_ty), mask=m2)
+    if not X_FIRST:
+        acc += tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 # --------------------------------------------------------------------------------------
@@ -349,16 +355,16 @@ def add_product(x: Tensor, A: Tensor, W: Tensor) -> Tensor:
     cfg = _add_product_config(x)
     _add_product_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(d, cfg["BN"]))](
         x, A, W, out, N, d, A.shape[1], IEEE=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        num_warps=cfg["W"], num_stages=cfg["S"])
+        X_FIRST=cfg["X_FIRST"], num_warps=cfg["W"], num_stages=cfg["S"])
     return out
 
 
 def _add_product_config(x: Tensor) -> dict:
     if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes
-        return dict(BM=16, BN=32, BK=16, W=1, S=1)
+        return dict(BM=16, BN=32, BK=16, W=1, S=1, X_FIRST=True)
     if x.dtype == torch.float32:  # ieee dots on the FMA units: smaller tiles
-        return dict(BM=64, BN=64, BK=32, W=4, S=2)
-    return dict(BM=128, BN=128, BK=32, W=8, S=3)
+        return dict(BM=64, BN=64, BK=32, W=4, S=2, X_FIRST=True)
+    return dict(BM=128, BN=128, BK=32, W=8, S=3, X_FIRST=False)
 
 
 def _precision(x: Tensor) -> str:
