@@ -346,3 +346,51 @@ def test_intervene_cache_equals_recompute(smollm2):
         a = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=5, inference_mode=mode)
         b = hd.intervene(bases, sources, ["country"] * 2, max_new_tokens=5, inference_mode=mode, use_cache=False)
         assert a == b
+
+
+def test_checkpoint_of_a_target_built_in_memory_names_what_to_pass(smollm2, tmp_path):
+    """A target built in memory has no name or path: the checkpoint records "" and the class,
+    and load without model= says to pass the model, where it used to hand the class name to
+    from_pretrained (a hub lookup). Checkpoints from before, with the class name as the target's
+    name, get the same answer. With model= the checkpoint loads."""
+    import json
+
+    from hyperdas_fast.models.mdas import MDAS
+
+    _, tok = smollm2
+    tiny = tiny_llama()
+    hd = HyperDAS(tiny, tokenizer=tok, layer=2, feature_dim=8, num_hypernet_layers=1)
+    assert hd.model_name == "LlamaForCausalLM" and hd.target_name == ""
+    hd.save(tmp_path / "h")
+    config = json.loads((tmp_path / "h" / "hyperdas_config.json").read_text())
+    assert config["target_name"] == "" and config["target_class"] == "LlamaForCausalLM"
+    with pytest.raises(ValueError, match=r"built in memory \(LlamaForCausalLM\).*model="):
+        HyperDAS.load(tmp_path / "h")
+    HyperDAS.load(tmp_path / "h", model=tiny, tokenizer=tok)
+    legacy = dict(config, target_name="LlamaForCausalLM")
+    del legacy["target_class"]
+    (tmp_path / "h" / "hyperdas_config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"built in memory \(LlamaForCausalLM\)"):
+        HyperDAS.load(tmp_path / "h")
+
+    MDAS(tiny, tokenizer=tok, layer=2, feature_dim=8).save(tmp_path / "m")
+    with pytest.raises(ValueError, match="built in memory"):
+        MDAS.load(tmp_path / "m")
+    MDAS.load(tmp_path / "m", model=tiny, tokenizer=tok)
+
+
+def test_mdas_load_checks_the_weights_and_takes_dtype(smollm2, tmp_path):
+    """MDAS.load refuses a target of the same architecture with other weights (it compared
+    the architecture alone), and MDAS converts a model passed in memory to dtype= as HyperDAS
+    does (it ignored dtype and device there)."""
+    from hyperdas_fast.models.mdas import MDAS
+
+    _, tok = smollm2
+    MDAS(tiny_llama(), tokenizer=tok, layer=2, feature_dim=8).save(tmp_path / "m")
+    other = tiny_llama()
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    with pytest.raises(ValueError, match="embedding weights differ"):
+        MDAS.load(tmp_path / "m", model=other, tokenizer=tok)
+    half = MDAS(tiny_llama(), tokenizer=tok, layer=2, feature_dim=8, dtype=torch.bfloat16)
+    assert next(half.target.parameters()).dtype == torch.bfloat16

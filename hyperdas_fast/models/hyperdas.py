@@ -156,6 +156,53 @@ def target_fingerprint(model: nn.Module) -> Dict[str, Any]:
             "embedding_checksum": checksum, "embedding_checksum_bf16": checksum_bf16}
 
 
+def loadable_name(model: nn.Module) -> str:
+    """The name or path a Hugging Face model was loaded from; "" for one built in memory."""
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+
+
+def target_to_load(config: Dict[str, Any], directory) -> Optional[str]:
+    """What ``load`` loads when it gets no model: None for the embedded default, else the
+    name or path recorded at save. ValueError for a checkpoint of a target built in memory:
+    there is nothing to load it from (checkpoints from before ``target_class`` recorded the
+    class name in its place, which from_pretrained would have looked up on the hub)."""
+    from .default_model import DEFAULT_MODEL_NAME
+
+    name = config.get("target_name") or ""
+    if name == DEFAULT_MODEL_NAME:
+        return None
+    legacy_class = (name and "/" not in name and not os.path.exists(name)
+                    and name.endswith(("ForCausalLM", "LMHeadModel")))
+    if not name or legacy_class:
+        cls_name = config.get("target_class") or name or "a model"
+        raise ValueError(f"checkpoint {directory} was trained on a target built in memory ({cls_name}), with no "
+                         f"name or path to load it from: pass the same model, load(..., model=...)")
+    return name
+
+
+def check_target(config: Dict[str, Any], model: nn.Module, directory) -> None:
+    """ValueError unless ``model`` is the target the checkpoint in ``directory`` was trained
+    on (architecture, and a checksum of part of its input embedding)."""
+    saved, now = config["target"], target_fingerprint(model)
+    here = loadable_name(model) or type(model).__name__
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key in saved and saved.get(key) != now.get(key):
+            raise ValueError(f"checkpoint {directory} was trained on a different target model: {key} is "
+                             f"{saved.get(key)!r} there and {now.get(key)!r} here ({config.get('target_name')!r} vs {here!r})")
+    # The same target loaded in fp32 or fp16 matches the plain checksum, in bf16 the bf16
+    # one; a checkpoint from before the bf16 checksum, loaded in bf16, gets the rounding's
+    # own error as slack.
+    emb = model.get_input_embeddings().weight
+    slack = 0.0
+    if "embedding_checksum_bf16" not in saved and emb.dtype == torch.bfloat16:
+        slack = float(emb[:64].double().abs().sum()) * torch.finfo(emb.dtype).eps
+    pairs = [(saved[k], now[k]) for k in ("embedding_checksum", "embedding_checksum_bf16")
+             if saved.get(k) is not None and now.get(k) is not None]
+    if pairs and not any(abs(a - b) <= 1e-3 * max(1.0, abs(a)) + slack for a, b in pairs):
+        raise ValueError(f"checkpoint {directory} was trained on a different target model: the embedding "
+                         f"weights differ ({config.get('target_name')!r} vs {here!r})")
+
+
 class HyperDASModel(nn.Module):
     """Frozen target + hypernetwork + position selector + subspace module.
 
@@ -322,9 +369,11 @@ class HyperDAS:
             name = DEFAULT_MODEL_NAME if model is None else str(model)
             target, tok = load_model(None if model is None else str(model), dtype=dtype or torch.float32, device=device)
             tokenizer = tokenizer or tok
+            self.target_name = name
         elif isinstance(model, nn.Module):
             target = model
-            name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+            self.target_name = loadable_name(model)  # what save records for load to find it by
+            name = self.target_name or type(model).__name__
             if dtype is not None or device is not None:
                 target = target.to(device=device, dtype=dtype)
             if tokenizer is None:
@@ -498,8 +547,8 @@ class HyperDAS:
     # -- persistence ---------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write ``hyperdas.safetensors`` (trainable weights) and ``hyperdas_config.json`` atomically."""
-        config = {"format_version": FORMAT_VERSION, **self.config, "target_name": self.model_name,
-                  "target": target_fingerprint(self.target)}
+        config = {"format_version": FORMAT_VERSION, **self.config, "target_name": self.target_name,
+                  "target_class": type(self.target).__name__, "target": target_fingerprint(self.target)}
         return write_checkpoint(directory, self.model.state_dict(), config)
 
     @classmethod
@@ -510,40 +559,23 @@ class HyperDAS:
         config, w_path = read_checkpoint(directory, "HyperDAS")
         tokenizer = kwargs.pop("tokenizer", None)
         if model is None or isinstance(model, (str, os.PathLike)):
-            from .default_model import DEFAULT_MODEL_NAME, load_model
+            from .default_model import load_model
 
-            name = config.get("target_name") if model is None else str(model)
+            name = target_to_load(config, directory) if model is None else str(model)
             dtype = kwargs.pop("dtype", None) or torch.float32
-            model, tok = load_model(None if name in (None, "", DEFAULT_MODEL_NAME) else name, dtype=dtype,
-                                    device=kwargs.pop("device", None))
+            model, tok = load_model(name, dtype=dtype, device=kwargs.pop("device", None))
             tokenizer = tokenizer or tok
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be None, a path/hub name or a Hugging Face model, got {type(model).__name__}")
-        saved, now = config["target"], target_fingerprint(model)
-        here = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if saved.get(key) != now.get(key):
-                raise ValueError(f"checkpoint {directory} was trained on a different target model: {key} is "
-                                 f"{saved.get(key)!r} there and {now.get(key)!r} here ({config.get('target_name')!r} vs {here!r})")
-        # The same target loaded in fp32 or fp16 matches the plain checksum, in bf16 the bf16
-        # one; a checkpoint from before the bf16 checksum, loaded in bf16, gets the rounding's
-        # own error as slack.
-        emb = model.get_input_embeddings().weight
-        slack = 0.0
-        if "embedding_checksum_bf16" not in saved and emb.dtype == torch.bfloat16:
-            slack = float(emb[:64].double().abs().sum()) * torch.finfo(emb.dtype).eps
-        pairs = [(saved[k], now[k]) for k in ("embedding_checksum", "embedding_checksum_bf16")
-                 if saved.get(k) is not None and now.get(k) is not None]
-        if pairs and not any(abs(a - b) <= 1e-3 * max(1.0, abs(a)) + slack for a, b in pairs):
-            raise ValueError(f"checkpoint {directory} was trained on a different target model: the embedding "
-                             f"weights differ ({config.get('target_name')!r} vs {here!r})")
+        check_target(config, model, directory)
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)
-        hd.model_name = config.get("target_name") or hd.model_name
+        if config.get("target_name"):
+            hd.model_name = hd.target_name = config["target_name"]
         hd.model.load_state_dict(load_checkpoint_weights(w_path, hd.device, "HyperDAS"), strict=True)
         return hd
 
 
-__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "load_checkpoint_weights", "read_checkpoint",
-           "target_fingerprint", "write_checkpoint"]
+__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "check_target", "load_checkpoint_weights",
+           "loadable_name", "read_checkpoint", "target_fingerprint", "target_to_load", "write_checkpoint"]

@@ -128,13 +128,19 @@ class MDAS:
         initial basis in every process). None: torch's global RNG."""
         from .default_model import DEFAULT_MODEL_NAME, load_model
 
+        from .hyperdas import loadable_name
+
         if model is None or isinstance(model, (str, os.PathLike)):
             name = DEFAULT_MODEL_NAME if model is None else str(model)
             target, tok = load_model(None if model is None else str(model), dtype=dtype or torch.float32, device=device)
             tokenizer = tokenizer or tok
+            self.target_name = name
         elif isinstance(model, nn.Module):
             target = model
-            name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+            self.target_name = loadable_name(model)  # what save records for load to find it by
+            name = self.target_name or type(model).__name__
+            if dtype is not None or device is not None:  # as HyperDAS does
+                target = target.to(device=device, dtype=dtype)
             if tokenizer is None:
                 raise ValueError("pass tokenizer=... with a loaded model")
         else:
@@ -159,25 +165,23 @@ class MDAS:
     def save(self, directory) -> Path:
         from .hyperdas import target_fingerprint, write_checkpoint
 
-        config = {"format_version": FORMAT_VERSION, "method": "mdas", **self.config, "target_name": self.model_name,
-                  "target": target_fingerprint(self.target)}
+        config = {"format_version": FORMAT_VERSION, "method": "mdas", **self.config, "target_name": self.target_name,
+                  "target_class": type(self.target).__name__, "target": target_fingerprint(self.target)}
         return write_checkpoint(directory, self.model.state_dict(), config, WEIGHTS_NAME, CONFIG_NAME)
 
     @classmethod
     def load(cls, directory, model: ModelLike = None, **kwargs) -> "MDAS":
-        from .default_model import DEFAULT_MODEL_NAME
-        from .hyperdas import load_checkpoint_weights, read_checkpoint
+        from .hyperdas import check_target, load_checkpoint_weights, read_checkpoint, target_to_load
 
         directory = Path(directory)
         config, w_path = read_checkpoint(directory, "MDAS", WEIGHTS_NAME, CONFIG_NAME)
         if model is None:
-            name = config.get("target_name")
-            model = None if name in (None, "", DEFAULT_MODEL_NAME) else name
+            model = target_to_load(config, directory)
         mdas = cls(model, layer=config["layer"], feature_dim=config["feature_dim"], **kwargs)
-        saved = config.get("target", {})
-        for key in ("model_type", "hidden_size", "num_hidden_layers"):
-            if key in saved and saved[key] != getattr(mdas.target.config, key, None):
-                raise ValueError(f"checkpoint {directory} was trained on a different target model ({key} differs)")
+        # the same check as HyperDAS.load: architecture and an embedding checksum
+        check_target(config, mdas.target, directory)
+        if config.get("target_name"):
+            mdas.model_name = mdas.target_name = config["target_name"]
         mdas.model.load_state_dict(load_checkpoint_weights(w_path, mdas.device, "MDAS"), strict=True)
         return mdas
 
