@@ -394,3 +394,20 @@ def test_mdas_load_checks_the_weights_and_takes_dtype(smollm2, tmp_path):
         MDAS.load(tmp_path / "m", model=other, tokenizer=tok)
     half = MDAS(tiny_llama(), tokenizer=tok, layer=2, feature_dim=8, dtype=torch.bfloat16)
     assert next(half.target.parameters()).dtype == torch.bfloat16
+
+
+def test_boundless_boundary_learns_in_bf16():
+    """BoundlessDAS on a bf16 target: the index keeps every position of d = 576 (bf16 has
+    only 8 bits: 575 was 576), and one small optimizer step moves the boundary (at 64 a bf16
+    boundary moves in steps of 0.5, so a 1e-3 step was lost); the mask comes out in bf16."""
+    from hyperdas_fast.models.subspace import make_subspace
+
+    sub = make_subspace("boundless", 576, 64, dtype=torch.bfloat16)
+    assert torch.equal(sub.index, torch.arange(576, dtype=torch.float32))
+    _, _, mask = sub(torch.zeros(2, 576, dtype=torch.bfloat16))
+    assert mask.dtype == torch.bfloat16 and mask.shape == (576,)
+    before = sub.boundary.detach().clone()
+    opt = torch.optim.SGD([sub.boundary], lr=1e-3)
+    mask.float().sum().backward()
+    opt.step()
+    assert sub.boundary.dtype == torch.float32 and sub.boundary.item() != before.item()

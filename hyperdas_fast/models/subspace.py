@@ -101,13 +101,17 @@ class BoundlessDAS(SubspaceModule):
     def __init__(self, hidden_size: int, k: int, temperature: float = 1.0, dtype=None, device=None):
         super().__init__()
         self.basis = OrthogonalBasis(hidden_size, hidden_size, dtype=dtype, device=device)
-        self.boundary = nn.Parameter(torch.tensor(float(k), dtype=dtype, device=device))
-        self.register_buffer("index", torch.arange(hidden_size, dtype=dtype, device=device), persistent=False)
+        # The boundary and the index stay in float32, as the basis does: in bf16 the index
+        # loses integers above 256 (d = 576: 577 positions on fewer values), and a boundary
+        # near 64 moves in steps of 0.5, so an optimizer's small updates were lost.
+        self.boundary = nn.Parameter(torch.tensor(float(k), dtype=torch.float32, device=device))
+        self.register_buffer("index", torch.arange(hidden_size, dtype=torch.float32, device=device),
+                             persistent=False)
         self.temperature = temperature
 
     def forward(self, concept: Tensor):
         mask = torch.sigmoid((self.boundary - self.index) / self.temperature)
-        return self.basis(), None, mask
+        return self.basis(), None, mask.to(self.basis.out_dtype)
 
 
 def make_subspace(name: str, hidden_size: int, k: int, dtype=None, device=None) -> SubspaceModule:
