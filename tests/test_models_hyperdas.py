@@ -219,10 +219,12 @@ def test_intervene_batched_equals_single(smollm2):
 def test_save_load_roundtrip(smollm2, batch, tmp_path):
     target, tok = smollm2
     torch.manual_seed(5)
-    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, subspace="mask")
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, subspace="mask",
+                  init_from_target=False)
     hd.save(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["hyperdas.safetensors", "hyperdas_config.json"]
     loaded = HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok)
+    assert loaded.config == hd.config
     with torch.no_grad():
         a = hd.model(batch).logits
         b = loaded.model(batch).logits

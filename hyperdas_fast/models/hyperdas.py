@@ -568,6 +568,9 @@ class HyperDAS:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be None, a path/hub name or a Hugging Face model, got {type(model).__name__}")
         check_target(config, model, directory)
+        # init_from_target as saved: the weights are overwritten below either way, but the
+        # loaded object's config (and a checkpoint saved from it) keeps saying how it began
+        kwargs.setdefault("init_from_target", config.get("init_from_target", True))
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)
