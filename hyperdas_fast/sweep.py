@@ -7,7 +7,8 @@
   or the path of a JSONL file. Each record has ``base``, ``counterfactual`` and ``concept``
   strings (aliases: ``base_prompt``; ``counterfactual_prompt``/``source``; ``edit_instruction``)
   and optionally an ``id`` (str or int; default: the record's 0-based position, or for a
-  JSONL file its 1-based line number). Ids must be unique; a repeated id is skipped.
+  JSONL file its 1-based line number). Ids must be unique; a repeated id is skipped, with a
+  warning that names both places (a default id can repeat an explicit one: mix them with care).
   Give explicit ids if the input may be edited between a run and its resume (deleting
   a line shifts the default ids of the lines after it).
 - Records are read in windows of ``sort_window``, sorted by length inside the window (so
@@ -88,10 +89,19 @@ class SweepSummary:
 # --------------------------------------------------------------------------- input
 
 
+class Record(dict):
+    """A normalised input record (written out as a plain JSON object), with where it came
+    from ("line 7", "record 6") and whether its id is the default one (its position)."""
+
+    where: str = ""
+    default_id: bool = False
+
+
 def _normalise(raw: Any, default_id: Any, where: str) -> Union[Dict[str, Any], BadRecord]:
     if not isinstance(raw, dict):
         return BadRecord(where, f"expected a JSON object with {', '.join(FIELDS)}, got {type(raw).__name__}")
-    record = dict(raw)
+    record = Record(raw)
+    record.where, record.default_id = where, "id" not in raw
     for name, aliases in ALIASES.items():
         value = next((record[a] for a in aliases if a in record), None)
         if value is None:
@@ -338,7 +348,7 @@ def iter_sweep(
         if summary.truncated_bytes:
             print(f"warning: {os.fspath(output)}: cut off a partial last line "
                   f"({summary.truncated_bytes} bytes) from an interrupted run", file=sys.stderr)
-    seen: Set[str] = set()
+    seen: Dict[str, str] = {}  # id -> where it was first read
 
     bar = None
     if progress:
@@ -380,11 +390,13 @@ def iter_sweep(
             key = _id_key(item["id"])
             if key in seen:
                 summary.duplicates += 1
-                print(f"warning: {label}duplicate id {item['id']!r}: skipped", file=sys.stderr)
+                how = " (its default id: it has none)" if getattr(item, "default_id", False) else ""
+                print(f"warning: {label}duplicate id {item['id']!r} at {getattr(item, 'where', '?')}{how}, first at "
+                      f"{seen[key]}: skipped", file=sys.stderr)
                 if bar is not None:
                     bar.update(1)
                 continue
-            seen.add(key)
+            seen[key] = getattr(item, "where", "?")
             if key in done:
                 summary.already_done += 1
                 if bar is not None:

@@ -205,6 +205,20 @@ def test_duplicate_ids_written_once(tmp_path):
     assert_exactly_once(tmp_path / "o.jsonl", ["ex0", "ex1", "ex2"])
 
 
+def test_duplicate_warning_names_both_lines(tmp_path, capsys):
+    """The warning names where the skipped record and the first one were read, and says when
+    the skipped id is a default one (a line without an id gets its line number, which an
+    explicit id can already hold)."""
+    rows = make_records(2)
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [dict(rows[0], id=2), {k: v for k, v in rows[1].items() if k != "id"}])
+    summary = sweep.run_sweep(inp, tmp_path / "o.jsonl", fake_intervene, progress=False)
+    assert summary.duplicates == 1
+    err = capsys.readouterr().err
+    assert "duplicate id 2 at line 2 (its default id: it has none), first at line 1: skipped" in err, err
+    assert [json.loads(x)["id"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == [2]
+
+
 def test_bad_options_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="batch_tokens"):
         sweep.run_sweep(make_records(1), None, fake_intervene, batch_tokens=0)
