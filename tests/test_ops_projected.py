@@ -104,6 +104,20 @@ def test_noncontiguous_inputs():
         torch.testing.assert_close(a, b)
 
 
+def test_a_non_finite_example_stays_in_its_own_rows():
+    """An inf in one example's reflect: the other example's output and gradients stay finite,
+    as in the reference (RV's reflection columns met the zeros of the block matrices, and
+    0 * inf = NaN spread to every example); the example itself is non-finite."""
+    args = make_inputs(2, 3, 4, 40, 5)
+    args[4][1, 0] = float("inf")
+    out = OPS.interchange_fwd_projected(*args, False)[0]
+    assert out[0].isfinite().all() and not out[1].isfinite().all()
+    grads = OPS.interchange_bwd_projected(torch.ones_like(args[0]), *args)
+    for name, g in zip(NAMES, grads):
+        if name in ("base", "source", "weights", "reflect"):
+            assert g[0].isfinite().all(), name
+
+
 def test_batch_too_large_for_k_is_refused():
     # RV = [R | v_1..v_B] would have B extra columns: refused beyond max(64, 2k) examples.
     args = make_inputs(65, 2, 2, 8, 4)

@@ -12,6 +12,7 @@ shapes; they skip without a CUDA device.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def test_projected_paths_launch_few_kernels():
     total = {name: c["aten_calls"] + c["triton_launches"] for name, c in counts.items()}
     assert counts["triton_projected_forward"]["triton_launches"] == 2
     assert counts["triton_projected_backward"]["triton_launches"] == 3
-    assert total["triton_projected_forward"] <= 7 and total["triton_projected_backward"] <= 17, total
-    assert total["aten_projected_forward"] <= 15 and total["aten_projected_backward"] <= 43, total
+    # (nan_to_num on RV's reflection columns: one non-finite example stays in its own rows)
+    assert total["triton_projected_forward"] <= 8 and total["triton_projected_backward"] <= 18, total
+    assert total["aten_projected_forward"] <= 16 and total["aten_projected_backward"] <= 44, total
 
 
 def test_projected_path_choice(monkeypatch):
@@ -242,6 +244,68 @@ def test_onepass_sweep_checks_every_variant(tmp_path, monkeypatch):
     by_rows = {r["override"]["BT1"]: r["r_l2_bytes"] for r in onepass}
     assert by_rows[32] == 2 * by_rows[64] == 2 * (2 * 2 * 72 * 9 * 4)
     assert out.exists() and "HYPERDAS_FAST_TRITON_SOFT" not in os.environ
+
+
+@needs_interp
+@pytest.mark.parametrize("path", [None, "projected"])
+def test_a_non_finite_example_stays_in_its_own_rows(path, monkeypatch):
+    """An inf in one example's reflect leaves the other examples' output and gradients
+    finite, as in the reference: the projected path's block matrices hold zeros in the other
+    examples' reflection columns, and 0 * inf had made every example NaN. The example itself
+    still comes out non-finite."""
+    if path is None:
+        monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    else:
+        monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
+    args = make_inputs(2, 3, 4, 40, 5, reflect=True, mask="batch")
+    args[4][1, 0] = float("inf")
+    for grad in (False, True):
+        leaves = [a.clone().requires_grad_(grad) for a in args]
+        out = tk.interchange_soft(*leaves)
+        assert out[0].isfinite().all() and not out[1].isfinite().all(), (grad, out)
+        if grad:
+            out.backward(torch.ones_like(out))
+            for name, a in zip(("base", "source", "weights", "reflect"), (leaves[0], leaves[1], leaves[2], leaves[4])):
+                assert a.grad[0].isfinite().all(), name
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_low_precision_on_a_non_contiguous_base(dtype):
+    """Hard mode with a basis on a transposed bf16/fp16 base (CPU: the interpreter runs
+    these in fp32 on a copy): the copy is contiguous before the row kernels write it in
+    place (they had read the transposed copy as contiguous: errors of 2.8)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, S, d, k = 2, 5, 4, 40, 5
+    base = torch.randn(B, d, T, generator=g).to(dtype).transpose(1, 2)
+    source = torch.randn(B, S, d, generator=g).to(dtype)
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].to(dtype)
+    index = torch.tensor([[0, -1, 3, 3, 1], [2, 2, -1, 0, 0]])
+    ref = ops.interchange_hard(base.double(), source.double(), index, basis.double(), backend="torch")
+    out = ops.interchange_hard(base, source, index, basis, backend="triton")
+    same_dtype = ops.interchange_hard(base, source, index, basis, backend="torch")
+    assert _err(out.double(), ref) <= 2 * _err(same_dtype.double(), ref) + 1e-3
+
+
+def test_compile_fullgraph_of_a_first_triton_call(tmp_path):
+    """torch.compile(fullgraph=True) of the process's first backend="triton" call, with the
+    backend's module imported (on a GPU it is at import): the dispatcher takes it from
+    sys.modules instead of tracing an import (Unsupported: importlib.import_module)."""
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import torch\n"
+        "from hyperdas_fast import ops\n"
+        "import hyperdas_fast.ops.triton_kernels\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "args = [torch.randn(2, 3, 40, generator=g), torch.randn(2, 4, 40, generator=g),\n"
+        "        torch.softmax(torch.randn(2, 5, 3, generator=g), 1), torch.linalg.qr(torch.randn(40, 5, generator=g))[0]]\n"
+        "args = [a.requires_grad_() for a in args]\n"
+        "f = torch.compile(lambda *a: ops.interchange(*a, backend='triton'), fullgraph=True, backend='aot_eager')\n"
+        "f(*args).sum().backward()\n"
+        "print('ok', all(a.grad is not None for a in args))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok True" in result.stdout, result.stderr[-2000:]
 
 
 @needs_interp
@@ -672,8 +736,6 @@ def _aot_compile_all(arch: int = 90) -> list:
 
 def test_kernels_compile_for_sm90():
     """AOT compile for sm_90 in a subprocess (the interpreter is on in this process)."""
-    import subprocess
-
     import triton
 
     if "nvidia" not in getattr(triton.backends, "backends", {}):

@@ -49,9 +49,13 @@ inline bool batch_fits(int64_t B, int64_t k) { return B <= std::max<int64_t>(64,
 
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-// [d, k] or [d, k + B] = [R | -2 V^T], in R's dtype.
+// [d, k] or [d, k + B] = [R | -2 V^T], in R's dtype. Non-finite entries of V are zeroed:
+// the block matrices hold zeros in the other examples' reflection columns, and 0 * inf =
+// NaN would carry one example's non-finite v into every example's output and gradients.
+// That example's own rows still come out non-finite, through u = R^T v (from the raw v).
 inline Tensor rv_of(const Tensor& R, const std::optional<Tensor>& v) {
-  return v.has_value() ? at::cat({R, v->t().mul(-2.0).to(R.scalar_type())}, 1) : R;
+  if (!v.has_value()) return R;
+  return at::cat({R, at::nan_to_num(v->t().mul(-2.0).to(R.scalar_type()), 0.0, 0.0, 0.0)}, 1);
 }
 
 // P [B, X, k + B] -> [B, X]: column k + b of batch b (a view).

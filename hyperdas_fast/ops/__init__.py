@@ -16,6 +16,7 @@ kernels). ``auto`` picks the fastest backend available for the inputs' device.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -73,10 +74,14 @@ def _load_backend(name: str):
         return _loaded[name]
     if name not in _BACKEND_MODULES:
         raise ValueError(f"backend must be one of auto, torch, {', '.join(_BACKEND_MODULES)}; got {name!r}")
-    try:
-        module = importlib.import_module(_BACKEND_MODULES[name])
-    except ImportError:
-        module = None
+    # A module imported already (e.g. by the user, before torch.compile) is taken as it is:
+    # tracing an import under torch.compile(fullgraph=True) fails.
+    module = sys.modules.get(_BACKEND_MODULES[name])
+    if module is None:
+        try:
+            module = importlib.import_module(_BACKEND_MODULES[name])
+        except ImportError:
+            module = None
     _loaded[name] = module
     return module
 
@@ -196,9 +201,11 @@ def interchange_hard(
 
 
 # Load the compiled backends now (cheap: two shared libraries) so that the first call
-# under torch.compile(fullgraph=True) does not have to trace an import. Triton is
-# imported on first use only (importing it costs about a second).
-for _name in ("cpp", "cuda"):
+# under torch.compile(fullgraph=True) does not have to trace an import; Triton too where a
+# GPU is there to run it (importing it costs about a second). Without a GPU the triton
+# backend (the interpreter, for tests) is imported on first use: import
+# hyperdas_fast.ops.triton_kernels, or call available_backends(), before compiling a call.
+for _name in ("cpp", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
     _load_backend(_name)
 
 

@@ -847,7 +847,8 @@ def interchange_rows(base, source, batch_index, base_pos, source_pos, basis, ref
         out[batch_index, base_pos] = ref[batch_index, base_pos]
         return out
     if _interpreter_low_precision(base):
-        rows32 = interchange_rows(base.float(), _f32(source), batch_index, base_pos, source_pos,
+        # contiguous: the row kernels write this copy in place as a contiguous [B, T, d]
+        rows32 = interchange_rows(base.float().contiguous(), _f32(source), batch_index, base_pos, source_pos,
                                   _f32(basis), _f32(reflect), _f32(mask), True)
         out[batch_index, base_pos] = rows32[batch_index, base_pos].to(base.dtype)
         return out

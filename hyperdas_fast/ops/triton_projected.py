@@ -387,10 +387,16 @@ def _precision(x: Tensor) -> str:
 
 
 def _rv(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
-    """[R | -2 V^T] ([d, k + B], basis's dtype), or R without reflect."""
+    """[R | -2 V^T] ([d, k + B], basis's dtype), or R without reflect.
+
+    Non-finite entries of V are zeroed here: the block matrices hold zeros in the other
+    examples' reflection columns, and 0 * inf = NaN would carry one example's non-finite v
+    into every example's output and gradients. That example's own rows still come out
+    non-finite, as in the reference, through u = R^T v (computed from the raw reflect)."""
     if reflect is None:
         return basis
-    return torch.cat([basis, (-2.0 * reflect.t()).to(basis.dtype)], dim=1)
+    V = torch.nan_to_num((-2.0 * reflect.t()).to(basis.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.cat([basis, V], dim=1)
 
 
 def _project(x: Tensor, RV: Tensor) -> Tensor:
