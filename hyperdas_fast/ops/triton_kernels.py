@@ -589,7 +589,7 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
 def _forward_train(base, source, weights, basis, reflect, mask):
     """The projected forward for a call that needs a gradient: (out, P_S, P_B), the two
     projections the projected backward would otherwise compute again."""
-    B, T, d = base.shape
+    B = base.shape[0]
     basis = basis.contiguous()
     reflect = reflect.contiguous() if reflect is not None else None
     m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
@@ -764,11 +764,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(base, source, weights, basis, reflect, mask)
 
 
+def _input_grads(grad, inputs, ps=None, pb=None):
+    """The gradients of the six inputs (None for an absent one)."""
+    grads = interchange_triton_backward(grad, *inputs, ps, pb)
+    return tuple(None if p is None else gr for p, gr in zip(inputs, grads))
+
+
 def _autograd_backward(ctx, grad):
-    base, source, weights, basis, reflect, mask = ctx.saved_tensors
-    grads = interchange_triton_backward(grad, base, source, weights, basis, reflect, mask)
-    present = (base, source, weights, basis, reflect, mask)
-    return tuple(None if p is None else gr for p, gr in zip(present, grads))
+    return _input_grads(grad, ctx.saved_tensors)
 
 
 torch.library.register_autograd(
@@ -784,10 +787,8 @@ def _setup_context_train(ctx, inputs, output):
 
 def _autograd_backward_train(ctx, grad, _grad_ps, _grad_pb):
     # P_S and P_B never leave interchange_soft, so nothing flows back into them.
-    base, source, weights, basis, reflect, mask, ps, pb = ctx.saved_tensors
-    grads = interchange_triton_backward(grad, base, source, weights, basis, reflect, mask, ps, pb)
-    present = (base, source, weights, basis, reflect, mask)
-    return tuple(None if p is None else gr for p, gr in zip(present, grads))
+    *inputs, ps, pb = ctx.saved_tensors
+    return _input_grads(grad, inputs, ps, pb)
 
 
 torch.library.register_autograd(
