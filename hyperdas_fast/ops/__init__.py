@@ -40,8 +40,16 @@ _BACKEND_MODULES = {
     "triton": "hyperdas_fast.ops.triton_kernels",
     "cuda": "hyperdas_fast.ops.cuda",
 }
-# Preference order for backend="auto", fastest first (from benchmarks/results).
+# Preference order for backend="auto", fastest first (from benchmarks/results). On a GPU the
+# cuda backend comes first: eager calls at the sizes HyperDAS trains at are bound by the
+# host's launch work, and it launches the fewest kernels (SmolLM2 forward, eager, on an
+# H200: 0.14 ms against 0.34 for triton). Soft calls from B*T*d = 2^24 up take triton:
+# there its eager calls cost the same (Llama-3-8B B=32 T=128: 0.54 against 0.57 ms forward)
+# and its kernels 1.6x less GPU time (103 against 161 us forward, 344 against 559 forward
+# and backward; benchmarks/results/ops_h200.json).
 _AUTO_ORDER = {"cuda": ["cuda", "triton", "torch"], "cpu": ["cpp", "torch"]}
+_AUTO_ORDER_LARGE_SOFT = {"cuda": ["triton", "cuda", "torch"]}
+AUTO_TRITON_SOFT_FROM = 2 ** 24  # B*T*d
 
 
 class _TorchBackend:
@@ -97,9 +105,16 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     return names
 
 
-def _pick(backend: str, device: torch.device):
+def _auto_order(device: torch.device, soft_size: int = 0) -> List[str]:
+    """backend="auto"'s preference order for a device (soft_size: B*T*d of a soft call)."""
+    if soft_size >= AUTO_TRITON_SOFT_FROM and device.type in _AUTO_ORDER_LARGE_SOFT:
+        return _AUTO_ORDER_LARGE_SOFT[device.type]
+    return _AUTO_ORDER.get(device.type, ["torch"])
+
+
+def _pick(backend: str, device: torch.device, soft_size: int = 0):
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ["torch"]):
+        for name in _auto_order(device, soft_size):
             module = _load_backend(name)
             if module is not None and module.is_available(device):
                 return module
@@ -132,13 +147,14 @@ def interchange(
         basis: [d, k] orthonormal columns R, or None for the vanilla interchange.
         reflect: [B, d] unit vectors v; the example's basis is (I - 2 v v^T) R.
         mask: [B, k] or [k] gate on the subspace coordinates (default all ones).
-        backend: "auto", "torch", "cpp", "triton" or "cuda".
+        backend: "auto", "torch", "cpp", "triton" or "cuda". "auto": cpp on the CPU; on a
+            GPU cuda, or triton from B*T*d = 2^24 up (see _AUTO_ORDER).
 
     Returns:
         [B, T, d]: base + R_b diag(m) R_b^T (mix - base), mix = w^T [source; base].
     """
     checks.check_soft(base, source, weights, basis, reflect, mask)
-    impl = _pick(backend, base.device)
+    impl = _pick(backend, base.device, base.numel() if basis is not None else 0)
     return impl.interchange_soft(base, source, weights, basis, reflect, mask)
 
 
