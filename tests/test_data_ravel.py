@@ -165,6 +165,11 @@ def test_model_fingerprint_ignores_where_the_model_was_loaded_from(tmp_path):
     a = ravel.model_fingerprint(tiny(0, str(default_model_dir())), tokenizers[0])
     assert ravel.model_fingerprint(tiny(0, str(copy)), tokenizers[1]) == a
     assert ravel.model_fingerprint(tiny(1, str(copy)), tokenizers[1]) != a
+    # weights changed only past the first tensors (a model fine-tuned in its later layers)
+    later = tiny(0, str(copy))
+    with torch.no_grad():
+        list(later.parameters())[-2].add_(1.0)
+    assert ravel.model_fingerprint(later, tokenizers[1]) != a
 
 
 def test_filter_logic_and_cache(tmp_path, monkeypatch):
@@ -197,6 +202,11 @@ def test_filter_logic_and_cache(tmp_path, monkeypatch):
     assert by == {"A": "Italy", "C": "Peru", "E": "Chad"}
     files = list(tmp_path.rglob("*.json"))
     assert files and not list(tmp_path.rglob("*.tmp"))
+    # another generation length is another cache: with 1 token, " France." still matches, but
+    # nothing of the 6-token run is served to it
+    n_calls = len(calls)
+    ravel.filter_known(rows, model, None, max_new_tokens=1, cache_dir=tmp_path)
+    assert len(calls) > n_calls
     with pytest.raises(ValueError, match="label_mode"):
         ravel.filter_known(rows, model, None, label_mode="guess", cache_dir=tmp_path)
 
@@ -217,7 +227,7 @@ def test_filter_real_model(tmp_path, smollm2, ravel_dir):
     assert 1 <= len(kept) <= 3 and all(r["model_label"] for r in kept)
     recs = ravel.to_records(kept, tok)
     assert all(isinstance(r["base_entity_pos"], int) for r in recs)
-    gen = json.loads(next(tmp_path.rglob("generations.json")).read_text())
+    gen = json.loads(next(tmp_path.rglob("generations-*.json")).read_text())
     assert gen
 
 
@@ -249,3 +259,29 @@ def test_download_parsing_on_local_files(ravel_dir, tmp_path):
     copy = tmp_path / "verb_past_tense_test"
     shutil.copytree(ravel_dir / "verb_past_tense_test", copy)
     assert dl.check_split(copy) == 3776
+
+
+def test_unreadable_split_and_bad_max_examples_are_named(tmp_path, ravel_dir):
+    """A split folder that datasets cannot read (malformed state.json, a cut arrow file)
+    gives a ValueError naming the folder, where the bare JSONDecodeError / OSError named
+    none; max_examples <= 0 is refused without the filter too (-5 had sliced off the last 5
+    rows, 0 blamed the knowledge filter)."""
+    import shutil
+    from pathlib import Path
+
+    split = next(p for p in Path(ravel_dir).iterdir() if p.name == "city_country_test")
+    bad = tmp_path / "bad"
+    shutil.copytree(split, bad / split.name)
+    (bad / split.name / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"city_country_test is unreadable: JSONDecodeError"):
+        ravel.load_rows("city", "country", "test", bad)
+    arrow = next((bad / split.name).glob("*.arrow"))
+    shutil.copytree(split, tmp_path / "cut" / split.name)
+    cut = tmp_path / "cut" / split.name / arrow.name
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
+    with pytest.raises(ValueError, match="is unreadable"):
+        ravel.load_rows("city", "country", "test", tmp_path / "cut")
+    for bad_max in (0, -5):
+        with pytest.raises(ValueError, match="max_examples must be a positive integer"):
+            ravel.load_dataset("city", "country", "test", ravel_dir, tokenizer=object(), filter=False,
+                               max_examples=bad_max)

@@ -114,3 +114,23 @@ def test_table_names_keep_their_dots(tmp_path):
         tables.write_table(results, tmp_path / prefix)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "named.json", "named.md", "t_0.5.json", "t_0.5.md", "t_0.json", "t_0.md", "table.v1.5.json", "table.v1.5.md"]
+
+
+def test_table_keeps_the_whole_domain_result_and_plot_names_keep_their_dots(tmp_path):
+    """A result for one attribute of a domain never replaces a whole-domain result in that
+    domain's cell, in either file order (it had, when it came later); a heatmap named with
+    a dot ("heat_lr0.5") is written as heat_lr0.5.png and leaves no temporary file (".5" was
+    taken for the format, the save failed and left one)."""
+    from hyperdas_fast.evaluation.plots import plot_position_weights
+
+    def result(attribute, value):
+        return {"method": "HyperDAS", "domain": "city", "attribute": attribute, "primary_mode": "default",
+                "metrics": {"default": {"domains": {"city": {"disentangle": value}}}}}
+
+    whole, one = result(None, 0.8), result("country", 0.3)
+    assert tables.build_table([whole, one])["HyperDAS"]["City"] == tables.build_table([one, whole])["HyperDAS"]["City"] == 80.0
+    assert tables.build_table([one])["HyperDAS"]["City"] == 30.0
+    weights = torch.rand(3, 4)
+    plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat_lr0.5")
+    plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat.pdf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.pdf", "heat_lr0.5.png"]

@@ -310,3 +310,25 @@ def test_train_delegates_to_trainer(smollm2, monkeypatch):
     assert seen["wrapper"] is hd
     c = seen["config"]
     assert (c.data_dir, c.epochs, c.batch_size, c.lr) == ("/data/ravel", 2, 4, 1e-4)
+
+
+def test_collator_max_length_moves_entity_positions(smollm2):
+    """max_length cuts prompts on the left: an entity position (given, or from a prefix) moves
+    left by the tokens dropped and still points at the entity, is -1 once the entity is cut
+    off, and the label is never cut (it had kept its last tokens: ' of America')."""
+    _, tok = smollm2
+    base, cf = "city to country: Bangkok is in Thailand. Paris is in", "city to country: Bangkok is in Thailand. Rome is in"
+    full = {"base_prompt": base, "counterfactual_prompt": cf, "concept": "country", "label": "United States of America",
+            "base_prefix": base[: -len(" is in")], "counterfactual_prefix": cf[: -len(" is in")]}
+    given = {k: v for k, v in full.items() if not k.endswith("_prefix")}
+    pos = len(tok(full["base_prefix"])["input_ids"]) - 1
+    given.update(base_entity_pos=pos, source_entity_pos=pos)
+    for record in (full, given):
+        b = HyperDASCollator(tok, max_length=6)([record])
+        p = int(b["base_entity_pos"][0])
+        assert tok.decode([int(b["base_input_ids"][0, p])]) == " Paris"
+        assert tok.decode([int(b["source_input_ids"][0, int(b["source_entity_pos"][0])])]) == " Rome"
+        labels = [int(t) for t in b["labels"][0] if t != -100]
+        assert tok.decode(labels) == " United States of America"
+        cut = HyperDASCollator(tok, max_length=2)([record])
+        assert cut["base_entity_pos"].tolist() == [-1] and cut["source_entity_pos"].tolist() == [-1]

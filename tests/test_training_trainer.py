@@ -248,3 +248,20 @@ def test_hyperdas_short_training(tok, records, tmp_path):
     assert (tmp_path / "final" / "hyperdas.safetensors").is_file()
     cfg = json.loads((tmp_path / "train_config.json").read_text())
     assert cfg["method"] == "HyperDAS" and cfg["model_config"]["layer"] == 1
+
+
+def test_periodic_eval_spreads_over_domains_and_sizes_are_checked():
+    """The periodic evaluation's eval_max_examples records are spread over the test records
+    (grouped by domain and attribute), where the first ones covered only the first domain
+    or two; the optional sizes are refused at 0, below 0 and as bools."""
+    from hyperdas_fast.training.trainer import TrainConfig, spread
+
+    records = [("city", i) for i in range(100)] + [("nobel", i) for i in range(100)] + [("occupation", i) for i in range(56)]
+    picked = spread(records, 128)
+    assert len(picked) == 128 and len(set(picked)) == 128
+    assert {d for d, _ in picked} == {"city", "nobel", "occupation"}
+    assert spread(records, None) == records and spread(records, 1000) == records
+    for name in ("max_examples", "max_test_examples", "eval_max_examples", "max_steps"):
+        for bad in (0, -5, True):
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer or None"):
+                TrainConfig(**{name: bad}).validate()

@@ -22,7 +22,7 @@ but ``"country": "`` + ``France``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +35,9 @@ class HyperDASCollator:
 
     Args:
         tokenizer: a Hugging Face tokenizer (needs a pad token; eos is used if missing).
-        max_length: optional cap on each prompt's token count (longer prompts are cut on the left).
+        max_length: optional cap on each prompt's token count (longer prompts are cut on the
+            left; entity positions move with them, -1 where the entity was cut off; labels
+            are not cut, see max_label_tokens).
         label_space: "auto", True (always prepend a space) or False (never).
         max_label_tokens: optional cap on label tokens kept for teacher forcing.
     """
@@ -54,10 +56,18 @@ class HyperDASCollator:
         self.pad_id = int(pad)
 
     def _ids(self, text: str, special: bool = True) -> List[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        """The prompt's tokens, cut on the left to max_length (see _cut)."""
+        return self._cut(self._tokens(text, special))[0]
+
+    def _tokens(self, text: str, special: bool = True) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _cut(self, ids: List[int]) -> Tuple[List[int], int]:
+        """(ids cut on the left to max_length, how many tokens were dropped): positions in
+        the full prompt move left by that many."""
         if self.max_length is not None and len(ids) > self.max_length:
-            ids = ids[-self.max_length:]
-        return ids
+            return ids[-self.max_length:], len(ids) - self.max_length
+        return ids, 0
 
     def _label_text(self, prompt: str, label: str) -> str:
         if not label:
@@ -67,15 +77,22 @@ class HyperDASCollator:
             space = not (label[0].isspace() or prompt[-1:].isspace() or prompt.endswith(_NO_SPACE_AFTER))
         return (" " + label) if space else label
 
-    def _entity_pos(self, record: Dict[str, Any], key: str, prefix_key: str, prompt_len: int) -> int:
+    def _entity_pos(self, record: Dict[str, Any], key: str, prefix_key: str, prompt_len: int, dropped: int) -> int:
+        """The entity's last token in the (cut) prompt: a position given in the record, or the
+        last token of its prefix, both counted in the full prompt and moved left by the
+        ``dropped`` tokens; -1 when there is none or it was cut off."""
         value = record.get(key)
         if value is not None:
-            return int(value)
-        prefix = record.get(prefix_key)
-        if prefix:
-            pos = len(self._ids(prefix)) - 1
-            return pos if pos < prompt_len else -1
-        return -1
+            pos = int(value)
+        else:
+            prefix = record.get(prefix_key)
+            if not prefix:
+                return -1
+            pos = len(self._tokens(prefix)) - 1
+        if pos < 0:
+            return -1
+        pos -= dropped
+        return pos if 0 <= pos < prompt_len else -1
 
     @staticmethod
     def _check_text(record: Dict[str, Any], key: str, index: int) -> str:
@@ -94,8 +111,9 @@ class HyperDASCollator:
             cf_prompt = self._check_text(record, "counterfactual_prompt", i)
             concept = self._check_text(record, "concept", i)
             label = record.get("label") or ""
-            prompt_ids = self._ids(base_prompt)
-            label_ids = self._ids(self._label_text(base_prompt, label), special=False) if label else []
+            prompt_ids, base_dropped = self._cut(self._tokens(base_prompt))
+            # the label is never cut on the left (max_label_tokens keeps its first tokens)
+            label_ids = self._tokens(self._label_text(base_prompt, label), special=False) if label else []
             if self.max_label_tokens is not None:
                 label_ids = label_ids[: self.max_label_tokens]
             ids = prompt_ids + label_ids
@@ -106,12 +124,13 @@ class HyperDASCollator:
             for j, tok in enumerate(label_ids):
                 lab[len(prompt_ids) + j - 1] = tok
             label_rows.append(lab)
-            src = self._ids(cf_prompt)
+            src, source_dropped = self._cut(self._tokens(cf_prompt))
             source_rows.append(src)
             concept_rows.append(self._ids(concept))
             causal.append(bool(record.get("is_causal", True)))
-            base_pos.append(self._entity_pos(record, "base_entity_pos", "base_prefix", len(prompt_ids)))
-            source_pos.append(self._entity_pos(record, "source_entity_pos", "counterfactual_prefix", len(src)))
+            base_pos.append(self._entity_pos(record, "base_entity_pos", "base_prefix", len(prompt_ids), base_dropped))
+            source_pos.append(self._entity_pos(record, "source_entity_pos", "counterfactual_prefix", len(src),
+                                               source_dropped))
 
         def pad(rows, value, dtype=torch.long):
             width = max(len(r) for r in rows)

@@ -133,7 +133,12 @@ def _resolve_attributes(domain: str, attribute: Optional[str], splits) -> List[s
 def _read_split(folder: Path) -> List[dict]:
     import datasets
 
-    table = datasets.load_from_disk(str(folder))
+    try:
+        table = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, IndexError) as exc:
+        # malformed state.json / dataset_info.json, a cut arrow file, a dataset saved with no
+        # shards (datasets raises IndexError), a folder that is no saved dataset
+        raise ValueError(f"RAVEL split {folder} is unreadable: {type(exc).__name__}: {exc}") from exc
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"RAVEL split {folder} lacks columns {missing}; expected {list(COLUMNS)}")
@@ -323,12 +328,14 @@ def model_fingerprint(model, tokenizer=None) -> str:
             h.update(json.dumps(fields, sort_keys=True, default=str).encode())
         except Exception:  # pragma: no cover - configs without to_dict
             h.update(repr(config).encode())
-    for i, (name, p) in enumerate(model.state_dict().items()):
-        if i >= 4:
-            break
-        sample = p.detach().reshape(-1)[:4096].to(torch.float32).cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().tobytes())
+    # Every tensor (a model fine-tuned in its later layers only must get a key of its own):
+    # its name, shape, float64 sum and 4096 values spread over it; one read of the weights.
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}:{tuple(p.shape)}:{float(torch.sum(flat, dtype=torch.float64))!r}".encode())
+            h.update(flat[::step][:4096].to(torch.float32).cpu().numpy().tobytes())
     if tokenizer is not None:
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         h.update(json.dumps(sorted(vocab.items())).encode())
@@ -443,13 +450,15 @@ def filter_known(
         raise ValueError(f"max_examples must be a positive integer or None; got {max_examples}")
     fp = model_fingerprint(model, tokenizer)
     root = Path(cache_dir) if cache_dir is not None else filter_cache_dir()
-    result_path = root / fp / f"kept-{_rows_key(rows)}-{label_mode}-{max_examples}-{seed}.json"
+    # generations of another length judge answers differently ("United" vs "United States"):
+    # max_new_tokens is part of both keys
+    result_path = root / fp / f"kept-{_rows_key(rows)}-{label_mode}-{max_examples}-{seed}-{max_new_tokens}.json"
     if cache and result_path.is_file():
         try:
             return json.loads(result_path.read_text())
         except (OSError, ValueError):
             pass
-    gen_cache = GenerationCache(root / fp / "generations.json" if cache else None)
+    gen_cache = GenerationCache(root / fp / f"generations-{max_new_tokens}.json" if cache else None)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     kept: List[dict] = []
@@ -527,6 +536,9 @@ def load_dataset(
     Raises ValueError when no usable row is left."""
     if tokenizer is None:
         raise ValueError("tokenizer is required to compute entity positions")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples <= 0):
+        raise ValueError(f"max_examples must be a positive integer or None; got {max_examples!r}")
     domains = _resolve_domains(domain, available_splits(data_dir), data_dir)
     if len(domains) > 1:
         records: List[dict] = []

@@ -16,7 +16,7 @@ def plot_position_weights(weights, source_tokens: Sequence[str], base_tokens: Se
     """Heatmap of weights [S+1, T]: rows = counterfactual tokens then [SELF], columns = base tokens.
 
     Returns the matplotlib Figure; with ``path`` it is also saved (atomically; the format
-    follows the suffix, png by default).
+    follows an image suffix such as .pdf or .svg, else ".png" is appended to the name).
     """
     import matplotlib
 
@@ -41,12 +41,20 @@ def plot_position_weights(weights, source_tokens: Sequence[str], base_tokens: Se
     fig.tight_layout()
     if path is not None:
         path = Path(path)
+        # an image format's extension is kept; any other name gets ".png" appended
+        # ("heat_lr0.5" -> "heat_lr0.5.png", where ".5" was taken for the format)
+        fmt = path.suffix.lstrip(".").lower()
+        if fmt not in fig.canvas.get_supported_filetypes():
+            path, fmt = path.with_name(path.name + ".png"), "png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = path.suffix or ".png"
-        fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix="." + fmt, dir=path.parent)
         os.close(fd)
-        fig.savefig(tmp, format=suffix.lstrip("."), dpi=120)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, format=fmt, dpi=120)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return fig
 
 

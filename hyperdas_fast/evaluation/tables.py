@@ -58,15 +58,19 @@ def method_title(method: str) -> str:
 
 def build_table(results: Iterable[Mapping], metric: str = "disentangle",
                 mode: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """{method: {column: percent}} from results; later results override earlier ones
-    for the same (method, domain).
+    """{method: {column: percent}} from results. A domain's cell comes from a result over
+    the whole domain (no ``attribute``) when there is one: a result for one attribute never
+    replaces it, whatever the order of the files. Otherwise later results override earlier
+    ones for the same (method, domain).
 
     ``mode``: report this inference mode for the results that evaluated it (e.g.
     "global_argmax" for HyperDAS); the others keep their primary mode (MDAS:
     groundtruth). Default: every result's primary mode."""
     table: Dict[str, Dict[str, float]] = {}
+    whole_domain = set()  # (method, column) cells filled from a result over the whole domain
     for res in results:
         method = method_title(res.get("method", "?"))
+        one_attribute = bool(res.get("attribute"))
         metrics = res.get("metrics") or {}
         if mode is not None and mode in metrics:
             mode_used = mode
@@ -78,6 +82,11 @@ def build_table(results: Iterable[Mapping], metric: str = "disentangle",
             value = summary.get(metric)
             if value is None or domain not in DOMAIN_TITLES:
                 continue
+            cell = (method, DOMAIN_TITLES[domain])
+            if one_attribute and cell in whole_domain:
+                continue
+            if not one_attribute:
+                whole_domain.add(cell)
             table.setdefault(method, {})[DOMAIN_TITLES[domain]] = 100.0 * float(value)
     for row in table.values():
         present = [row[c] for c in COLUMNS[:-1] if c in row]

@@ -109,8 +109,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
+        for name in ("max_steps", "max_examples", "max_test_examples", "eval_max_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.lr_schedule not in ("linear", "constant"):
             raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.label_mode not in ("data", "model"):
@@ -218,6 +220,15 @@ class MetricsLogger:
 def method_name(obj) -> str:
     name = type(obj).__name__
     return {"HyperDASModel": "HyperDAS", "MDASModel": "MDAS"}.get(name, name)
+
+
+def spread(records: Sequence[Any], n: Optional[int]) -> List[Any]:
+    """n records evenly spread over ``records`` (all of them when n is None or larger). The
+    test records come grouped by domain (--domain all) and attribute: the first n of them,
+    which the periodic evaluation used to take, covered only the first domain or two."""
+    if n is None or n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
 
 
 class Trainer:
@@ -529,9 +540,7 @@ class Trainer:
 
     def _periodic_eval(self, logger: MetricsLogger) -> None:
         if self.dist.is_main:
-            records = self.eval_records
-            if self.config.eval_max_examples is not None:
-                records = records[: self.config.eval_max_examples]
+            records = spread(self.eval_records, self.config.eval_max_examples)
             metrics = self.run_eval(records, self.eval_modes())
             for mode, summary in metrics.items():
                 logger.log({"type": "eval", "step": self.step, "mode": mode, **summary["overall"]})
