@@ -221,8 +221,13 @@ def interchange_hard(
 # GPU is there to run it (importing it costs about a second). Without a GPU the triton
 # backend (the interpreter, for tests) is imported on first use: import
 # hyperdas_fast.ops.triton_kernels, or call available_backends(), before compiling a call.
-for _name in ("cpp", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
+for _name in ("cpp", "cuda"):
     _load_backend(_name)
+if torch.cuda.is_available():
+    try:
+        _load_backend("triton")
+    except Exception:  # noqa: BLE001  (a broken Triton install must not break this import: it is reported on first use)
+        _loaded.pop("triton", None)
 
 
 def weights_to_source_index(weights: Tensor) -> Tensor:
