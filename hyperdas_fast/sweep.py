@@ -108,9 +108,15 @@ def _normalise(raw: Any, default_id: Any, where: str) -> Union[Dict[str, Any], B
             return BadRecord(where, f"missing field {name!r} (a string; aliases: {', '.join(aliases)})")
         if not isinstance(value, str):
             return BadRecord(where, f"field {name!r} must be a string, got {type(value).__name__}")
-        for alias in aliases:
-            record.pop(alias, None)
+        used = next(a for a in aliases if a in record)
+        record.pop(used)  # only the alias read: another one present is the record's own field
         record[name] = value
+    if "output" in record:
+        return BadRecord(where, "has a field 'output', which the sweep writes the result to: rename it")
+    try:  # e.g. a lone surrogate ("\ud800"), valid JSON that cannot be written back as UTF-8
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return BadRecord(where, f"holds text that is not valid Unicode ({exc.reason})")
     rid = record.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return BadRecord(where, f"id must be a string or an integer, got {type(rid).__name__}")
@@ -239,6 +245,18 @@ class _Appender:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # One sweep per output file: two would each read the done ids once and then write
+        # every id twice (an advisory lock, held until close).
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            os.close(self.fd)
+            self.fd = -1
+            raise RuntimeError(f"another sweep is writing {path}; wait for it or choose another --output") from None
 
     def write_lines(self, lines: List[str]) -> None:
         payload = "".join(line + "\n" for line in lines).encode("utf-8")
@@ -344,6 +362,7 @@ def iter_sweep(
     done: Set[str] = set()
     appender = None
     if output is not None:
+        appender = _Appender(Path(output))  # locked before the done ids are read
         done, summary.truncated_bytes = load_done_ids(output)
         if summary.truncated_bytes:
             print(f"warning: {os.fspath(output)}: cut off a partial last line "
@@ -373,8 +392,6 @@ def iter_sweep(
             yield from results
 
     try:
-        if output is not None:
-            appender = _Appender(Path(output))
         window: List[Dict[str, Any]] = []
         for item in iter_records(records):
             if isinstance(item, BadRecord):

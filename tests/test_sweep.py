@@ -330,3 +330,31 @@ def test_main_intervene_builds_the_default_callable(tmp_path, monkeypatch):
     assert rc == 0
     assert seen["model_path"] == str(ckpt) and seen["max_new_tokens"] == 3 and seen["tokenized"] == 12
     assert_exactly_once(out, [f"ex{i}" for i in range(4)])
+
+
+def test_records_that_cannot_be_written_back_and_field_collisions(tmp_path):
+    """A line with a lone surrogate (valid JSON, not writable as UTF-8) is a bad line, where
+    it had stopped the sweep after the model ran, losing its window; a record's own
+    'output' field is refused rather than replaced; an alias present beside the field it
+    names (e.g. "source" next to "counterfactual") is kept as the record's own field."""
+    rows = make_records(3)
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [rows[0], '{"id": "bad", "base": "\\ud800", "counterfactual": "c", "concept": "x"}',
+                      dict(rows[1], output="gold"), dict(rows[2], source="wiki")])
+    summary = sweep.run_sweep(inp, tmp_path / "o.jsonl", fake_intervene, progress=False)
+    assert [b.where for b in summary.bad] == ["line 2", "line 3"]
+    out = {r["id"]: r for r in read_output(tmp_path / "o.jsonl")}
+    assert set(out) == {"ex0", "ex2"} and out["ex2"]["source"] == "wiki"
+
+
+def test_a_second_sweep_on_the_same_output_is_refused(tmp_path):
+    """Two sweeps appending to one file each read the done ids once, so every id was
+    written twice: the output file is locked while a sweep runs."""
+    out = tmp_path / "o.jsonl"
+    first = sweep.iter_sweep(make_records(4), out, fake_intervene, progress=False, sort_window=1)
+    next(first)  # the first sweep is running and holds the file
+    with pytest.raises(RuntimeError, match="another sweep is writing"):
+        sweep.run_sweep(make_records(4), out, fake_intervene, progress=False)
+    list(first)
+    assert sorted(r["id"] for r in read_output(out)) == ["ex0", "ex1", "ex2", "ex3"]
+    sweep.run_sweep(make_records(4), out, fake_intervene, progress=False)  # released: all done already

@@ -88,8 +88,10 @@ def broadcast_parameters(tensors: Iterable[torch.Tensor], info: DistInfo, src: i
             t.copy_(buf.to(t.device))
 
 
-def all_reduce_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average the gradients of ``params`` over ranks (missing grads count as zeros)."""
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo, average: bool = True) -> None:
+    """Average (or with average=False, sum) the gradients of ``params`` over ranks (missing
+    grads count as zeros). The trainer sums: each rank's loss is already its share of the
+    whole batch's (see hyperdas_loss's ``totals``)."""
     params = [p for p in params if p.requires_grad]
     if not info.enabled or not params:
         return
@@ -99,7 +101,8 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -
         for p in params
     ])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(info.world_size)
+    if average:
+        flat.div_(info.world_size)
     offset = 0
     for p in params:
         n = p.numel()
@@ -111,14 +114,30 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -
         offset += n
 
 
-def all_reduce_mean(values: List[float], info: DistInfo) -> List[float]:
-    if not info.enabled:
-        return list(values)
+def _all_reduce(values: List[float], info: DistInfo, op) -> torch.Tensor:
     t = torch.tensor(values, dtype=torch.float64)
     if info.backend == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / info.world_size).cpu().tolist()
+    dist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+def all_reduce_mean(values: List[float], info: DistInfo) -> List[float]:
+    if not info.enabled:
+        return list(values)
+    return (_all_reduce(values, info, dist.ReduceOp.SUM) / info.world_size).tolist()
+
+
+def all_reduce_sum(values: List[float], info: DistInfo) -> List[float]:
+    if not info.enabled:
+        return list(values)
+    return _all_reduce(values, info, dist.ReduceOp.SUM).tolist()
+
+
+def all_reduce_max(values: List[float], info: DistInfo) -> List[float]:
+    if not info.enabled:
+        return list(values)
+    return _all_reduce(values, info, dist.ReduceOp.MAX).tolist()
 
 
 def barrier(info: DistInfo) -> None:
@@ -137,4 +156,4 @@ def shard(indices: List[int], info: DistInfo) -> List[int]:
 
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "broadcast_parameters", "all_reduce_gradients",
-           "all_reduce_mean", "barrier", "shard", "env_world_size"]
+           "all_reduce_mean", "all_reduce_sum", "all_reduce_max", "barrier", "shard", "env_world_size"]

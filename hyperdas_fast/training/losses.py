@@ -53,8 +53,14 @@ def hyperdas_loss(
     causal_weight: float = 3.5,
     isolation_weight: float = 0.5,
     sparsity_coef: float = 0.0,
+    totals: Optional[Dict[str, int]] = None,
 ) -> Tuple[Tensor, Dict[str, float]]:
     """Weighted causal / isolation cross-entropy plus the sparsity penalty.
+
+    ``totals`` (data-parallel training): the whole batch's "causal_tokens",
+    "isolation_tokens", "examples" and "source_rows" (its widest source), summed or maxed
+    over the ranks. Each mean then divides this shard's sum by the whole batch's count, so
+    the ranks' losses, and gradients, add up to those of the whole batch in one process.
 
     Args:
         logits: [B, T, V] or packed [P, V] (see ``_label_logits``).
@@ -71,14 +77,22 @@ def hyperdas_loss(
     causal_tok = is_causal.to(token_loss.device).bool()[example]
     zero = token_loss.sum() * 0.0
 
-    def group(mask):
-        n = mask.sum()
+    def group(mask, total=None):
+        n = mask.sum() if total is None else total
         return (token_loss * mask).sum() / n if n > 0 else zero
 
-    causal = group(causal_tok)
-    isolation = group(~causal_tok)
+    if totals is None:
+        causal = group(causal_tok)
+        isolation = group(~causal_tok)
+        sparsity = sparsity_penalty(weights) if weights is not None else zero
+    else:
+        causal = group(causal_tok, totals["causal_tokens"])
+        isolation = group(~causal_tok, totals["isolation_tokens"])
+        sparsity = zero
+        if weights is not None:  # this shard's share of the mean over (example, source row)
+            mass = weights[:, :-1, :].float().sum(dim=-1)
+            sparsity = F.relu(mass - 1.0).sum() / max(1, totals["examples"] * totals["source_rows"])
     loss = causal_weight * causal + isolation_weight * isolation
-    sparsity = sparsity_penalty(weights) if weights is not None else zero
     if weights is not None and sparsity_coef:
         loss = loss + sparsity_coef * sparsity
     parts = {

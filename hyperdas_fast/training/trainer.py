@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..data.collate import HyperDASCollator
+from ..data.collate import IGNORE_INDEX, HyperDASCollator
 from ..evaluation.metrics import evaluate
 from ..evaluation.tables import atomic_write_json, atomic_write_text
 from . import checkpoint as ckpt
@@ -341,13 +341,33 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------
     def _forward_loss(self, records: List[dict], sparsity_coef: float):
-        batch = self.collator(records)
+        """(loss, parts) of this rank's records; (None, zero parts) for a rank given none.
+
+        Data-parallel: the loss's means divide by the whole batch's counts (summed over
+        the ranks, which every rank must join, with or without records), so the ranks'
+        gradients add up to the whole batch's; a mean of the ranks' own means had weighted
+        examples by their shard's size (a lone example on one rank counted as half a batch)."""
         c = self.config
-        out = self.net(batch, logits_at="labels")
-        loss, parts = hyperdas_loss(out.logits, batch["labels"].to(out.logits.device), batch["is_causal"], out.weights,
-                                    causal_weight=c.causal_weight, isolation_weight=c.isolation_weight,
-                                    sparsity_coef=sparsity_coef)
-        return loss, parts
+        batch = self.collator(records) if records else None
+        out = self.net(batch, logits_at="labels") if batch is not None else None
+        totals = None
+        if self.dist.enabled:
+            counts, rows = [0, 0, 0], 0
+            if batch is not None:
+                has_label = batch["labels"] != IGNORE_INDEX
+                causal = batch["is_causal"].bool()
+                counts = [int(has_label[causal].sum()), int(has_label[~causal].sum()), len(records)]
+                rows = out.weights.shape[1] - 1 if out.weights is not None else 0
+            counts = dist_utils.all_reduce_sum(counts, self.dist)
+            rows = dist_utils.all_reduce_max([rows], self.dist)[0]
+            totals = dict(causal_tokens=int(counts[0]), isolation_tokens=int(counts[1]), examples=int(counts[2]),
+                          source_rows=int(rows))
+        if batch is None:
+            return None, {"loss": 0.0, "causal_loss": 0.0, "isolation_loss": 0.0, "sparsity": 0.0,
+                          "num_label_tokens": 0}
+        return hyperdas_loss(out.logits, batch["labels"].to(out.logits.device), batch["is_causal"], out.weights,
+                             causal_weight=c.causal_weight, isolation_weight=c.isolation_weight,
+                             sparsity_coef=sparsity_coef, totals=totals)
 
     def run_eval(self, records: Sequence[dict], modes: Sequence[str]) -> Dict[str, Any]:
         return evaluate(self.net, records, self.collator, modes=modes, batch_size=self.config.eval_batch_size,
@@ -479,20 +499,21 @@ class Trainer:
                 coef = sparsity_schedule(self.step, warm, total, c.sparsity_start, c.sparsity_end)
                 t0 = time.time()
                 self.optimizer.zero_grad(set_to_none=True)
-                if mine:
-                    loss, parts = self._forward_loss([self.train_records[i] for i in mine], coef)
+                # a rank given no records (fewer examples than ranks) still joins the counts
+                loss, parts = self._forward_loss([self.train_records[i] for i in mine], coef)
+                if loss is not None:
                     loss.backward()
-                else:  # fewer examples than ranks in this batch
-                    parts = {"loss": 0.0, "causal_loss": 0.0, "isolation_loss": 0.0, "sparsity": 0.0, "num_label_tokens": 0}
                 params = self.trainable()
-                dist_utils.all_reduce_gradients(params, self.dist)
+                # each rank's loss is its share of the whole batch's: the gradients add up
+                dist_utils.all_reduce_gradients(params, self.dist, average=False)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip) if c.grad_clip else torch.tensor(0.0)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 seconds = time.time() - t0
-                values = dist_utils.all_reduce_mean(
-                    [parts["loss"], parts["causal_loss"], parts["isolation_loss"], parts["sparsity"]], self.dist)
+                values = dist_utils.all_reduce_sum(
+                    [parts["loss"], parts["causal_loss"], parts["isolation_loss"], parts["sparsity"],
+                     parts["num_label_tokens"]], self.dist)
                 lrs = [g["lr"] for g in self.optimizer.param_groups]
                 names = [g.get("name", "") for g in self.optimizer.param_groups]
                 row = {
@@ -500,7 +521,7 @@ class Trainer:
                     "isolation_loss": values[2], "sparsity": values[3], "sparsity_coef": coef,
                     "lr": lrs[names.index("main")] if "main" in names else lrs[0],
                     "basis_lr": lrs[names.index("basis")] if "basis" in names else None,
-                    "grad_norm": float(grad_norm), "num_label_tokens": parts["num_label_tokens"],
+                    "grad_norm": float(grad_norm), "num_label_tokens": int(values[4]),
                     "examples": len(idx), "seconds": seconds, "examples_per_s": len(idx) / max(seconds, 1e-9),
                 }
                 logger.log(row)
@@ -533,7 +554,9 @@ class Trainer:
                 if run_dir is not None:
                     atomic_write_json(run_dir / "results.json", self.results_record(metrics))
             dist_utils.barrier(self.dist)
-        elif self.eval_records and c.eval_every and main:
+        elif self.eval_records and c.eval_every:
+            # every rank: the evaluation runs on the main one and ends in a barrier that all
+            # must reach (called on the main rank alone, the others had left and it failed)
             self._periodic_eval(logger)
         logger.close()
         return result
