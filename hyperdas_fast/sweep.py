@@ -70,6 +70,7 @@ class BadRecord:
 class SweepSummary:
     written: int = 0  # results written (or yielded) by this run
     already_done: int = 0  # ids found in the output and skipped
+    done_for_other_records: int = 0  # of those, ids the output holds for another record (a changed input)
     duplicates: int = 0  # input records whose id appeared earlier in the input
     bad: List[BadRecord] = field(default_factory=list)
     batches: int = 0
@@ -79,6 +80,7 @@ class SweepSummary:
         return {
             "written": self.written,
             "already_done": self.already_done,
+            "done_for_other_records": self.done_for_other_records,
             "duplicates": self.duplicates,
             "bad_records": [str(b) for b in self.bad],
             "batches": self.batches,
@@ -188,6 +190,11 @@ def _id_key(rid: Any) -> str:
     return json.dumps(rid)
 
 
+def _record_digest(record: Dict[str, Any]) -> str:
+    """What a result was computed from: its base, counterfactual and concept."""
+    return json.dumps([record.get("base"), record.get("counterfactual"), record.get("concept")], ensure_ascii=False)
+
+
 def load_done_ids(output: Union[str, os.PathLike]) -> Tuple[Set[str], int]:
     """Ids already in ``output``; a truncated or unreadable last line is cut off.
 
@@ -195,8 +202,14 @@ def load_done_ids(output: Union[str, os.PathLike]) -> Tuple[Set[str], int]:
     partial (a kill during a write); a bad line elsewhere is a ValueError: the file is
     not one this sweep wrote.
     """
+    done, truncated = _load_done(output)
+    return set(done), truncated
+
+
+def _load_done(output: Union[str, os.PathLike]) -> Tuple[Dict[str, str], int]:
+    """As load_done_ids, with each id's record digest (see _record_digest)."""
     path = Path(output)
-    done: Set[str] = set()
+    done: Dict[str, str] = {}
     if not path.exists():
         return done, 0
     with open(path, "rb") as handle:
@@ -227,7 +240,7 @@ def load_done_ids(output: Union[str, os.PathLike]) -> Tuple[Set[str], int]:
                 f"output {str(path)!r} has an unreadable line at byte {position} that is not the last one; "
                 "it was not written by this sweep (move it away or pick another --output)"
             )
-        done.add(_id_key(parsed["id"]))
+        done[_id_key(parsed["id"])] = _record_digest(parsed)
         position = end
         good_end = end
     if truncated:
@@ -359,11 +372,11 @@ def iter_sweep(
     length_fn = length_fn or make_length_fn(tokenizer)
     label = f"{os.fspath(records)}: " if isinstance(records, (str, os.PathLike)) else ""
 
-    done: Set[str] = set()
+    done: Dict[str, str] = {}
     appender = None
     if output is not None:
         appender = _Appender(Path(output))  # locked before the done ids are read
-        done, summary.truncated_bytes = load_done_ids(output)
+        done, summary.truncated_bytes = _load_done(output)
         if summary.truncated_bytes:
             print(f"warning: {os.fspath(output)}: cut off a partial last line "
                   f"({summary.truncated_bytes} bytes) from an interrupted run", file=sys.stderr)
@@ -416,6 +429,13 @@ def iter_sweep(
             seen[key] = getattr(item, "where", "?")
             if key in done:
                 summary.already_done += 1
+                if done[key] != _record_digest(item):
+                    # the output was written from another input (default ids are positions)
+                    summary.done_for_other_records += 1
+                    if summary.done_for_other_records <= 3:
+                        print(f"warning: {label}id {item['id']!r} at {getattr(item, 'where', '?')} is in "
+                              f"{os.fspath(output)} for another record (base, counterfactual or concept differ): "
+                              "skipped as done; give explicit ids, or another --output", file=sys.stderr)
                 if bar is not None:
                     bar.update(1)
                 continue

@@ -358,3 +358,18 @@ def test_a_second_sweep_on_the_same_output_is_refused(tmp_path):
     list(first)
     assert sorted(r["id"] for r in read_output(out)) == ["ex0", "ex1", "ex2", "ex3"]
     sweep.run_sweep(make_records(4), out, fake_intervene, progress=False)  # released: all done already
+
+
+def test_output_written_from_another_input_is_flagged(tmp_path, capsys):
+    """An output file holding results for the same (default) ids but other records: the ids
+    are still skipped as done (ids are what resume goes by), and the sweep says so and
+    counts them, where it had reported them as plain resumed work."""
+    out = tmp_path / "o.jsonl"
+    first = [{k: v for k, v in r.items() if k != "id"} for r in make_records(3)]
+    sweep.run_sweep(first, out, fake_intervene, progress=False)
+    again = sweep.run_sweep(first, out, fake_intervene, progress=False)
+    assert again.already_done == 3 and again.done_for_other_records == 0
+    other = [dict(r, base="another " + r["base"]) for r in first]
+    summary = sweep.run_sweep(other, out, fake_intervene, progress=False)
+    assert summary.already_done == 3 and summary.done_for_other_records == 3
+    assert "for another record" in capsys.readouterr().err
