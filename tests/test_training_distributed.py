@@ -15,25 +15,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, records, out_dir, model_dir):
+def _rank_setup(rank, world, port, model_dir, num_layers):
+    """In a spawned rank: the process-group environment, the tokenizer, and a tiny Llama target
+    (seeded alike on every rank)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hyperdas_fast.models.mdas import MDASModel
-    from hyperdas_fast.training.checkpoint import model_state
-    from hyperdas_fast.training.trainer import TrainConfig, Trainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True)
-    target = LlamaForCausalLM(cfg).eval()
+    return tok, LlamaForCausalLM(cfg).eval()
+
+
+def _worker(rank, world, port, records, out_dir, model_dir):
+    from safetensors.torch import save_file
+
+    from hyperdas_fast.models.mdas import MDASModel
+    from hyperdas_fast.training.checkpoint import model_state
+    from hyperdas_fast.training.trainer import TrainConfig, Trainer
+
+    tok, target = _rank_setup(rank, world, port, model_dir, num_layers=2)
     torch.manual_seed(100 + rank)  # different initial bases: rank 0's must be broadcast
     net = MDASModel(target, layer=1, feature_dim=8)
     # eval_every with final_eval=False: the periodic evaluation after the last step ends in a
@@ -79,25 +86,13 @@ def test_single_process_defaults(monkeypatch):
     assert dist_utils.shard(list(range(2)), dist_utils.DistInfo(rank=2, world_size=3)) == []
 
 
-
 def _grad_worker(rank, world, port, batches, out_dir, model_dir):
     """The summed data-parallel gradient of each batch (world > 1), or the one-process one."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from hyperdas_fast.models.hyperdas import HyperDASModel
     from hyperdas_fast.training.trainer import TrainConfig, Trainer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    net = HyperDASModel(LlamaForCausalLM(cfg).eval(), layer=2, feature_dim=8, num_hypernet_layers=1)
+    tok, target = _rank_setup(rank, world, port, model_dir, num_layers=3)
+    net = HyperDASModel(target, layer=2, feature_dim=8, num_hypernet_layers=1)
     trainer = Trainer(net, TrainConfig(train_records=batches[0], final_eval=False, progress=False), tokenizer=tok)
     params = [p for p in net.parameters() if p.requires_grad]
     grads = {}
