@@ -8,6 +8,11 @@ alone for a set of block sizes around what ``_config`` picks.
 g_base likewise in the backward), each block configuration timed alone and inside the
 triton backend's forward and forward+backward, beside the torch reference and cuBLAS's addmm.
 
+``--path projection``: the projected path's projection kernel (P = x [R | -2 v_b], tiles of
+one example's rows, d split SPLIT ways; HYPERDAS_FAST_TRITON_PROJECTION=triton), each block
+configuration timed alone and inside the forward and forward+backward, beside cuBLAS's x RV
+(the default projection) in the same rounds.
+
 ``--path onepass``: the experimental onepass forward (``triton_projected.forward_onepass``:
 the P_S GEMM, then one kernel per BT1 rows over all of d), over BT1 (rows per program), BD1
 (d chunk), W1 (warps) and S1 (pipeline stages), beside the projected forward and the torch
@@ -284,12 +289,105 @@ def sweep_add_product(inputs, ref, err_torch, device, flush):
     return dict(default_config=original(base), effective_bytes=io_fwd), out
 
 
+# (BM, BD, SPLIT, warps, stages) of the projection kernel (triton_projected.project_triton)
+PROJECTION_VARIANTS = [(64, 64, 1, 4, 3), (64, 64, 2, 4, 3), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3),
+                       (128, 64, 2, 8, 3), (128, 64, 4, 8, 3), (128, 64, 8, 8, 3), (64, 128, 4, 8, 3),
+                       (32, 64, 4, 4, 4), (32, 64, 8, 4, 4), (64, 32, 4, 4, 4), (128, 32, 4, 8, 4)]
+PROJECTION_VARIANTS_INTERPRETER = [(16, 32, 1, 1, 1), (32, 16, 3, 1, 1)]
+
+
+def sweep_projection(inputs, ref, err_torch, device, flush):
+    """The projection kernel (HYPERDAS_FAST_TRITON_PROJECTION=triton) against cuBLAS's x RV:
+    each block configuration timed alone on base and inside the triton backend's forward and
+    forward+backward, side by side with the cuBLAS projection, the forward and
+    forward+backward with it, the torch reference and a copy of base, in one set of rounds."""
+    base, source, weights, basis, reflect, mask = inputs
+    B, T, d = base.shape
+    S = source.shape[1]
+    elem = base.element_size()
+    RV = tp._rv(basis, reflect)
+    leaves = [a.detach().clone().requires_grad_() for a in inputs]
+    grad_out = torch.randn_like(base)
+    io_fwd = elem * (2 * B * T * d + B * S * d)
+    read_base = elem * B * T * d  # what a projection of base must read
+
+    def with_projection(method, fn):
+        def run():
+            os.environ[tp.ENV_PROJECTION] = method  # read by each call (and by each graph capture)
+            return fn()
+        return run
+
+    def forward():
+        with torch.no_grad():
+            return tk.interchange_soft(*inputs)
+
+    def forward_backward():
+        for a in leaves:
+            a.grad = None
+        tk.interchange_soft(*leaves).backward(grad_out)
+
+    def capture(fn):
+        if device.type != "cuda":
+            return fn
+        graph = _cuda_graph(fn, device)
+        return graph.replay if graph is not None else fn
+
+    os.environ[tp.ENV_PATH] = "projected"
+    calls, rows = {}, {}
+    calls["torch:forward"] = capture(lambda: interchange_reference(*inputs))
+    calls["cublas:projection"] = capture(lambda: tp._project(base, RV))
+    calls["cublas:forward"] = capture(with_projection("cublas", forward))
+    calls["cublas:forward+backward"] = capture(with_projection("cublas", forward_backward))
+    calls["copy_base"] = capture(lambda: base.clone())
+    original = tp._project_config
+    variants = PROJECTION_VARIANTS if device.type == "cuda" else PROJECTION_VARIANTS_INTERPRETER
+    try:
+        for bm, bd, split, w, st in variants:
+            cfg = dict(BM=bm, BD=bd, SPLIT=split, W=w, S=st)
+            key = "projection" + "".join(f" {k}={v}" for k, v in cfg.items())
+            tp._project_config = lambda x, rows_, _cfg=cfg: _cfg  # read at launch, so at capture
+            try:
+                rows[key] = dict(kind="projection", config=cfg,
+                                 **checked(with_projection("triton", forward)(), ref, err_torch))
+                calls[key] = capture(lambda: tp.project_triton(base, basis, reflect))
+                calls[key + " :forward"] = capture(with_projection("triton", forward))
+                calls[key + " :forward+backward"] = capture(with_projection("triton", forward_backward))
+            except Exception as exc:  # noqa: BLE001  (a variant that does not compile or fit)
+                rows[key] = dict(kind="projection", config=cfg, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        tp._project_config = original
+        os.environ.pop(tp.ENV_PROJECTION, None)
+    if device.type == "cuda":
+        times = {n: statistics.median(t) for n, t in _cuda_event_times(calls, device, 30, float("inf"), flush).items()}
+    else:  # a check of this script under TRITON_INTERPRET=1, not a timing
+        times = {n: graph_ms(fn, device, flush) for n, fn in calls.items()}
+    out = [dict(kind="torch:forward", ms=times["torch:forward"]),
+           dict(kind="cublas:projection", ms=times["cublas:projection"],
+                gbps=read_base / times["cublas:projection"] / 1e6),
+           dict(kind="cublas:forward", ms=times["cublas:forward"],
+                forward_gbps=io_fwd / times["cublas:forward"] / 1e6),
+           dict(kind="cublas:forward+backward", ms=times["cublas:forward+backward"]),
+           dict(kind="copy_base", ms=times["copy_base"], gbps=2 * read_base / times["copy_base"] / 1e6)]
+    for key, row in rows.items():
+        if "error" not in row:
+            row.update(kernel_ms=times[key], kernel_gbps=read_base / times[key] / 1e6,
+                       forward_ms=times[key + " :forward"], forward_backward_ms=times[key + " :forward+backward"],
+                       forward_gbps=io_fwd / times[key + " :forward"] / 1e6,
+                       forward_speedup_vs_cublas=times["cublas:forward"] / times[key + " :forward"],
+                       forward_backward_speedup_vs_cublas=(times["cublas:forward+backward"]
+                                                           / times[key + " :forward+backward"]),
+                       forward_speedup_vs_torch=times["torch:forward"] / times[key + " :forward"])
+        out.append(row)
+        print(row, flush=True)
+    return dict(default_config=original(base, B * T), effective_bytes=io_fwd), out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", nargs=5, type=int, default=[32, 128, 128, 4096, 128], metavar=("B", "T", "S", "d", "k"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: check the script under TRITON_INTERPRET=1")
-    parser.add_argument("--path", choices=["fused", "onepass", "add_product"], default="fused")
+    parser.add_argument("--path", choices=["fused", "onepass", "add_product", "projection"], default="fused")
     parser.add_argument("--baselines-only", action="store_true",
                         help="onepass: the baselines and the default configuration, no other variants")
     args = parser.parse_args(argv)
@@ -298,21 +396,26 @@ def main(argv=None):
     inputs, ref, err_torch = make_problem(args.shape, device)
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, dtype=torch.int32, device=device)
     saved_path = os.environ.get(tp.ENV_PATH)
+    saved_projection = os.environ.get(tp.ENV_PROJECTION)
     try:
         if args.path == "fused":
             info, rows = sweep_fused(inputs, ref, err_torch, device, flush)
         elif args.path == "add_product":
             info, rows = sweep_add_product(inputs, ref, err_torch, device, flush)
+        elif args.path == "projection":
+            info, rows = sweep_projection(inputs, ref, err_torch, device, flush)
         else:
             info, rows = sweep_onepass(inputs, ref, err_torch, device, flush, args.baselines_only)
     finally:
-        os.environ.pop(tp.ENV_PATH, None)
-        if saved_path is not None:
-            os.environ[tp.ENV_PATH] = saved_path
+        for name, saved in ((tp.ENV_PATH, saved_path), (tp.ENV_PROJECTION, saved_projection)):
+            os.environ.pop(name, None)
+            if saved is not None:
+                os.environ[name] = saved
     payload = dict(benchmark=f"triton soft forward block-size sweep ({args.path})", machine=machine_info(device),
                    shape=dict(B=B, T=T, S=S, d=d, k=k), dtype=str(inputs[0].dtype), **info, results=rows)
     write_json_atomic(args.out, payload)
-    timed = [r for r in rows if r.get("correct") and r["kind"] in ("default", "coords", "apply", "onepass", "add_product")]
+    timed = [r for r in rows if r.get("correct") and r["kind"] in ("default", "coords", "apply", "onepass", "add_product",
+                                                                   "projection")]
     best = min(timed, key=lambda r: r["forward_ms"], default=None)
     print("first", timed[0].get("forward_ms") if timed else None, "best", best)
     return payload

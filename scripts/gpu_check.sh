@@ -7,6 +7,9 @@
 #      --path onepass, beside the projected forward, its parts and a copy) -> triton_onepass_sweep_<gpu>.json,
 #   2b. with SWEEP_ADD_PRODUCT=1, the output kernel's block-size sweep (--path add_product: each
 #      configuration alone and in the forward and forward+backward) -> triton_add_product_sweep_<gpu>.json,
+#   2c. with SWEEP_PROJECTION=1, the projection kernel's block-size sweep (--path projection: the
+#      Triton projection, alone and in the forward and forward+backward, beside cuBLAS's)
+#      -> triton_projection_sweep_<gpu>.json,
 #   3. the op benchmark (bf16, every backend, side by side, and the triton backend's soft
 #      paths forced: triton:fused, triton:projected, triton:onepass) -> ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
@@ -70,6 +73,13 @@ if [[ "${SWEEP_ADD_PRODUCT:-0}" == 1 ]]; then
   timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path add_product \
     --out "$WORK/triton_add_product_sweep_$TAG.json" >"$WORK/sweep_add_product.log" 2>&1
   rc=$?; status+=("sweep_add_product=$rc"); tail -1 "$WORK/sweep_add_product.log" | cut -c1-400 | tee -a "$LOG"
+fi
+
+if [[ "${SWEEP_PROJECTION:-0}" == 1 ]]; then
+  stage "projection-kernel block-size sweep (Llama-3-8B B=32 T=128; triton only, beside the build)"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path projection \
+    --out "$WORK/triton_projection_sweep_$TAG.json" >"$WORK/sweep_projection.log" 2>&1
+  rc=$?; status+=("sweep_projection=$rc"); tail -1 "$WORK/sweep_projection.log" | cut -c1-400 | tee -a "$LOG"
 fi
 
 wait "$BUILD_PID"

@@ -162,6 +162,71 @@ def test_projected_path_forward_and_grads(shape, reflect, mask, projected_calls)
 
 
 @needs_interp
+@pytest.mark.parametrize("shape", [(2, 3, 4, 40, 5), (1, 1, 1, 72, 1), (3, 35, 40, 24, 24), (18, 33, 20, 72, 5)])
+@pytest.mark.parametrize("reflect", [True, False])
+@pytest.mark.parametrize("mask", ["batch", None])
+def test_projected_path_with_triton_projections(shape, reflect, mask, projected_calls, monkeypatch):
+    """HYPERDAS_FAST_TRITON_PROJECTION=triton: the projections by _project_kernel (one
+    example's rows per tile, d split in two and summed; d not a multiple of the d block,
+    several row tiles), forward and backward, against float64."""
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", "triton")
+    launched = []
+    real = tk.triton_projected.project_triton
+    monkeypatch.setattr(tk.triton_projected, "project_triton",
+                        lambda x, *a: (launched.append(tuple(x.shape)), real(x, *a))[1])
+    args = make_inputs(*shape, reflect=reflect, mask=mask)
+    compare(args, tk.interchange_soft)
+    assert projected_calls == ["forward", "backward"]
+    B, T, S, d, _ = shape
+    assert launched == [(B, S, d), (B, T, d), (B, T, d)]  # source and base, then grad alone
+
+
+@needs_interp
+@pytest.mark.parametrize("reflect", [True, False])
+def test_triton_projection_matches_cublas_layout(reflect):
+    """project_triton = [x R | x (-2 v_b)]: the cuBLAS projection's columns k and k + b."""
+    B, X, d, k = 3, 5, 72, 6
+    base, _, _, basis, v, _ = make_inputs(B, X, 1, d, k, reflect=reflect, mask=None)
+    P = tk.triton_projected.project_triton(base, basis, v)
+    RV = tk.triton_projected._rv(basis, v)
+    ref = tk.triton_projected._project(base.double(), RV.double())
+    assert P.dtype == torch.float32 and P.shape == (B * X, k + (1 if reflect else 0))
+    torch.testing.assert_close(P[:, :k].double(), ref[:, :k], rtol=1e-5, atol=1e-5)
+    if reflect:
+        own = ref[torch.arange(B * X), k + torch.arange(B * X) // X]
+        torch.testing.assert_close(P[:, k].double(), own, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the inf
+def test_triton_projection_keeps_a_nonfinite_reflect_in_its_example(monkeypatch):
+    """An inf in one example's reflect: its rows come out non-finite, as in the reference;
+    the other examples' outputs stay finite (a tile never reads another example's v)."""
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", "projected")
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", "triton")
+    args = make_inputs(3, 4, 5, 40, 5, reflect=True, mask="batch")
+    args[4][1, 3] = float("inf")
+    out = tk.interchange_soft(*args)
+    assert not out[1].isfinite().all() and out[[0, 2]].isfinite().all()
+    ref = interchange_reference(*[a.double() for a in args])
+    torch.testing.assert_close(out[[0, 2]].double(), ref[[0, 2]], rtol=1e-4, atol=1e-4)
+
+
+def test_projection_method_choice(monkeypatch):
+    method, layout = tk.triton_projected.projection_method, tk.triton_projected.projection_layout
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_PROJECTION", raising=False)
+    assert method() == "cublas"  # until a GPU has timed the Triton kernel
+    assert layout(4, 8, True, torch.bfloat16) == (12, 1, torch.bfloat16)
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", "triton")
+    assert method() == "triton"
+    assert layout(4, 8, True, torch.bfloat16) == (9, 0, torch.float32)
+    assert layout(4, 8, False, torch.bfloat16) == (8, 0, torch.float32)
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", "cutlass")
+    with pytest.raises(ValueError, match="HYPERDAS_FAST_TRITON_PROJECTION must be one of cublas, triton"):
+        method()
+
+
+@needs_interp
 def test_projected_path_noncontiguous_and_public_api(projected_calls):
     args = [noncontiguous(a) for a in make_inputs(3, 5, 4, 40, 7, reflect=True, mask="batch")]
     compare(args, lambda *a: ops.interchange(*a, backend="triton"))
@@ -329,6 +394,27 @@ def test_add_product_sweep_checks_every_variant(tmp_path, monkeypatch):
 
 
 @needs_interp
+def test_projection_sweep_checks_every_variant(tmp_path, monkeypatch):
+    """benchmarks/sweep_triton_forward.py --path projection under the interpreter: each
+    projection-kernel configuration (one slice of d, three uneven ones; rows in partial
+    tiles) gives the right forward, and the default configuration and variables are restored."""
+    import sweep_triton_forward as sweep
+
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
+    monkeypatch.delenv("HYPERDAS_FAST_TRITON_PROJECTION", raising=False)
+    before = tk.triton_projected._project_config
+    payload = sweep.main(["--device", "cpu", "--path", "projection", "--shape", "2", "40", "6", "72", "9",
+                          "--out", str(tmp_path / "sweep.json")])
+    rows = payload["results"]
+    variants = [r for r in rows if r["kind"] == "projection"]
+    assert len(variants) == len(sweep.PROJECTION_VARIANTS_INTERPRETER)
+    assert all(r["correct"] and r["forward_backward_ms"] > 0 and r["kernel_gbps"] > 0 for r in variants), variants
+    assert [r["kind"] for r in rows[:2]] == ["torch:forward", "cublas:projection"]
+    assert tk.triton_projected._project_config is before
+    assert "HYPERDAS_FAST_TRITON_SOFT" not in os.environ and "HYPERDAS_FAST_TRITON_PROJECTION" not in os.environ
+
+
+@needs_interp
 @pytest.mark.parametrize("shape", [(2, 3, 4, 40, 0), (1, 17, 18, 72, 0), (1, 1, 1, 40, 0)])
 def test_vanilla_forward_and_grads(shape):
     args = make_inputs(*shape, reflect=False, mask=None)
@@ -350,11 +436,14 @@ def test_dispatch_through_public_api():
 
 
 @needs_interp
-@pytest.mark.parametrize("path", ["fused", "projected"])
+@pytest.mark.parametrize("path", ["fused", "projected", "projected:triton"])
 def test_custom_op_is_registered_with_fake(path, monkeypatch):
     """Forward and backward ops: schema, and fake kernels that promise the real outputs'
-    shapes, dtypes and strides (every gradient contiguous), on both soft paths."""
+    shapes, dtypes and strides (every gradient contiguous), on both soft paths (the
+    projected one with either projection, whose kept P_S and P_B differ in shape)."""
+    path, _, projection = path.partition(":")
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", projection or "cublas")
     args = make_inputs(2, 3, 4, 40, 5, reflect=True, mask="batch")
     torch.library.opcheck(torch.ops.hyperdas_fast.interchange_triton.default, tuple(args),
                           test_utils=("test_schema", "test_faketensor"))
@@ -564,17 +653,20 @@ def test_gpu_soft(backend, dtype, shape, variant):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["projected", "onepass"])
+@pytest.mark.parametrize("path", ["projected", "projected:triton", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 37, 29, 4096, 128), (3, 50, 20, 512, 256)])
 @pytest.mark.parametrize("variant", ["reflect_mask", "plain"])
 def test_gpu_triton_paths(path, dtype, shape, variant, monkeypatch):
     """The triton backend's projected and onepass paths, forced (HYPERDAS_FAST_TRITON_SOFT),
     at sizes where it would take the fused path (test_gpu_soft covers that, and the projected
-    path by default at B*T*d = 2^24). Kept small: the GPU session's test stage has ~200 s."""
+    path by default at B*T*d = 2^24); "projected:triton" with the Triton projection kernel
+    (HYPERDAS_FAST_TRITON_PROJECTION=triton). Kept small: the GPU session's test stage has ~200 s."""
     if "triton" not in _gpu_backends():
         pytest.skip("triton backend not available")
+    path, _, projection = path.partition(":")
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", projection or "cublas")
     reflect, mask = (True, "batch") if variant == "reflect_mask" else (False, None)
     args = make_inputs(*shape, reflect=reflect, mask=mask, device="cuda")
     compare_low_precision(args, lambda *a: ops.interchange(*a, backend="triton"), dtype)

@@ -728,17 +728,18 @@ def interchange_triton_train(
     basis: Tensor, reflect: Optional[Tensor], mask: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The forward when a gradient is needed and the backward takes the projected path:
-    out, and P_S = source RV [B*S, Kc] and P_B = base RV [B*T, Kc] (Kc = k, plus B with
-    reflect), which the backward reuses (two GEMMs over d fewer; a few MB kept)."""
+    out, and the projections P_S [B*S, Kp] and P_B [B*T, Kp] (x R and the reflection
+    column(s); ``triton_projected.projection_layout`` gives Kp and the dtype), which the
+    backward reuses (two GEMMs over d fewer; a few MB kept)."""
     return _forward_train(base, source, weights, basis, reflect, mask)
 
 
 @interchange_triton_train.register_fake
 def _(base, source, weights, basis, reflect, mask):
     B, T, _ = base.shape
-    kc = basis.shape[1] + (B if reflect is not None else 0)
+    kp, _, dtype = triton_projected.projection_layout(B, basis.shape[1], reflect is not None, base.dtype)
     return (torch.empty_like(base, memory_format=torch.contiguous_format),
-            base.new_empty(B * source.shape[1], kc), base.new_empty(B * T, kc))
+            base.new_empty(B * source.shape[1], kp, dtype=dtype), base.new_empty(B * T, kp, dtype=dtype))
 
 
 @torch.library.custom_op("hyperdas_fast::interchange_triton_backward", mutates_args=())

@@ -40,6 +40,9 @@ inputs, as torch's fp32 matmul does, and tf32 for bf16/fp16 inputs, see ``_preci
   block(g_s) and g_w[:S, :].
 - ``_add_product_kernel``: out = x + A RV^T, the output (x = base, A = block(e)) and g_base
   (x = grad), in one pass over x (torch's addmm copies x into its result first).
+- ``_project_kernel`` (opt-in, HYPERDAS_FAST_TRITON_PROJECTION=triton; untimed on a GPU so
+  far): the projections themselves, [x R | -2 v_b . x] in fp32 for tiles of one example's
+  rows, d split over several programs, in place of cuBLAS's x RV (see ``projection_method``).
 - ``_onepass_forward_kernel`` (the experimental "onepass" forward): P_B, the rows
   kernel's k-space step and the output for BT rows in one program, so base is read once
   from memory (the second pass over the same rows should hit the L2).
@@ -90,12 +93,12 @@ def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
 
 @triton.jit
 def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid, kcols, kvalid,
-                             S, T, k, Kc, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
+                             S, T, k, Kp, VSTEP, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
-    """For BT rows t of batch b, from P_S (global, [B*S, Kc]) and the rows' pb = R^T base
+    """For BT rows t of batch b, from P_S (global, [B*S, Kp]) and the rows' pb = R^T base
     [BT, BK] and bv = v.base [BT]: c = R^T delta - 2 (v.delta) u, e = m c, u.e, v.delta and
-    w_self - 1 (all fp32). R^T delta = W_src^T P_S + (w_self - 1) pb; P_S's column k + b
-    holds -2 v.source."""
+    w_self - 1 (all fp32). R^T delta = W_src^T P_S + (w_self - 1) pb; P_S's column
+    k + b * VSTEP holds -2 v.source (see ``projection_layout``)."""
     wm1 = tl.load(w_b + S * T + t, mask=valid, other=1.0).to(tl.float32) - 1.0
     acc = tl.zeros([BT, BK], dtype=tl.float32)
     vd = tl.zeros([BT], dtype=tl.float32)
@@ -104,11 +107,11 @@ def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t
         svalid = scols < S
         wt = tl.load(w_b + scols[None, :] * T + t[:, None],
                      mask=valid[:, None] & svalid[None, :], other=0.0).to(tl.float32)  # [BT, BS]
-        ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kc + kcols[None, :],
+        ps = tl.load(ps_ptr + (b * S + scols[:, None]) * Kp + kcols[None, :],
                      mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)  # [BS, BK]
         acc = tl.dot(wt, ps, acc, input_precision=PREC)
         if HAS_REFLECT:
-            sv = tl.load(ps_ptr + (b * S + scols) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32)
+            sv = tl.load(ps_ptr + (b * S + scols) * Kp + k + b * VSTEP, mask=svalid, other=0.0).to(tl.float32)
             vd += tl.sum(wt * sv[None, :], axis=1)
     c = acc + wm1[:, None] * pb
     if HAS_REFLECT:
@@ -130,7 +133,7 @@ def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t
 def _kspace_rows_kernel(
     ps_ptr, pb_ptr, pg_ptr, w_ptr, u_ptr, m_ptr, m_stride_b,
     blk_ptr, ag_ptr, gc_ptr, ugc_ptr, gw_ptr, y_ptr, gm_ptr,
-    T, S, k, Kc, B, ntile,
+    T, S, k, Kc, Kp, VSTEP, B, ntile,
     HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -140,24 +143,26 @@ def _kspace_rows_kernel(
     pid_t, b, t, valid, kcols, kvalid = _tile(T, k, BT, BK)
     mk = valid[:, None] & kvalid[None, :]
     w_b = w_ptr + b * (S + 1) * T
-    row_off = (b * T + t) * Kc
-    pb = tl.load(pb_ptr + row_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+    row_off = (b * T + t) * Kc  # the block outputs' rows
+    p_off = (b * T + t) * Kp  # the projections' rows
+    pb = tl.load(pb_ptr + p_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
     bv = tl.zeros([BT], dtype=tl.float32)
     if HAS_REFLECT:
         u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
-        bv = tl.load(pb_ptr + row_off + k + b, mask=valid, other=0.0).to(tl.float32) * -0.5
+        bv = tl.load(pb_ptr + p_off + k + b * VSTEP, mask=valid, other=0.0).to(tl.float32) * -0.5
     if HAS_MASK:
         m = tl.load(m_ptr + b * m_stride_b + kcols, mask=kvalid, other=0.0).to(tl.float32)
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
-                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS, PREC)
+                                                 kcols, kvalid, S, T, k, Kp, VSTEP, HAS_REFLECT, HAS_MASK, BT, BK, BS,
+                                                 PREC)
 
     if not HAS_GRAD:
         _store_block(blk_ptr, row_off, e, ue, b, kcols, valid, k, B, HAS_REFLECT, BB)
     else:
-        ge = tl.load(pg_ptr + row_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
+        ge = tl.load(pg_ptr + p_off[:, None] + kcols[None, :], mask=mk, other=0.0).to(tl.float32)
         cb = pb
         if HAS_REFLECT:
-            vg = tl.load(pg_ptr + row_off + k + b, mask=valid, other=0.0).to(tl.float32) * -0.5
+            vg = tl.load(pg_ptr + p_off + k + b * VSTEP, mask=valid, other=0.0).to(tl.float32) * -0.5
             ge = ge - 2.0 * vg[:, None] * u[None, :]
             cb = pb - 2.0 * bv[:, None] * u[None, :]
         part = (b * ntile + pid_t) * k + kcols
@@ -206,7 +211,8 @@ def _onepass_forward_kernel(
             bv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
     w_b = w_ptr + b * (S + 1) * T
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
-                                                 kcols, kvalid, S, T, k, Kc, HAS_REFLECT, HAS_MASK, BT, BK, BS, PREC)
+                                                 kcols, kvalid, S, T, k, Kc, 1, HAS_REFLECT, HAS_MASK, BT, BK, BS,
+                                                 PREC)
     if not IEEE:
         e = e.to(R_ptr.dtype.element_ty)
     for d0 in range(0, d, BD):
@@ -228,7 +234,7 @@ def _onepass_forward_kernel(
 @triton.jit
 def _kspace_sources_kernel(
     ps_ptr, w_ptr, u_ptr, gc_ptr, ugc_ptr, as_ptr, gw_ptr,
-    T, S, k, Kc, B,
+    T, S, k, Kc, Kp, VSTEP, B,
     HAS_REFLECT: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -251,11 +257,11 @@ def _kspace_sources_kernel(
             ugs += tl.sum(w * tl.load(ugc_ptr + b * T + tc, mask=tvalid, other=0.0)[None, :], axis=1)
     _store_block(as_ptr, (b * S + s) * Kc, gs, ugs, b, kcols, svalid, k, B, HAS_REFLECT, BB)
 
-    cs = tl.load(ps_ptr + (b * S + s)[:, None] * Kc + kcols[None, :],
+    cs = tl.load(ps_ptr + (b * S + s)[:, None] * Kp + kcols[None, :],
                  mask=svalid[:, None] & kvalid[None, :], other=0.0).to(tl.float32)
     if HAS_REFLECT:
         u = tl.load(u_ptr + b * k + kcols, mask=kvalid, other=0.0)
-        sv = tl.load(ps_ptr + (b * S + s) * Kc + k + b, mask=svalid, other=0.0).to(tl.float32) * -0.5
+        sv = tl.load(ps_ptr + (b * S + s) * Kp + k + b * VSTEP, mask=svalid, other=0.0).to(tl.float32) * -0.5
         cs = cs - 2.0 * sv[:, None] * u[None, :]
     for t0 in range(0, T, BT):
         tc = t0 + tl.arange(0, BT)
@@ -297,6 +303,43 @@ def _add_product_kernel(x_ptr, a_ptr, w_ptr, out_ptr, N, d, K,
     if not X_FIRST:
         acc += tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
     tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _project_kernel(x_ptr, r_ptr, v_ptr, p_ptr, n, d, k, Kp, d_per_split, rows_total,
+                    HAS_REFLECT: tl.constexpr, IEEE: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """P[split, b * n + i] = [x_b,i R | -2 v_b . x_b,i] over this split's slice of d, for BM
+    rows i of batch b (x [B, n, d], R [d, k], v [B, d]; P [splits, B * n, Kp] fp32). A tile
+    holds rows of one batch, so v_b is one vector: no reflection columns of the other
+    batches (cuBLAS's x RV computes all B of them), and a non-finite v_b stays in b's rows."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rvalid = rows < n
+    kcols = tl.arange(0, BK)
+    kvalid = kcols < k
+    x_rows = x_ptr + (b * n + rows.to(tl.int64)) * d
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    xv = tl.zeros([BM], dtype=tl.float32)
+    d_lo = split * d_per_split
+    for d0 in range(0, d_per_split, BD):
+        dcols = d_lo + d0 + tl.arange(0, BD)
+        dvalid = (dcols < d) & (d0 + tl.arange(0, BD) < d_per_split)
+        x = tl.load(x_rows[:, None] + dcols[None, :], mask=rvalid[:, None] & dvalid[None, :], other=0.0)
+        r = tl.load(r_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, r, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, r, acc)
+        if HAS_REFLECT:
+            vt = tl.load(v_ptr + b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
+            xv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+    out_rows = (split * rows_total + b * n + rows.to(tl.int64)) * Kp
+    tl.store(p_ptr + out_rows[:, None] + kcols[None, :], acc, mask=rvalid[:, None] & kvalid[None, :])
+    if HAS_REFLECT:
+        tl.store(p_ptr + out_rows + k, -2.0 * xv, mask=rvalid)
 
 
 # --------------------------------------------------------------------------------------
@@ -404,6 +447,76 @@ def _project(x: Tensor, RV: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]) @ RV
 
 
+ENV_PROJECTION = "HYPERDAS_FAST_TRITON_PROJECTION"
+PROJECTIONS = ("cublas", "triton")
+
+
+def projection_method() -> str:
+    """How the projected path computes P = x [R | -2 v] over d: "cublas" (the default: one
+    GEMM x RV, every example's reflection column in every row) or "triton" (``_project_kernel``:
+    tiles of one example's rows, split over d, only that example's column). Set by
+    HYPERDAS_FAST_TRITON_PROJECTION. "triton" is not the default until a GPU has timed it
+    (``sweep_triton_forward.py --path projection``): cuBLAS streamed the projections at
+    1.3-1.6 TB/s on an H200 (121 tiles of 96 x 64 at Llama-3-8B B=32 T=128, about one wave),
+    and the Triton kernel is there to show whether more, split-d programs stream faster."""
+    method = os.environ.get(ENV_PROJECTION, "") or "cublas"
+    if method not in PROJECTIONS:
+        raise ValueError(f"{ENV_PROJECTION} must be one of {', '.join(PROJECTIONS)} (or unset), got {method!r}")
+    return method
+
+
+def projection_layout(B: int, k: int, has_reflect: bool, dtype: torch.dtype, method: Optional[str] = None):
+    """(columns, v-column step, dtype) of the projections P_S, P_B, P_G for ``method``
+    (default: ``projection_method()``). cuBLAS: [x R | x (-2 v_1) .. x (-2 v_B)] in x's dtype,
+    row b's own column at k + b (step 1). Triton: [x R | x (-2 v_b)] in fp32, column k (step 0).
+    The fake kernel of ``interchange_triton_train`` gives the same shapes."""
+    method = method or projection_method()
+    if method == "cublas":
+        return k + (B if has_reflect else 0), 1, dtype
+    return k + (1 if has_reflect else 0), 0, torch.float32
+
+
+def project_triton(x: Tensor, basis: Tensor, reflect: Optional[Tensor]) -> Tensor:
+    """x [B, X, d] -> [x R | -2 v_b . x] [B*X, k (+1)] fp32 (``_project_kernel``; basis in
+    x's dtype). Split over d into ``SPLIT`` slices when the row
+    tiles alone are too few to keep the GPU busy; the slices' partial products are then
+    summed by torch in a fixed order (deterministic, no atomics)."""
+    B, X, d = x.shape
+    k = basis.shape[1]
+    Kp = k + (1 if reflect is not None else 0)
+    # (no copies where they already are: a QR factor is column-major)
+    x, basis = x.contiguous(), basis.contiguous()
+    reflect = reflect.contiguous() if reflect is not None else None
+    cfg = _project_config(x, B * X)
+    split = max(1, min(cfg["SPLIT"], triton.cdiv(d, cfg["BD"])))
+    d_per_split = triton.cdiv(triton.cdiv(d, split), cfg["BD"]) * cfg["BD"]
+    split = triton.cdiv(d, d_per_split)
+    P = torch.empty(split, B * X, Kp, device=x.device, dtype=torch.float32)
+    _project_kernel[(triton.cdiv(X, cfg["BM"]), B, split)](
+        x, basis, reflect if reflect is not None else basis, P, X, d, k, Kp, d_per_split, B * X,
+        HAS_REFLECT=reflect is not None, IEEE=x.dtype == torch.float32,
+        BM=cfg["BM"], BK=_p2(k, 16), BD=cfg["BD"], num_warps=cfg["W"], num_stages=cfg["S"])
+    return P[0] if split == 1 else P.sum(0)
+
+
+def _project_config(x: Tensor, rows: int) -> dict:
+    """Block sizes of ``_project_kernel`` for x with ``rows`` rows in all."""
+    if x.device.type == "cpu":  # the interpreter: the smallest blocks tl.dot takes; SPLIT 2 tests the sum
+        return dict(BM=16, BD=32, SPLIT=2, W=1, S=1)
+    # Untimed (see projection_method): 64-row tiles, and d split until there are about two
+    # programs per SM of an H100/H200 (132 SMs): at Llama-3-8B B=32 T=128 that is 64 row
+    # tiles per tensor, split 4 ways.
+    tiles = max(1, rows // 64)
+    return dict(BM=64, BD=64, SPLIT=max(1, min(8, 264 // tiles)), W=4, S=3)
+
+
+def projections(xs, RV: Tensor, basis: Tensor, reflect: Optional[Tensor], method: str):
+    """P for each x in xs, by ``method`` (see ``projection_layout``)."""
+    if method == "cublas":
+        return [_project(x, RV) for x in xs]
+    return [project_triton(x, basis, reflect) for x in xs]
+
+
 def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
             u: Tensor, m: Tensor, m_stride: int, has_mask: bool, keep_projections: bool = False):
     """out [B, T, d]. base, source, weights, basis, reflect contiguous; u = R^T v [B, k] fp32;
@@ -411,16 +524,19 @@ def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflec
     (out, P_S [B*S, Kc], P_B [B*T, Kc]): the backward takes them instead of two GEMMs over d."""
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
-    RV = _rv(basis.to(base.dtype), reflect)
+    basis = basis.to(base.dtype)
+    RV = _rv(basis, reflect)
     Kc = RV.shape[1]
-    PS, PB = _project(source, RV), _project(base, RV)
+    method = projection_method()
+    PS, PB = projections((source, base), RV, basis, reflect, method)
+    Kp, vstep, _ = projection_layout(B, k, reflect is not None, base.dtype, method)
     E = torch.empty(B * T, Kc, device=base.device, dtype=base.dtype)
     cfg = _launch_config(base, k, B)
     ntile = triton.cdiv(T, cfg["BT"])
     _kspace_rows_kernel[(ntile, B)](
         PS, PB, PB, weights, u, m, m_stride,
         E, E, u, u, u, u, u,
-        T, S, k, Kc, B, ntile,
+        T, S, k, Kc, Kp, vstep, B, ntile,
         HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, HAS_GRAD=False,
         BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W"],
     )
@@ -457,11 +573,19 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
     N, dt, dev = B * T, base.dtype, base.device
-    RV = _rv(basis.to(dt), reflect)
+    basis_dt = basis.to(dt)
+    RV = _rv(basis_dt, reflect)
     Kc = RV.shape[1]
-    PS = _project(source, RV) if PS is None else PS
-    PB = _project(base, RV) if PB is None else PB
-    PG = _project(grad, RV)
+    # P_G in the layout of the forward's P_S and P_B when it kept them (the variable may
+    # have changed since; where the two layouts coincide, either serves)
+    method = projection_method()
+    Kp, vstep, p_dtype = projection_layout(B, k, reflect is not None, dt, method)
+    if PS is not None and (PS.shape[1], PS.dtype) != (Kp, p_dtype):
+        method = PROJECTIONS[1 - PROJECTIONS.index(method)]
+        Kp, vstep, _ = projection_layout(B, k, reflect is not None, dt, method)
+    if PS is None:
+        PS, PB = projections((source, base), RV, basis_dt, reflect, method)
+    (PG,) = projections((grad,), RV, basis_dt, reflect, method)
     f32 = dict(device=dev, dtype=torch.float32)
     cfg = _launch_config(base, k, B)
     ntile = triton.cdiv(T, cfg["BT"])
@@ -476,13 +600,13 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
     _kspace_rows_kernel[(ntile, B)](
         PS, PB, PG, weights, u, m, m_stride,
         Ab, Ag, gc, ugc, g_w, y_part, gm_part,
-        T, S, k, Kc, B, ntile,
+        T, S, k, Kc, Kp, vstep, B, ntile,
         HAS_REFLECT=reflect is not None, HAS_MASK=mask is not None, HAS_GRAD=True,
         BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W"],
     )
     _kspace_sources_kernel[(triton.cdiv(S, cfg["BS2"]), B)](
         PS, weights, u, gc, ugc, As, g_w,
-        T, S, k, Kc, B,
+        T, S, k, Kc, Kp, vstep, B,
         HAS_REFLECT=reflect is not None,
         BS=cfg["BS2"], BK=cfg["BK"], BT=cfg["BT2"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W2"],
     )
