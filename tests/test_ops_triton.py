@@ -373,19 +373,25 @@ def test_compile_fullgraph_of_a_first_triton_call(tmp_path):
     assert result.returncode == 0 and "ok True" in result.stdout, result.stderr[-2000:]
 
 
-@needs_interp
-def test_add_product_sweep_checks_every_variant(tmp_path, monkeypatch):
-    """benchmarks/sweep_triton_forward.py --path add_product under the interpreter: each
-    output-kernel configuration (x loaded first or last, d and rows in partial blocks) gives
-    the right forward, and the kernel's default configuration is restored."""
+def _sweep_variants(path, tmp_path, monkeypatch):
+    """benchmarks/sweep_triton_forward.py --path <path> under the interpreter at an odd shape
+    (rows and d in partial blocks): (the module, all rows, the rows of the swept kernel)."""
     import sweep_triton_forward as sweep
 
-    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
-    before = tk.triton_projected._add_product_config
-    payload = sweep.main(["--device", "cpu", "--path", "add_product", "--shape", "2", "40", "6", "72", "9",
+    for variable in ("HYPERDAS_FAST_TRITON_SOFT", "HYPERDAS_FAST_TRITON_PROJECTION"):
+        monkeypatch.delenv(variable, raising=False)
+    payload = sweep.main(["--device", "cpu", "--path", path, "--shape", "2", "40", "6", "72", "9",
                           "--out", str(tmp_path / "sweep.json")])
     rows = payload["results"]
-    variants = [r for r in rows if r["kind"] == "add_product"]
+    return sweep, rows, [r for r in rows if r["kind"] == path]
+
+
+@needs_interp
+def test_add_product_sweep_checks_every_variant(tmp_path, monkeypatch):
+    """--path add_product: each output-kernel configuration (x loaded first or last) gives
+    the right forward, and the kernel's default configuration is restored."""
+    before = tk.triton_projected._add_product_config
+    sweep, rows, variants = _sweep_variants("add_product", tmp_path, monkeypatch)
     assert len(variants) == len(sweep.ADD_PRODUCT_VARIANTS_INTERPRETER)
     assert {r["config"]["X_FIRST"] for r in variants} == {True, False}
     assert all(r["correct"] and r["forward_backward_ms"] > 0 for r in variants), variants
@@ -395,18 +401,11 @@ def test_add_product_sweep_checks_every_variant(tmp_path, monkeypatch):
 
 @needs_interp
 def test_projection_sweep_checks_every_variant(tmp_path, monkeypatch):
-    """benchmarks/sweep_triton_forward.py --path projection under the interpreter: each
-    projection-kernel configuration (one slice of d, three uneven ones; rows in partial
-    tiles) gives the right forward, and the default configuration and variables are restored."""
-    import sweep_triton_forward as sweep
-
-    monkeypatch.delenv("HYPERDAS_FAST_TRITON_SOFT", raising=False)
-    monkeypatch.delenv("HYPERDAS_FAST_TRITON_PROJECTION", raising=False)
+    """--path projection: each projection-kernel configuration (d in one slice, and in three
+    uneven ones) gives the right forward, and the default configuration and the variables
+    are restored."""
     before = tk.triton_projected._project_config
-    payload = sweep.main(["--device", "cpu", "--path", "projection", "--shape", "2", "40", "6", "72", "9",
-                          "--out", str(tmp_path / "sweep.json")])
-    rows = payload["results"]
-    variants = [r for r in rows if r["kind"] == "projection"]
+    sweep, rows, variants = _sweep_variants("projection", tmp_path, monkeypatch)
     assert len(variants) == len(sweep.PROJECTION_VARIANTS_INTERPRETER)
     assert all(r["correct"] and r["forward_backward_ms"] > 0 and r["kernel_gbps"] > 0 for r in variants), variants
     assert [r["kind"] for r in rows[:2]] == ["torch:forward", "cublas:projection"]

@@ -92,6 +92,23 @@ def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
 
 
 @triton.jit
+def _project_chunk(x_rows, rvalid, dcols, dvalid, r_ptr, v_b, kcols, kvalid, k, acc, xv,
+                   HAS_REFLECT: tl.constexpr, IEEE: tl.constexpr):
+    """acc += x R and xv += x . v over one chunk of d (dcols) for rows starting at the
+    pointers x_rows (row stride d: dcols index into a row), R [d, k], v_b one example's v."""
+    x = tl.load(x_rows[:, None] + dcols[None, :], mask=rvalid[:, None] & dvalid[None, :], other=0.0)
+    r = tl.load(r_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
+    if IEEE:
+        acc = tl.dot(x, r, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, r, acc)
+    if HAS_REFLECT:
+        vt = tl.load(v_b + dcols, mask=dvalid, other=0.0).to(tl.float32)
+        xv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+    return acc, xv
+
+
+@triton.jit
 def _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid, kcols, kvalid,
                              S, T, k, Kp, VSTEP, HAS_REFLECT: tl.constexpr, HAS_MASK: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
@@ -199,16 +216,8 @@ def _onepass_forward_kernel(
     bv = tl.zeros([BT], dtype=tl.float32)
     for d0 in range(0, d, BD):
         dcols = d0 + tl.arange(0, BD)
-        dvalid = dcols < d
-        x = tl.load(base_ptr + row_off[:, None] + dcols[None, :], mask=valid[:, None] & dvalid[None, :], other=0.0)
-        r = tl.load(R_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
-        if IEEE:
-            pb = tl.dot(x, r, pb, input_precision="ieee")
-        else:
-            pb = tl.dot(x, r, pb)
-        if HAS_REFLECT:
-            vt = tl.load(v_ptr + b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
-            bv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+        pb, bv = _project_chunk(base_ptr + row_off, valid, dcols, dcols < d, R_ptr, v_ptr + b * d, kcols, kvalid, k,
+                                pb, bv, HAS_REFLECT, IEEE)
     w_b = w_ptr + b * (S + 1) * T
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
                                                  kcols, kvalid, S, T, k, Kc, 1, HAS_REFLECT, HAS_MASK, BT, BK, BS,
@@ -327,15 +336,8 @@ def _project_kernel(x_ptr, r_ptr, v_ptr, p_ptr, n, d, k, Kp, d_per_split, rows_t
     for d0 in range(0, d_per_split, BD):
         dcols = d_lo + d0 + tl.arange(0, BD)
         dvalid = (dcols < d) & (d0 + tl.arange(0, BD) < d_per_split)
-        x = tl.load(x_rows[:, None] + dcols[None, :], mask=rvalid[:, None] & dvalid[None, :], other=0.0)
-        r = tl.load(r_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, r, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, r, acc)
-        if HAS_REFLECT:
-            vt = tl.load(v_ptr + b * d + dcols, mask=dvalid, other=0.0).to(tl.float32)
-            xv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+        acc, xv = _project_chunk(x_rows, rvalid, dcols, dvalid, r_ptr, v_ptr + b * d, kcols, kvalid, k, acc, xv,
+                                 HAS_REFLECT, IEEE)
     out_rows = (split * rows_total + b * n + rows.to(tl.int64)) * Kp
     tl.store(p_ptr + out_rows[:, None] + kcols[None, :], acc, mask=rvalid[:, None] & kvalid[None, :])
     if HAS_REFLECT:
