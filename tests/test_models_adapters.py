@@ -180,10 +180,18 @@ def test_loss_parts_and_schedule():
     ce = torch.nn.functional.cross_entropy
     c = ce(logits[0, 1:2], labels[0, 1:2])
     i = ce(logits[1, 2:4], labels[1, 2:4])
-    sp = torch.relu(w[:, :2].sum(-1) - 1).mean()
+    sp = torch.relu(w[:, :2].sum(-1) - 1).sum(-1).mean()  # summed over source rows, mean over examples
+    assert sp > 0
     assert torch.allclose(loss, 3.5 * c + 0.5 * i + 2.0 * sp, atol=1e-5)
     assert parts["num_label_tokens"] == 3
     assert torch.allclose(sparsity_penalty(w), sp)
+    # Source padding (zero rows before [SELF], as a batch with a longer counterfactual
+    # pads them) changes neither the penalty nor its gradient.
+    padded = torch.cat([w[:, :2], torch.zeros(2, 9, 4), w[:, 2:]], dim=1)
+    assert torch.allclose(sparsity_penalty(padded), sp)
+    g = torch.autograd.grad(sparsity_penalty(w.requires_grad_()), w)[0]
+    gp = torch.autograd.grad(sparsity_penalty(padded.requires_grad_()), padded)[0]
+    assert torch.allclose(gp[:, :2], g[:, :2]) and torch.equal(gp[:, 2:11], torch.zeros(2, 9, 4))
     loss.backward()
     assert logits.grad is not None
     assert sparsity_schedule(0, 10, 100) == 0.15 and sparsity_schedule(9, 10, 100) == 0.15

@@ -320,6 +320,42 @@ def test_bad_inputs(smollm2):
         HyperDAS(bert, tokenizer=tok, layer=1)
 
 
+def test_hypernetwork_does_not_read_the_label(smollm2):
+    """The label tokens the collator appends to the base prompt are not keys of the
+    hypernetwork: weights, subspace and patched stream on the prompt are the same for any
+    label, and for none (what intervene() builds). They had differed by up to 3e-2."""
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, seed=0)
+    collate = HyperDASCollator(tok)
+    record = {k: v for k, v in RECORDS[0].items() if k != "label"}
+    with torch.no_grad():
+        enc = {label: hd.model.encode(collate([dict(record, label=label)])) for label in ("", "France", "Austria")}
+    n = enc[""]["weights"].shape[-1]
+    assert enc["France"]["weights"].shape[-1] > n  # the label tokens are there
+    for label in ("France", "Austria"):
+        assert torch.equal(enc[label]["weights"][..., :n], enc[""]["weights"])
+        assert torch.equal(enc[label]["reflect"], enc[""]["reflect"])
+        torch.testing.assert_close(enc[label]["stream"][:, :n], enc[""]["stream"], rtol=0, atol=1e-5)
+
+
+def test_left_padded_batches_are_refused(smollm2, batch):
+    """Positions count from the first column and the query is the concept's last real token:
+    a left-padded mask would silently shift both, so it is refused, naming the mask."""
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1)
+    for part in ("base", "source", "concept"):
+        bad = dict(batch)
+        ids, am = batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"]
+        # one pad token on the left of every row (the concept is one token: no room within)
+        bad[f"{part}_input_ids"] = torch.cat([torch.full_like(ids[:, :1], tok.pad_token_id or 0), ids], dim=1)
+        bad[f"{part}_attention_mask"] = torch.cat([torch.zeros_like(am[:, :1]), am], dim=1)
+        if part == "base":
+            for key in ("base_intervention_mask", "labels"):
+                bad[key] = torch.cat([torch.zeros_like(batch[key][:, :1]), batch[key]], dim=1)
+        with pytest.raises(ValueError, match=f"{part}_attention_mask must be right-padded.*rows \\[0, 1, 2\\]"):
+            hd.model.encode(bad)
+
+
 @pytest.mark.parametrize("mode", ["default", "column_argmax"])
 def test_intervene_first_token_matches_forward(smollm2, mode):
     """The first generated token is the argmax of the intervened forward at the last prompt token."""

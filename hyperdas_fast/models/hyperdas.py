@@ -60,6 +60,20 @@ WEIGHTS_NAME = "hyperdas.safetensors"
 FORMAT_VERSION = 1
 
 
+def _check_right_padded(name: str, attention_mask: Tensor) -> None:
+    """Positions are 0, 1, 2, ... from the first column and the hypernetwork's query is the
+    concept's last real token: both need right padding (ones, then zeros), as
+    HyperDASCollator makes. A left-padded row would shift every position (results differ
+    from the unpadded prompt by far more than rounding), so it is refused."""
+    am = attention_mask.bool()
+    if am.dim() != 2:
+        raise ValueError(f"{name} must be [B, T], got shape {list(am.shape)}")
+    if am.shape[1] > 1 and bool((am[:, 1:] & ~am[:, :-1]).any()):
+        rows = (am[:, 1:] & ~am[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} must be right-padded (ones, then zeros; HyperDASCollator pads on the right), "
+                         f"but rows {rows[:8]} have a padded position before a real token")
+
+
 @dataclass
 class HyperDASOutput:
     """Result of ``HyperDASModel.forward``.
@@ -284,6 +298,14 @@ class HyperDASModel(nn.Module):
         concept_am = self._get(batch, "concept_attention_mask")
         inter = self._get(batch, "base_intervention_mask", required=False)
         inter = base_am.bool() if inter is None else (inter.bool() & base_am.bool())
+        for name, am in (("base_attention_mask", base_am), ("source_attention_mask", src_am),
+                         ("concept_attention_mask", concept_am)):
+            _check_right_padded(name, am)
+        # The hypernetwork's base keys: the tokens that may be intervened on (the base prompt),
+        # never the label tokens the collator appends (their states would tell it the answer;
+        # the original code masks them too). A row with no such token keeps its prompt as
+        # keys (an all-masked attention row would be NaN); nothing in it is intervened on.
+        base_key_tokens = inter | (~inter.any(dim=1, keepdim=True) & base_am.bool())
         with torch.no_grad():
             mask4d, pos = ad.prepare(base_ids, base_am)
             emb = ad.embed(base_ids, pos)
@@ -293,7 +315,8 @@ class HyperDASModel(nn.Module):
             src_states = ad.hidden_states(src_ids, src_am)
             # Keys = all layers as Hugging Face reports them (output_hidden_states: the last one
             # after the final norm), so a pipeline built on HF forwards sees the same keys.
-            base_keys, base_key_mask = stack_layer_keys(base_states[:-1] + [ad.final_norm(base_states[-1])], base_am)
+            base_keys, base_key_mask = stack_layer_keys(base_states[:-1] + [ad.final_norm(base_states[-1])],
+                                                        base_key_tokens)
             src_keys, src_key_mask = stack_layer_keys(src_states[:-1] + [ad.final_norm(src_states[-1])], src_am)
         base_L, src_L = base_states[L], src_states[L]
         del base_states, src_states

@@ -134,12 +134,6 @@ def all_reduce_sum(values: List[float], info: DistInfo) -> List[float]:
     return _all_reduce(values, info, dist.ReduceOp.SUM).tolist()
 
 
-def all_reduce_max(values: List[float], info: DistInfo) -> List[float]:
-    if not info.enabled:
-        return list(values)
-    return _all_reduce(values, info, dist.ReduceOp.MAX).tolist()
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -156,4 +150,4 @@ def shard(indices: List[int], info: DistInfo) -> List[int]:
 
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "broadcast_parameters", "all_reduce_gradients",
-           "all_reduce_mean", "all_reduce_sum", "all_reduce_max", "barrier", "shard", "env_world_size"]
+           "all_reduce_mean", "all_reduce_sum", "barrier", "shard", "env_world_size"]

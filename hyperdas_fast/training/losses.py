@@ -1,11 +1,15 @@
 """HyperDAS training loss and the sparsity schedule (HYPERDAS.md section 3).
 
 loss = causal_weight * CE(causal examples) + isolation_weight * CE(isolation examples)
-       + sparsity_coef * mean_{b, s} relu(sum_t w[b, s, t] - 1)
+       + sparsity_coef * mean_b sum_s relu(sum_t w[b, s, t] - 1)
 
 CE is the mean over the label tokens of each group (token-level). The sparsity term
-penalises a counterfactual token whose selection mass over the base tokens exceeds 1
-(padding source rows have zero weight and contribute nothing).
+penalises a counterfactual token whose selection mass over the base tokens exceeds 1,
+summed over an example's counterfactual tokens and averaged over examples, as the
+original code reduces it. Padding source rows have zero weight and add nothing, and, as
+the sum does not divide by the padded width, the penalty of an example does not depend
+on how long the batch's other counterfactuals are (a mean over (example, source row) did:
+the same weights gave 1.0 alone and 0.55 in a batch padded to 11 source rows).
 """
 from __future__ import annotations
 
@@ -39,10 +43,16 @@ def _label_logits(logits: Tensor, labels: Tensor):
     return rows, targets, example
 
 
-def sparsity_penalty(weights: Tensor) -> Tensor:
-    """mean over (example, source row) of relu(selection mass over base tokens - 1); weights [B, S+1, T]."""
+def _excess_mass(weights: Tensor) -> Tensor:
+    """Per example, the sum over source rows of relu(selection mass over base tokens - 1) [B]."""
     mass = weights[:, :-1, :].float().sum(dim=-1)  # [B, S]
-    return F.relu(mass - 1.0).mean()
+    return F.relu(mass - 1.0).sum(dim=-1)
+
+
+def sparsity_penalty(weights: Tensor) -> Tensor:
+    """mean over examples of sum over source rows of relu(selection mass over base tokens -
+    1); weights [B, S+1, T]."""
+    return _excess_mass(weights).mean()
 
 
 def hyperdas_loss(
@@ -58,8 +68,7 @@ def hyperdas_loss(
     """Weighted causal / isolation cross-entropy plus the sparsity penalty.
 
     ``totals`` (data-parallel training): the whole batch's "causal_tokens",
-    "isolation_tokens", "examples" and "source_rows" (its widest source), summed or maxed
-    over the ranks. Each mean then divides this shard's sum by the whole batch's count, so
+    "isolation_tokens" and "examples", summed over the ranks. Each mean then divides this shard's sum by the whole batch's count, so
     the ranks' losses, and gradients, add up to those of the whole batch in one process.
 
     Args:
@@ -89,9 +98,8 @@ def hyperdas_loss(
         causal = group(causal_tok, totals["causal_tokens"])
         isolation = group(~causal_tok, totals["isolation_tokens"])
         sparsity = zero
-        if weights is not None:  # this shard's share of the mean over (example, source row)
-            mass = weights[:, :-1, :].float().sum(dim=-1)
-            sparsity = F.relu(mass - 1.0).sum() / max(1, totals["examples"] * totals["source_rows"])
+        if weights is not None:  # this shard's share of the mean over examples
+            sparsity = _excess_mass(weights).sum() / max(1, totals["examples"])
     loss = causal_weight * causal + isolation_weight * isolation
     if weights is not None and sparsity_coef:
         loss = loss + sparsity_coef * sparsity

@@ -352,16 +352,13 @@ class Trainer:
         out = self.net(batch, logits_at="labels") if batch is not None else None
         totals = None
         if self.dist.enabled:
-            counts, rows = [0, 0, 0], 0
+            counts = [0, 0, 0]
             if batch is not None:
                 has_label = batch["labels"] != IGNORE_INDEX
                 causal = batch["is_causal"].bool()
                 counts = [int(has_label[causal].sum()), int(has_label[~causal].sum()), len(records)]
-                rows = out.weights.shape[1] - 1 if out.weights is not None else 0
             counts = dist_utils.all_reduce_sum(counts, self.dist)
-            rows = dist_utils.all_reduce_max([rows], self.dist)[0]
-            totals = dict(causal_tokens=int(counts[0]), isolation_tokens=int(counts[1]), examples=int(counts[2]),
-                          source_rows=int(rows))
+            totals = dict(causal_tokens=int(counts[0]), isolation_tokens=int(counts[1]), examples=int(counts[2]))
         if batch is None:
             return None, {"loss": 0.0, "causal_loss": 0.0, "isolation_loss": 0.0, "sparsity": 0.0,
                           "num_label_tokens": 0}
