@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hyperdas_fast.atomic import publish  # noqa: E402
 from hyperdas_fast.models.hypernetwork import rms_unit  # noqa: E402
 from hyperdas_fast.models.hyperdas import HyperDASModel  # noqa: E402
 from hyperdas_fast.training.losses import hyperdas_loss  # noqa: E402
@@ -404,7 +405,7 @@ def main():
     fd, tmp = tempfile.mkstemp(prefix=".training_step.", suffix=".json", dir=out.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    publish(tmp, out)
     print(json.dumps({k: result[k] for k in ("median_step_time_s", "time_ratio_ours_over_original",
                                              "peak_step_memory_bytes", "memory_ratio_ours_over_original",
                                              "first_loss")}, indent=2))

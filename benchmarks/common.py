@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from hyperdas_fast.atomic import publish
+
 # torch 2.13's profiler (kineto) prints two "USDT: ... profiler_start/stop" lines on every
 # profiled call, hundreds per benchmark run, between the results. Kineto's levels put those
 # above its errors, so only 6 silences them; a failing profile still raises in Python. Set
@@ -276,4 +278,4 @@ def write_json_atomic(path: Path, payload: Dict[str, object]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    publish(tmp, path)

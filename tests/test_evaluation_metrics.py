@@ -134,3 +134,36 @@ def test_table_keeps_the_whole_domain_result_and_plot_names_keep_their_dots(tmp_
     plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat_lr0.5")
     plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat.pdf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.pdf", "heat_lr0.5.png"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_get_ordinary_permissions(tmp_path, umask):
+    """Results, tables, plots, data caches, saved models and checkpoints are written to a
+    temporary file and renamed into place; mkstemp makes that file 0600, and they had kept
+    it (collaborators could not read them). Now each gets what open() would give it."""
+    import os
+
+    from hyperdas_fast.atomic import publish
+    from hyperdas_fast.data import ravel
+    from hyperdas_fast.models.hyperdas import write_checkpoint
+    from hyperdas_fast.training.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        written = [
+            tables.atomic_write_json(tmp_path / "results.json", {"a": 1}),
+            *tables.write_table([], tmp_path / "table").values(),
+        ]
+        ravel._atomic_write_text(tmp_path / "cache.json", "{}")
+        written.append(tmp_path / "cache.json")
+        saved = write_checkpoint(tmp_path / "model", {"w": torch.zeros(2)}, {"kind": "test"})
+        written += [saved / "hyperdas.safetensors", saved / "hyperdas_config.json"]
+        written.append(save_checkpoint(tmp_path / "ckpt", 1, torch.nn.Linear(2, 2)))
+        folder = tmp_path / "staged"
+        folder.mkdir(mode=0o700)
+        written_dir = publish(folder, tmp_path / "published")
+    finally:
+        os.umask(old)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
+    assert written_dir.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -30,6 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..atomic import publish
+
 DOMAINS: Tuple[str, ...] = ("city", "nobel_prize_winner", "occupation", "physical_object", "verb")
 DOMAIN_TITLES: Dict[str, str] = {
     "city": "City",
@@ -349,7 +351,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

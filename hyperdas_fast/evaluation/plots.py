@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import publish
+
 
 def _clean(token: str) -> str:
     return token.replace("\u0120", " ").replace("\u010a", "\\n").replace("\u2581", " ")
@@ -51,7 +53,7 @@ def plot_position_weights(weights, source_tokens: Sequence[str], base_tokens: Se
         os.close(fd)
         try:
             fig.savefig(tmp, format=fmt, dpi=120)
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

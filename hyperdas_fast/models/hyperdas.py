@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..atomic import publish
 from ..data.collate import IGNORE_INDEX, HyperDASCollator
 from .adapters import get_adapter
 from .hypernetwork import HyperNetwork, stack_layer_keys
@@ -117,11 +118,11 @@ def write_checkpoint(directory, state: Dict[str, Tensor], config: Dict[str, Any]
     os.close(fd)
     save_file(state, tmp)
     config = {**config, "weights_sha256": _sha256(Path(tmp))}
-    os.replace(tmp, directory / weights_name)
+    publish(tmp, directory / weights_name)
     fd, tmp = tempfile.mkstemp(prefix=".config.", dir=directory)
     with os.fdopen(fd, "w") as f:
         json.dump(config, f, indent=2)
-    os.replace(tmp, directory / config_name)
+    publish(tmp, directory / config_name)
     return directory
 
 

@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..atomic import publish
+
 FORMAT = "hyperdas_fast.trainer/1"
 _NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 
@@ -179,7 +181,7 @@ def save_checkpoint(
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        publish(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
