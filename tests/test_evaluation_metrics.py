@@ -41,8 +41,10 @@ def test_accumulator_groups():
     s = acc.summary()
     assert s["overall"]["causal"] == 0.5 and s["overall"]["isolation"] == 1.0
     assert s["overall"]["disentangle"] == 0.75
+    # no causal example: disentangle is undefined (it had been the isolation score alone,
+    # 100 for a model that never intervenes)
     assert s["domains"]["verb"] == {"causal": None, "isolation": 1.0, "n_causal": 0, "n_isolation": 1,
-                                     "disentangle": 1.0}
+                                     "disentangle": None}
     assert s["attributes"]["city/country"]["n_causal"] == 2
 
 
@@ -130,6 +132,28 @@ def test_table_keeps_the_whole_domain_result_and_plot_names_keep_their_dots(tmp_
     whole, one = result(None, 0.8), result("country", 0.3)
     assert tables.build_table([whole, one])["HyperDAS"]["City"] == tables.build_table([one, whole])["HyperDAS"]["City"] == 80.0
     assert tables.build_table([one])["HyperDAS"]["City"] == 30.0
+    # two attributes of one domain and no whole-domain result: pooled over their examples,
+    # in either order (the later one had replaced the earlier: 30 or 80 by file order)
+    def counted(attribute, causal, n_causal, isolation, n_isolation):
+        summary = metrics.summary_from_counts(causal, n_causal, isolation, n_isolation)
+        return {"method": "HyperDAS", "domain": "city", "attribute": attribute, "primary_mode": "default",
+                "metrics": {"default": {"domains": {"city": summary}}}}
+
+    country, continent = counted("country", 8, 10, 30, 40), counted("continent", 1, 10, 9, 10)
+    for order in ([country, continent], [continent, country]):
+        assert tables.build_table(order)["HyperDAS"]["City"] == pytest.approx(100 * (9 / 20 + 39 / 50) / 2)
+        assert tables.build_table(order, metric="causal")["HyperDAS"]["City"] == pytest.approx(45.0)
+    # a later result for the same attribute replaces the earlier one
+    assert tables.build_table([country, counted("country", 0, 10, 0, 40)])["HyperDAS"]["City"] == 0.0
+    # disentangle undefined (no causal test example): an empty cell and a warning, not 100
+    no_causal = counted(None, 0, 0, 10, 10)
+    no_causal["domain"] = "verb"
+    no_causal["metrics"]["default"]["domains"] = {"verb": no_causal["metrics"]["default"]["domains"]["city"]}
+    with pytest.warns(UserWarning, match="HyperDAS, verb .*disentangle is undefined.*0 / 10"):
+        table = tables.build_table([whole, no_causal])
+    assert "Verb" not in table["HyperDAS"] and table["HyperDAS"]["Average"] == 80.0
+    with pytest.raises(ValueError, match="cannot pool"):
+        tables.build_table([result("country", 0.3), result("continent", 0.5)])  # no counts to pool with
     weights = torch.rand(3, 4)
     plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat_lr0.5")
     plot_position_weights(weights, ["a", "b", "[SELF]"], ["w", "x", "y", "z"], path=tmp_path / "heat.pdf")

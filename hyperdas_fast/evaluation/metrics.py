@@ -2,8 +2,10 @@
 
 An example is correct when its first (up to ``max_label_tokens`` = 3) label tokens are
 all predicted correctly (argmax of the teacher-forced logits). Causal accuracy is over
-causal examples, isolation accuracy over isolation examples, disentangle is their mean
-(the one present when a group is empty). Reported overall, per domain and per
+causal examples, isolation accuracy over isolation examples, disentangle is their mean,
+undefined (None) when either group is empty: a model that never intervenes scores 100 %
+isolation, and a domain with no causal test example would otherwise report that as its
+disentangle (the paper's no-op baseline is 50). Reported overall, per domain and per
 (domain, attribute), for each inference mode.
 """
 from __future__ import annotations
@@ -49,6 +51,34 @@ def example_correct(logits: Tensor, labels: Tensor, max_label_tokens: int = 3) -
     return (wrong == 0) & (counts > 0)
 
 
+def summary_from_counts(causal_correct: int, n_causal: int, isolation_correct: int,
+                        n_isolation: int) -> Dict[str, Optional[float]]:
+    """{"causal", "isolation", "n_causal", "n_isolation", "disentangle"} from counts; an
+    accuracy is None for an empty group, and disentangle is None unless both groups have
+    examples (see the module docstring)."""
+    causal = causal_correct / n_causal if n_causal else None
+    isolation = isolation_correct / n_isolation if n_isolation else None
+    return {"causal": causal, "isolation": isolation, "n_causal": int(n_causal), "n_isolation": int(n_isolation),
+            "disentangle": (causal + isolation) / 2 if causal is not None and isolation is not None else None}
+
+
+def pool_summaries(summaries: Sequence[Dict[str, object]]) -> Dict[str, Optional[float]]:
+    """One summary over the union of the examples behind ``summaries`` (e.g. a domain's
+    attributes, evaluated separately): correct counts recovered from each accuracy and its
+    count, then summed. ValueError when a summary lacks its counts."""
+    totals = {"causal": [0, 0], "isolation": [0, 0]}
+    for summary in summaries:
+        for group, total in totals.items():
+            n = summary.get(f"n_{group}")
+            if n is None or (n and summary.get(group) is None):
+                raise ValueError(f"cannot pool summaries without n_{group} and {group}: {summary}")
+            if n:
+                total[0] += round(float(summary[group]) * int(n))
+                total[1] += int(n)
+    return summary_from_counts(totals["causal"][0], totals["causal"][1], totals["isolation"][0],
+                               totals["isolation"][1])
+
+
 class MetricAccumulator:
     """Collects per-example correctness with its domain / attribute / causal flag."""
 
@@ -63,15 +93,7 @@ class MetricAccumulator:
     def _summary(rows: Iterable[tuple]) -> Dict[str, float]:
         causal = [c for _, _, k, c in rows if k]
         iso = [c for _, _, k, c in rows if not k]
-        out: Dict[str, Optional[float]] = {
-            "causal": (sum(causal) / len(causal)) if causal else None,
-            "isolation": (sum(iso) / len(iso)) if iso else None,
-            "n_causal": len(causal),
-            "n_isolation": len(iso),
-        }
-        present = [v for v in (out["causal"], out["isolation"]) if v is not None]
-        out["disentangle"] = sum(present) / len(present) if present else None
-        return out
+        return summary_from_counts(sum(causal), len(causal), sum(iso), len(iso))
 
     def summary(self) -> Dict[str, object]:
         by_domain, by_attr = defaultdict(list), defaultdict(list)
@@ -128,4 +150,4 @@ def evaluate(
     return results
 
 
-__all__ = ["example_correct", "MetricAccumulator", "evaluate"]
+__all__ = ["example_correct", "MetricAccumulator", "evaluate", "pool_summaries", "summary_from_counts"]

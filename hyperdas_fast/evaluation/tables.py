@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ..atomic import publish
 from ..data.ravel import DOMAIN_TITLES, DOMAINS
+from .metrics import pool_summaries
 
 COLUMNS = [DOMAIN_TITLES[d] for d in DOMAINS] + ["Average"]
 METHOD_ORDER = ("MDAS", "HyperDAS")
@@ -60,18 +62,22 @@ def method_title(method: str) -> str:
 def build_table(results: Iterable[Mapping], metric: str = "disentangle",
                 mode: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """{method: {column: percent}} from results. A domain's cell comes from a result over
-    the whole domain (no ``attribute``) when there is one: a result for one attribute never
-    replaces it, whatever the order of the files. Otherwise later results override earlier
-    ones for the same (method, domain).
+    the whole domain (no ``attribute``) when there is one, whatever the order of the files
+    (a later one for the same method and domain replaces an earlier one). Otherwise the
+    results for single attributes of that domain are pooled: one cell over all their test
+    examples (a later result for the same attribute replaces an earlier one; they had
+    replaced each other whatever the attribute, so a domain showed one attribute's score,
+    which one depending on the file order). A cell whose metric is undefined (disentangle
+    with no causal or no isolation test example) is left empty ("-"), with a warning.
 
     ``mode``: report this inference mode for the results that evaluated it (e.g.
     "global_argmax" for HyperDAS); the others keep their primary mode (MDAS:
     groundtruth). Default: every result's primary mode."""
-    table: Dict[str, Dict[str, float]] = {}
-    whole_domain = set()  # (method, column) cells filled from a result over the whole domain
+    whole: Dict[tuple, Mapping] = {}  # (method, domain) -> summary over the whole domain
+    by_attribute: Dict[tuple, Dict[str, Mapping]] = {}  # (method, domain) -> {attribute: summary}
     for res in results:
         method = method_title(res.get("method", "?"))
-        one_attribute = bool(res.get("attribute"))
+        attribute = res.get("attribute")
         metrics = res.get("metrics") or {}
         if mode is not None and mode in metrics:
             mode_used = mode
@@ -80,15 +86,27 @@ def build_table(results: Iterable[Mapping], metric: str = "disentangle",
         if mode_used not in metrics:
             raise ValueError(f"result for {method} has no metrics for its primary mode {mode_used!r}")
         for domain, summary in metrics[mode_used].get("domains", {}).items():
-            value = summary.get(metric)
-            if value is None or domain not in DOMAIN_TITLES:
+            if domain not in DOMAIN_TITLES:
                 continue
-            cell = (method, DOMAIN_TITLES[domain])
-            if one_attribute and cell in whole_domain:
-                continue
-            if not one_attribute:
-                whole_domain.add(cell)
-            table.setdefault(method, {})[DOMAIN_TITLES[domain]] = 100.0 * float(value)
+            if attribute:
+                by_attribute.setdefault((method, domain), {})[str(attribute)] = summary
+            else:
+                whole[(method, domain)] = summary
+    table: Dict[str, Dict[str, float]] = {}
+    for key in list(whole) + [k for k in by_attribute if k not in whole]:
+        method, domain = key
+        if key in whole:
+            summary, what = whole[key], "the whole domain"
+        else:
+            parts = by_attribute[key]
+            summary = next(iter(parts.values())) if len(parts) == 1 else pool_summaries(list(parts.values()))
+            what = "attribute(s) " + ", ".join(sorted(parts))
+        value = summary.get(metric)
+        if value is None:
+            warnings.warn(f"{method}, {domain} ({what}): {metric} is undefined (causal / isolation test examples: "
+                          f"{summary.get('n_causal')} / {summary.get('n_isolation')}); its cell is left empty")
+            continue
+        table.setdefault(method, {})[DOMAIN_TITLES[domain]] = 100.0 * float(value)
     for row in table.values():
         present = [row[c] for c in COLUMNS[:-1] if c in row]
         if present:
