@@ -112,6 +112,63 @@ def test_llama_layouts_it_does_not_compute_are_refused():
     with pytest.raises(ValueError, match="5 tokens exceed mistral's sliding attention window of 4"):
         adapter.prepare(torch.zeros(1, 5, dtype=torch.long), None)
     assert get_adapter(tf.Qwen2ForCausalLM(tf.Qwen2Config(sliding_window=4, **small))).sliding_window is None
+    # Qwen2 with the window switched on for no layer (max_window_layers >= its layers): full attention
+    # everywhere, so longer inputs are exact, and were refused
+    qwen = tf.Qwen2Config(sliding_window=4, use_sliding_window=True, max_window_layers=2, **small)
+    assert set(qwen.layer_types) == {"full_attention"}
+    assert get_adapter(tf.Qwen2ForCausalLM(qwen).eval()).sliding_window is None
+
+
+@pytest.mark.parametrize("case", ["glm4", "afmoe", "gpt_oss", "stablelm_parallel", "mellum"])
+def test_llama_layout_models_that_would_fail_or_differ_are_refused(case):
+    """Models with the Llama module layout outside the tested list: extra block norms (GLM-4,
+    AFMoE) had silently given other hidden states, scaled embeddings (AFMoE's mup) other
+    logits, and an MoE MLP returning a tuple (gpt-oss), a block without its second norm
+    (StableLM's parallel residual) or a rotary embedding with other arguments (Mellum) an
+    obscure TypeError mid-forward. Now a clear ValueError names the model type and why."""
+    import transformers as tf
+
+    kw = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=2, head_dim=16, pad_token_id=0)
+    config_cls, model_cls, extra, why = {
+        "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, {}, "blocks with post_mlp_layernorm"),
+        "afmoe": (tf.AfmoeConfig, tf.AfmoeForCausalLM, dict(mup_enabled=True), "mup_enabled"),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, {}, "a probe forward failed"),
+        "stablelm_parallel": (tf.StableLmConfig, tf.StableLmForCausalLM, dict(use_parallel_residual=True),
+                              "blocks without post_attention_layernorm"),
+        "mellum": (tf.MellumConfig, tf.MellumForCausalLM, {}, "a probe forward failed"),
+    }[case]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kw, **extra)).eval()
+    with pytest.raises(ValueError, match=f"unsupported model type '{model.config.model_type}': .*{why}"):
+        get_adapter(model)
+
+
+def test_llama_layout_models_that_match_are_accepted_after_a_probe():
+    """Outside the tested list, a Llama-layout model whose probe forward matches the model's
+    own (Qwen3: its q/k norms live inside the attention module) is accepted, and runs."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                                               head_dim=16)).eval()
+    ad = get_adapter(model)
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(ad.logits(ad.hidden_states(ids, None)[-1]), model(ids).logits)
+
+
+def test_gpt2_needs_its_head_and_stays_within_its_positions():
+    import transformers as tf
+
+    config = tf.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100, n_positions=16)
+    with pytest.raises(ValueError, match="'gpt2' \\(GPT2Model\\) must be a causal LM with .transformer and .lm_head"):
+        get_adapter(tf.GPT2Model(config))
+    adapter = get_adapter(tf.GPT2LMHeadModel(config).eval())
+    adapter.prepare(torch.zeros(1, 16, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="17 tokens exceed gpt2's 16 learned positions"):
+        adapter.prepare(torch.zeros(1, 17, dtype=torch.long), None)
 
 
 def test_parameter_groups_split_basis():

@@ -6,7 +6,9 @@ is what lets HyperDAS reuse the prefix of the base forward (blocks ``0..L-1``) a
 only blocks ``L..N-1`` for the intervened run.
 
 Supported families: the Llama family (``llama``, ``qwen2``, ``mistral``, and models
-that share its block layout such as SmolLM2) and ``gpt2``.
+that share its block layout such as SmolLM2) and ``gpt2``. A model type outside that list
+with the Llama module layout is accepted only when its blocks hold nothing else and a
+short probe forward through the adapter matches the model's own forward.
 
 Attention masks are built here as additive float masks ``[B, 1, Tq, Tk]`` (causal and
 key padding), which every attention implementation of those families accepts
@@ -72,6 +74,11 @@ class DecoderAdapter:
         window = getattr(self.config, "sliding_window", None)
         if getattr(self.config, "use_sliding_window", True) is False:
             window = None
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types and "sliding_attention" not in layer_types:
+            window = None  # (Qwen2 with max_window_layers >= its layers: full attention everywhere)
+        # Learned absolute positions (GPT-2) end at the table's size.
+        self.max_positions = getattr(self.config, "n_positions", None) if self.family == "gpt2" else None
         self.sliding_window = int(window) if window else None
         # Optional hook: called as block_callback(index) before each block runs (tests count calls).
         self.block_callback: Optional[Callable[[int], None]] = None
@@ -117,7 +124,11 @@ class DecoderAdapter:
 
     # -- running ---------------------------------------------------------------
     def check_length(self, length: int) -> None:
-        """ValueError when ``length`` tokens exceed the model's sliding attention window."""
+        """ValueError when ``length`` tokens exceed the model's sliding attention window, or
+        its table of learned positions (GPT-2's n_positions)."""
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(f"{length} tokens exceed {self.model_type}'s {self.max_positions} learned positions "
+                             f"(n_positions): shorten the prompts (and max_new_tokens)")
         if self.sliding_window is not None and length > self.sliding_window:
             raise ValueError(f"{length} tokens exceed {self.model_type}'s sliding attention window of "
                              f"{self.sliding_window}, which hyperdas_fast does not implement (its results are "
@@ -287,14 +298,67 @@ def _unsupported_llama_layout(config, block: nn.Module) -> List[str]:
     attn = getattr(block, "self_attn", None)
     if attn is not None and not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         found.append("fused attention projections (no q_proj/k_proj/v_proj/o_proj)")  # Phi-3
+    if getattr(config, "mup_enabled", False):
+        found.append("mup_enabled (scaled embeddings)")  # AFMoE
+    # The adapter computes a block as x + attn(norm1(x)), then x + mlp(norm2(x)): any other
+    # module a block holds (an extra norm, a gate) is something it would leave out.
+    extra = sorted(name for name, child in block.named_children()
+                   if name not in LLAMA_BLOCK_PARTS and not isinstance(child, nn.Dropout)
+                   and not name.startswith(("pre_feedforward", "post_feedforward")))
+    if extra:
+        found.append(f"blocks with {', '.join(extra)}")  # GLM-4's post_*_layernorm, AFMoE's *_mlp_layernorm
+    missing = [name for name in LLAMA_BLOCK_PARTS if getattr(block, name, None) is None]
+    if missing:
+        found.append(f"blocks without {', '.join(missing)}")  # StableLM with a parallel residual
     return found
+
+
+# What a Llama-layout block holds, and all the adapter runs of it.
+LLAMA_BLOCK_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+def _probe_llama_layout(adapter: "LlamaAdapter") -> Optional[str]:
+    """For a model type outside the tested list that has the Llama module layout: run a
+    4-token prompt (a padded second row) through the adapter and through the model's own
+    forward, and block 0 whole and as the two halves the hypernetwork runs. What fails or
+    differs, or None. (MoE blocks whose MLP returns a tuple, rotary embeddings that need
+    other arguments, embeddings scaled inside the model's forward: each passes the layout
+    check and then fails, or silently gives other logits.)"""
+    model = adapter.model
+    if any(p.is_meta for p in model.parameters()):
+        return None  # nothing to run (weights not materialised)
+    vocab = int(getattr(adapter.config, "vocab_size", 2) or 2)
+    ids = (torch.arange(8, device=adapter.device).view(2, 4) % max(1, vocab - 1)) + min(1, vocab - 1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], device=adapter.device)
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.float()
+            ours = adapter.logits(adapter.hidden_states(ids, mask)[-1]).float()
+            mask4d, pos = adapter.prepare(ids, mask)
+            hidden = adapter.embed(ids, pos)
+            pos_emb = adapter.position_embeddings(hidden, pos)
+            block = adapter.blocks[0]
+            whole = adapter.call_block(0, hidden, mask4d, pos, pos_emb).float()
+            halves = adapter.block_mlp(block, adapter.block_self_attention(block, hidden, mask4d, pos, pos_emb)).float()
+    except Exception as exc:  # noqa: BLE001  (any failure means: not runnable here)
+        return f"a probe forward failed ({type(exc).__name__}: {str(exc)[:200]})"
+    tol = 1e-3 if adapter.dtype == torch.float32 else 5e-2
+    real = mask.bool()
+    for what, a, b in (("logits", ours[real], ref[real]), ("block 0 run as two halves", halves, whole)):
+        err = (a - b).abs().max().item()
+        if not err <= tol * (1 + b.abs().max().item()):
+            return f"its {what} differ from the model's own forward by {err:.3g}"
+    return None
 
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:
     """The adapter for a Hugging Face causal LM; ValueError for an unsupported model type."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in GPT2_FAMILY and hasattr(model, "transformer"):
+    if model_type in GPT2_FAMILY:
+        if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
+            raise ValueError(f"model of type {model_type!r} ({type(model).__name__}) must be a causal LM with "
+                             ".transformer and .lm_head (e.g. GPT2LMHeadModel)")
         return GPT2Adapter(model)
     if model_type in LLAMA_FAMILY or (
         model_type is not None
@@ -310,7 +374,13 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
             raise ValueError(f"unsupported model type {model_type!r}: it has {', '.join(unsupported)}, which "
                              f"hyperdas_fast's Llama adapter does not compute; supported: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        return LlamaAdapter(model)
+        adapter = LlamaAdapter(model)
+        if model_type not in LLAMA_FAMILY:
+            problem = _probe_llama_layout(adapter)
+            if problem:
+                raise ValueError(f"unsupported model type {model_type!r}: it has the Llama module layout, but "
+                                 f"{problem}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        return adapter
     raise ValueError(
         f"unsupported model type {model_type!r} ({type(model).__name__}); supported: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only causal LMs)"
