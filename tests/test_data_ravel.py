@@ -126,6 +126,9 @@ def test_answer_matching():
     assert ravel.answer_matches('France"}, {"city', "France")
     assert not ravel.answer_matches(" Franceville", "France")
     assert not ravel.answer_matches(" the United states", "United States")
+    # case is kept: the metric scores the label's exact tokens
+    assert not ravel.answer_matches(" United states.", "United States")
+    assert ravel.normalize_answer("United States") == ravel.normalize_answer("united states")
     assert ravel.extract_answer(' Zambia.\n\nThe answer') == "Zambia"
     assert ravel.extract_answer('Mexico"}, {"city": "') == "Mexico"
     assert ravel.extract_answer(" 28.6, lng") == "28.6"

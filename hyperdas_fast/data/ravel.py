@@ -290,15 +290,20 @@ def to_records(rows: Iterable[dict], tokenizer) -> List[dict]:
 
 # --------------------------------------------------------------------------- filtering
 
-def normalize_answer(text: str) -> str:
-    text = text.lower().replace("\u2019", "'")
+def normalize_answer(text: str, keep_case: bool = False) -> str:
+    text = text.replace("\u2019", "'")
+    if not keep_case:
+        text = text.lower()
     text = re.sub(r"[\"'`,;:!?()\[\]{}]", " ", text)
     return " ".join(text.split())
 
 
 def answer_matches(generated: str, target: str) -> bool:
-    """Normalized prefix match: the generation starts with the target value."""
-    g, t = normalize_answer(generated), normalize_answer(target)
+    """Normalized prefix match: the generation starts with the target value (punctuation and
+    spacing normalized, case kept: the metric scores the label's exact tokens, so a row the
+    model answers "United states" for "United States" would fail even unintervened; the
+    no-intervention baseline then fell to 98 % isolation instead of 100 %)."""
+    g, t = normalize_answer(generated, keep_case=True), normalize_answer(target, keep_case=True)
     if not t:
         return False
     return g == t or g.startswith(t + " ") or g.startswith(t + ".") or (g.startswith(t) and not t[-1].isalnum())
@@ -453,8 +458,10 @@ def filter_known(
     fp = model_fingerprint(model, tokenizer)
     root = Path(cache_dir) if cache_dir is not None else filter_cache_dir()
     # generations of another length judge answers differently ("United" vs "United States"):
-    # max_new_tokens is part of both keys
-    result_path = root / fp / f"kept-{_rows_key(rows)}-{label_mode}-{max_examples}-{seed}-{max_new_tokens}.json"
+    # max_new_tokens is part of both keys. "data2": answer_matches keeps case (sets kept by
+    # the case-insensitive match are not reused).
+    mode_key = "data2" if label_mode == "data" else label_mode
+    result_path = root / fp / f"kept-{_rows_key(rows)}-{mode_key}-{max_examples}-{seed}-{max_new_tokens}.json"
     if cache and result_path.is_file():
         try:
             return json.loads(result_path.read_text())
