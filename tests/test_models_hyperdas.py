@@ -354,6 +354,11 @@ def test_left_padded_batches_are_refused(smollm2, batch):
                 bad[key] = torch.cat([torch.zeros_like(batch[key][:, :1]), batch[key]], dim=1)
         with pytest.raises(ValueError, match=f"{part}_attention_mask must be right-padded.*rows \\[0, 1, 2\\]"):
             hd.model.encode(bad)
+        if part != "concept":  # MDAS (no concept) too: its entity positions count from column 0 as well
+            from hyperdas_fast.models.mdas import MDASModel
+
+            with pytest.raises(ValueError, match=f"{part}_attention_mask must be right-padded"):
+                MDASModel(target, layer=LAYER, feature_dim=8)(bad, inference_mode="groundtruth")
 
 
 @pytest.mark.parametrize("mode", ["default", "column_argmax"])

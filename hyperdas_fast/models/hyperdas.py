@@ -61,7 +61,7 @@ WEIGHTS_NAME = "hyperdas.safetensors"
 FORMAT_VERSION = 1
 
 
-def _check_right_padded(name: str, attention_mask: Tensor) -> None:
+def check_right_padded(name: str, attention_mask: Tensor) -> None:
     """Positions are 0, 1, 2, ... from the first column and the hypernetwork's query is the
     concept's last real token: both need right padding (ones, then zeros), as
     HyperDASCollator makes. A left-padded row would shift every position (results differ
@@ -301,7 +301,7 @@ class HyperDASModel(nn.Module):
         inter = base_am.bool() if inter is None else (inter.bool() & base_am.bool())
         for name, am in (("base_attention_mask", base_am), ("source_attention_mask", src_am),
                          ("concept_attention_mask", concept_am)):
-            _check_right_padded(name, am)
+            check_right_padded(name, am)
         # The hypernetwork's base keys: the tokens that may be intervened on (the base prompt),
         # never the label tokens the collator appends (their states would tell it the answer;
         # the original code masks them too). A row with no such token keeps its prompt as

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..data.collate import IGNORE_INDEX, HyperDASCollator
 from .adapters import get_adapter
-from .hyperdas import seeded_init
+from .hyperdas import check_right_padded, seeded_init
 from .selector import INFERENCE_MODES, one_hot_weights
 from .subspace import OrthogonalBasis
 
@@ -87,6 +87,8 @@ class MDASModel(nn.Module):
         ad, L = self.adapter, self.layer
         base_ids, base_am = self._get(batch, "base_input_ids"), self._get(batch, "base_attention_mask")
         src_ids, src_am = self._get(batch, "source_input_ids"), self._get(batch, "source_attention_mask")
+        for name, am in (("base_attention_mask", base_am), ("source_attention_mask", src_am)):
+            check_right_padded(name, am)  # positions (and entity positions) count from column 0
         bpos, spos = self._get(batch, "base_entity_pos").long(), self._get(batch, "source_entity_pos").long()
         B, T = base_ids.shape
         S = src_ids.shape[1]
