@@ -165,10 +165,28 @@ def test_gpt2_needs_its_head_and_stays_within_its_positions():
     config = tf.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100, n_positions=16)
     with pytest.raises(ValueError, match="'gpt2' \\(GPT2Model\\) must be a causal LM with .transformer and .lm_head"):
         get_adapter(tf.GPT2Model(config))
-    adapter = get_adapter(tf.GPT2LMHeadModel(config).eval())
+    model = tf.GPT2LMHeadModel(config).eval()
+    adapter = get_adapter(model)
     adapter.prepare(torch.zeros(1, 16, dtype=torch.long), None)
     with pytest.raises(ValueError, match="17 tokens exceed gpt2's 16 learned positions"):
         adapter.prepare(torch.zeros(1, 17, dtype=torch.long), None)
+    # intervene checks the longest sequence its decoding reaches before any work (an
+    # IndexError in the position table, mid-generation, before)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(100)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0", pad_token="w1", eos_token="w2")
+    from hyperdas_fast import HyperDAS
+
+    hd = HyperDAS(model, tokenizer=tok, layer=1, feature_dim=4, num_hypernet_layers=1)
+    prompt = " ".join(f"w{3 + i % 7}" for i in range(12))
+    room = 16 - len(tok(prompt)["input_ids"]) + 1  # new tokens that keep the sequence within 16
+    hd.intervene(prompt, prompt, "w5", max_new_tokens=room)
+    with pytest.raises(ValueError, match="17 tokens exceed gpt2's 16 learned positions"):
+        hd.intervene(prompt, prompt, "w5", max_new_tokens=room + 1)
 
 
 def test_parameter_groups_split_basis():

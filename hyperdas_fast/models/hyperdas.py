@@ -474,6 +474,8 @@ class HyperDAS:
         model.eval()
         try:
             batch = self._batch(base, cf, concept)
+            # the longest sequence decoding reaches, checked before any work (window, positions)
+            model.adapter.check_length(batch["base_input_ids"].shape[1] + max_new_tokens - 1)
             patched = model.encode(batch, inference_mode)["stream"]  # [B, T, d]
             generate = self._generate_cached if use_cache else self._generate_recompute
             generated = generate(batch, patched, max_new_tokens)
