@@ -198,6 +198,25 @@ def test_triton_projection_matches_cublas_layout(reflect):
 
 
 @needs_interp
+def test_triton_projection_v_column_by_tensor_core_product():
+    """The bf16/fp16 kernel computes x . v as a second tl.dot against [v | 0 ...] (V_DOT; the
+    interpreter only runs fp32 correctly, so here the fp32 kernel is launched with IEEE off,
+    which takes that branch): column k holds -2 v_b . x for every row, d split in three."""
+    tp = tk.triton_projected
+    B, X, d, k = 3, 20, 72, 6
+    base, _, _, basis, v, _ = make_inputs(B, X, 1, d, k, reflect=True, mask=None)
+    basis = basis.contiguous()
+    P = torch.empty(3, B * X, k + 1)
+    tp._project_kernel[(2, B, 3)](base, basis, v, P, X, d, k, k + 1, 32, B * X,
+                                  HAS_REFLECT=True, IEEE=False, BM=16, BK=16, BD=16)
+    P = P.sum(0).double()
+    ref = (base.double() @ basis.double()).reshape(B * X, k)
+    own = -2 * (base.double() * v.double()[:, None, :]).sum(-1).reshape(B * X)
+    torch.testing.assert_close(P[:, :k], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(P[:, k], own, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the inf
 def test_triton_projection_keeps_a_nonfinite_reflect_in_its_example(monkeypatch):
     """An inf in one example's reflect: its rows come out non-finite, as in the reference;

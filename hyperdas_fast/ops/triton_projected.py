@@ -93,9 +93,16 @@ def _store_block(ptr, row_off, x, xu, b, kcols, valid, k, B,
 
 @triton.jit
 def _project_chunk(x_rows, rvalid, dcols, dvalid, r_ptr, v_b, kcols, kvalid, k, acc, xv,
-                   HAS_REFLECT: tl.constexpr, IEEE: tl.constexpr):
-    """acc += x R and xv += x . v over one chunk of d (dcols) for rows starting at the
-    pointers x_rows (row stride d: dcols index into a row), R [d, k], v_b one example's v."""
+                   HAS_REFLECT: tl.constexpr, IEEE: tl.constexpr, V_DOT: tl.constexpr):
+    """acc += x R and xv += x [v | 0 ...] over one chunk of d (dcols) for rows starting at
+    the pointers x_rows (row stride d: dcols index into a row), R [d, k], v_b one example's
+    v; xv [rows, 16] holds x . v in its column 0 (its sum over columns). V_DOT (bf16/fp16
+    only): x . v as a second, narrow tensor-core product rather than x upcast and multiplied
+    on the CUDA cores, which keeps an fp32 copy of the x tile live beside the accumulator.
+    Compiled for sm_90 (ptxas, k = 128), that took the projection kernel's 64 x 64 tiles with
+    4 warps from 152 bytes of stack to 16, and 128 x 64 with 8 warps from 88 to 0; in the
+    onepass kernel it went the other way (32 x 64, 8 warps: no stack before, 24 with it), so
+    that kernel keeps the CUDA-core product."""
     x = tl.load(x_rows[:, None] + dcols[None, :], mask=rvalid[:, None] & dvalid[None, :], other=0.0)
     r = tl.load(r_ptr + dcols[:, None] * k + kcols[None, :], mask=dvalid[:, None] & kvalid[None, :], other=0.0)
     if IEEE:
@@ -103,8 +110,14 @@ def _project_chunk(x_rows, rvalid, dcols, dvalid, r_ptr, v_b, kcols, kvalid, k, 
     else:
         acc = tl.dot(x, r, acc)
     if HAS_REFLECT:
-        vt = tl.load(v_b + dcols, mask=dvalid, other=0.0).to(tl.float32)
-        xv += tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+        if IEEE or not V_DOT:  # (fp32: the product on the FMA units spilled 1448 bytes of stack)
+            vt = tl.load(v_b + dcols, mask=dvalid, other=0.0).to(tl.float32)
+            part = tl.sum(x.to(tl.float32) * vt[None, :], axis=1)
+            xv += tl.where(tl.arange(0, 16)[None, :] == 0, part[:, None], 0.0)
+        else:
+            vt = tl.load(v_b + dcols, mask=dvalid, other=0.0).to(x.dtype)
+            vmat = tl.where(tl.arange(0, 16)[None, :] == 0, vt[:, None], tl.zeros_like(vt)[:, None])  # [BD, 16]
+            xv = tl.dot(x, vmat, xv)
     return acc, xv
 
 
@@ -213,11 +226,12 @@ def _onepass_forward_kernel(
     pid_t, b, t, valid, kcols, kvalid = _tile(T, k, BT, BK)
     row_off = (b * T + t) * d
     pb = tl.zeros([BT, BK], dtype=tl.float32)
-    bv = tl.zeros([BT], dtype=tl.float32)
+    bv16 = tl.zeros([BT, 16], dtype=tl.float32)
     for d0 in range(0, d, BD):
         dcols = d0 + tl.arange(0, BD)
-        pb, bv = _project_chunk(base_ptr + row_off, valid, dcols, dcols < d, R_ptr, v_ptr + b * d, kcols, kvalid, k,
-                                pb, bv, HAS_REFLECT, IEEE)
+        pb, bv16 = _project_chunk(base_ptr + row_off, valid, dcols, dcols < d, R_ptr, v_ptr + b * d, kcols, kvalid, k,
+                                  pb, bv16, HAS_REFLECT, IEEE, False)
+    bv = tl.sum(bv16, axis=1)
     w_b = w_ptr + b * (S + 1) * T
     c, e, ue, vd, wm1 = _coords_from_projections(ps_ptr, w_b, pb, bv, u_ptr, m_ptr, m_stride_b, b, t, valid,
                                                  kcols, kvalid, S, T, k, Kc, 1, HAS_REFLECT, HAS_MASK, BT, BK, BS,
@@ -331,17 +345,17 @@ def _project_kernel(x_ptr, r_ptr, v_ptr, p_ptr, n, d, k, Kp, d_per_split, rows_t
     kvalid = kcols < k
     x_rows = x_ptr + (b * n + rows.to(tl.int64)) * d
     acc = tl.zeros([BM, BK], dtype=tl.float32)
-    xv = tl.zeros([BM], dtype=tl.float32)
+    xv = tl.zeros([BM, 16], dtype=tl.float32)
     d_lo = split * d_per_split
     for d0 in range(0, d_per_split, BD):
         dcols = d_lo + d0 + tl.arange(0, BD)
         dvalid = (dcols < d) & (d0 + tl.arange(0, BD) < d_per_split)
         acc, xv = _project_chunk(x_rows, rvalid, dcols, dvalid, r_ptr, v_ptr + b * d, kcols, kvalid, k, acc, xv,
-                                 HAS_REFLECT, IEEE)
+                                 HAS_REFLECT, IEEE, True)
     out_rows = (split * rows_total + b * n + rows.to(tl.int64)) * Kp
     tl.store(p_ptr + out_rows[:, None] + kcols[None, :], acc, mask=rvalid[:, None] & kvalid[None, :])
     if HAS_REFLECT:
-        tl.store(p_ptr + out_rows + k, -2.0 * xv, mask=rvalid)
+        tl.store(p_ptr + out_rows + k, -2.0 * tl.sum(xv, axis=1), mask=rvalid)
 
 
 # --------------------------------------------------------------------------------------
@@ -507,9 +521,13 @@ def _project_config(x: Tensor, rows: int) -> dict:
         return dict(BM=16, BD=32, SPLIT=2, W=1, S=1)
     # Untimed (see projection_method): 64-row tiles, and d split until there are about two
     # programs per SM of an H100/H200 (132 SMs): at Llama-3-8B B=32 T=128 that is 64 row
-    # tiles per tensor, split 4 ways.
+    # tiles per tensor, split 4 ways. Tiles and warps that compile for sm_90 without spilling
+    # (ptxas, k = 128): bf16 236 registers, fp32 (x . v on the FMA units) 143.
     tiles = max(1, rows // 64)
-    return dict(BM=64, BD=64, SPLIT=max(1, min(8, 264 // tiles)), W=4, S=3)
+    split = max(1, min(8, 264 // tiles))
+    if x.dtype == torch.float32:
+        return dict(BM=64, BD=32, SPLIT=split, W=8, S=2)
+    return dict(BM=64, BD=32, SPLIT=split, W=4, S=4)
 
 
 def projections(xs, RV: Tensor, basis: Tensor, reflect: Optional[Tensor], method: str):
