@@ -197,6 +197,31 @@ def test_triton_projection_matches_cublas_layout(reflect):
         torch.testing.assert_close(P[:, k].double(), own, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_projection_default_config_does_not_spill_on_sm90(dtype):
+    """The projection kernel's default GPU configuration, compiled for sm_90 here (no GPU
+    needed: Triton's own ptxas and cuobjdump), keeps everything in registers: no stack.
+    (benchmarks/triton_resource_usage.py lists every sweep variant.)"""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resource_usage.py"
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(script.parent)!r})
+import triton_resource_usage as ru
+cfg = ru.tp._project_config(torch.empty(0, device="meta", dtype={dtype}), 8192)
+usage = ru.projection_kernel_usage({ {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]!r}, cfg["BM"], cfg["BD"],
+                                   cfg["W"], cfg["S"])
+print("usage", usage["REG"], usage["STACK"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and ("cuobjdump" in result.stderr or "ptxas" in result.stderr
+                                   or "No module named 'triton" in result.stderr):
+        pytest.skip(f"no Triton NVIDIA toolchain here: {result.stderr.strip().splitlines()[-1][:200]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    registers, stack = map(int, result.stdout.split("usage")[1].split())
+    assert stack == 0 and registers <= 255, (registers, stack)
+
+
 @needs_interp
 def test_triton_projection_v_column_by_tensor_core_product():
     """The bf16/fp16 kernel computes x . v as a second tl.dot against [v | 0 ...] (V_DOT; the
