@@ -61,18 +61,25 @@ WEIGHTS_NAME = "hyperdas.safetensors"
 FORMAT_VERSION = 1
 
 
-def check_right_padded(name: str, attention_mask: Tensor) -> None:
+def check_right_padded(masks: Dict[str, Tensor]) -> None:
     """Positions are 0, 1, 2, ... from the first column and the hypernetwork's query is the
     concept's last real token: both need right padding (ones, then zeros), as
     HyperDASCollator makes. A left-padded row would shift every position (results differ
-    from the unpadded prompt by far more than rounding), so it is refused."""
-    am = attention_mask.bool()
-    if am.dim() != 2:
-        raise ValueError(f"{name} must be [B, T], got shape {list(am.shape)}")
-    if am.shape[1] > 1 and bool((am[:, 1:] & ~am[:, :-1]).any()):
-        rows = (am[:, 1:] & ~am[:, :-1]).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(f"{name} must be right-padded (ones, then zeros; HyperDASCollator pads on the right), "
-                         f"but rows {rows[:8]} have a padded position before a real token")
+    from the unpadded prompt by far more than rounding), so it is refused. ``masks``: name ->
+    [B, T] attention mask; one host sync for all of them (this runs every step)."""
+    flags = {}
+    for name, attention_mask in masks.items():
+        am = attention_mask.bool()
+        if am.dim() != 2:
+            raise ValueError(f"{name} must be [B, T], got shape {list(am.shape)}")
+        flags[name] = (am[:, 1:] & ~am[:, :-1]).any(dim=1)  # [B]: a pad before a real token
+    if not bool(torch.cat(list(flags.values())).any()):
+        return
+    for name, bad in flags.items():
+        rows = bad.nonzero().flatten().tolist()
+        if rows:
+            raise ValueError(f"{name} must be right-padded (ones, then zeros; HyperDASCollator pads on the right), "
+                             f"but rows {rows[:8]} have a padded position before a real token")
 
 
 @dataclass
@@ -299,9 +306,8 @@ class HyperDASModel(nn.Module):
         concept_am = self._get(batch, "concept_attention_mask")
         inter = self._get(batch, "base_intervention_mask", required=False)
         inter = base_am.bool() if inter is None else (inter.bool() & base_am.bool())
-        for name, am in (("base_attention_mask", base_am), ("source_attention_mask", src_am),
-                         ("concept_attention_mask", concept_am)):
-            check_right_padded(name, am)
+        check_right_padded({"base_attention_mask": base_am, "source_attention_mask": src_am,
+                            "concept_attention_mask": concept_am})
         # The hypernetwork's base keys: the tokens that may be intervened on (the base prompt),
         # never the label tokens the collator appends (their states would tell it the answer;
         # the original code masks them too). A row with no such token keeps its prompt as

@@ -87,8 +87,8 @@ class MDASModel(nn.Module):
         ad, L = self.adapter, self.layer
         base_ids, base_am = self._get(batch, "base_input_ids"), self._get(batch, "base_attention_mask")
         src_ids, src_am = self._get(batch, "source_input_ids"), self._get(batch, "source_attention_mask")
-        for name, am in (("base_attention_mask", base_am), ("source_attention_mask", src_am)):
-            check_right_padded(name, am)  # positions (and entity positions) count from column 0
+        # positions (and entity positions) count from column 0
+        check_right_padded({"base_attention_mask": base_am, "source_attention_mask": src_am})
         bpos, spos = self._get(batch, "base_entity_pos").long(), self._get(batch, "source_entity_pos").long()
         B, T = base_ids.shape
         S = src_ids.shape[1]
