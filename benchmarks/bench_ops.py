@@ -82,6 +82,7 @@ def paper_fits(shape, elem: int) -> bool:
 FORCED_PATHS = {
     "cpp": ("HYPERDAS_FAST_CPU_SOFT", ("per_example", "batched")),
     "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected", "onepass")),
+    "cuda": ("HYPERDAS_FAST_CUDA_SOFT", ("fused", "projected", "projected_kernels", "projected_apply")),
 }
 
 
@@ -102,14 +103,16 @@ def forced_path(backend: str, path: Optional[str]):
 
 
 def bench_shape(name, shape, backends: List[str], dtype, device, repeats: int,
-                cpu_paths: bool = False, triton_paths: bool = False) -> List[Dict[str, object]]:
+                cpu_paths: bool = False, triton_paths: bool = False,
+                cuda_paths: bool = False) -> List[Dict[str, object]]:
     elem = torch.tensor([], dtype=dtype).element_size()
     base, source, weights, basis, reflect, mask, index = make_inputs(shape, dtype, device)
     rows: List[Dict[str, object]] = []
     io_bytes = elem * (base.numel() * 2 + source.numel() + weights.numel() + basis.numel() + reflect.numel() + mask.numel())
 
     soft_impls = {b: functools.partial(ops.interchange, backend=b) for b in backends}
-    for backend, wanted in (("cpp", cpu_paths and device.type == "cpu"), ("triton", triton_paths)):
+    for backend, wanted in (("cpp", cpu_paths and device.type == "cpu"), ("triton", triton_paths),
+                            ("cuda", cuda_paths)):
         if wanted and backend in backends:
             # the plain backend must clear the variable the forced paths leave set
             soft_impls[backend] = forced_path(backend, None)
@@ -249,6 +252,9 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--triton-paths", action="store_true",
                         help="also time the triton backend's soft paths, each forced (triton:fused, "
                              "triton:projected, triton:onepass)")
+    parser.add_argument("--cuda-paths", action="store_true",
+                        help="also time the cuda backend's soft paths, each forced (cuda:fused, cuda:projected, "
+                             "cuda:projected_kernels, cuda:projected_apply)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -289,7 +295,7 @@ def main(argv=None) -> Dict[str, object]:
         for i, name in enumerate(shapes):
             print(f"# {name} {SHAPES[name]}" + (f" (run {run + 1}/{args.runs})" if args.runs > 1 else ""), flush=True)
             rows.extend(bench_shape(name, SHAPES[name], backends, dtype, device, args.repeats, args.cpu_paths,
-                                    args.triton_paths))
+                                    args.triton_paths, args.cuda_paths))
             if args.out and args.runs == 1 and i + 1 < len(shapes):
                 # the shapes measured so far, in case a time limit stops the rest (a lent GPU's
                 # call has one); the complete file replaces it at the end

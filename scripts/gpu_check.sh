@@ -10,8 +10,9 @@
 #   2c. with SWEEP_PROJECTION=1, the projection kernel's block-size sweep (--path projection: the
 #      Triton projection, alone and in the forward and forward+backward, beside cuBLAS's)
 #      -> triton_projection_sweep_<gpu>.json,
-#   3. the op benchmark (bf16, every backend, side by side, and the triton backend's soft
-#      paths forced: triton:fused, triton:projected, triton:onepass) -> ops_<gpu>.json, and with
+#   3. the op benchmark (bf16, every backend, side by side, and the triton and cuda backends' soft
+#      paths forced: triton:fused, triton:projected, triton:onepass, cuda:fused, cuda:projected,
+#      cuda:projected_kernels, cuda:projected_apply) -> ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
 #      -> ops_<gpu>_cuda_fused.json,
 #   4. the GPU tests (pytest -m gpu, in parallel with pytest-xdist when it is installed),
@@ -88,7 +89,7 @@ status+=("build=$(cat "$WORK/build.rc")"); tail -3 "$WORK/build.log" | tee -a "$
 "$PY" -c "from hyperdas_fast import ops; print('backends on cuda:', ops.available_backends('cuda'))" 2>&1 | tee -a "$LOG"
 
 stage "op benchmark"
-timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths \
+timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths --cuda-paths \
   ${BENCH_BACKENDS:+--backends $BENCH_BACKENDS} \
   ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} ${PEAK:+--peak-gbps $PEAK} --out "$WORK/ops_$TAG.json" >"$WORK/bench_ops.log" 2>&1
 rc=$?; status+=("bench_ops=$rc")
@@ -114,7 +115,7 @@ if [[ "${PROFILE:-0}" == 1 ]]; then
   for pass in forward forward+backward; do
     stage "profile, triton paths, $pass"
     timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_op.py --device cuda --shape llama3_B32_T128 \
-      --pass "$pass" --backends ${PROFILE_BACKENDS:-torch cuda triton:projected triton:onepass triton:fused} \
+      --pass "$pass" --backends ${PROFILE_BACKENDS:-torch cuda cuda:projected_kernels cuda:projected_apply triton:projected triton:onepass triton:fused} \
       --out "$WORK/profile_${pass/+/_}_$TAG.json" >>"$WORK/profile.log" 2>&1
     rc=$?; status+=("profile_$pass=$rc")
   done

@@ -30,7 +30,8 @@ def test_cuda_sources_compile():
 def test_every_cuda_source_is_checked():
     """The script globs csrc/cuda; make sure the sources it must see are there."""
     names = {p.name for p in (ROOT / "csrc" / "cuda").iterdir()}
-    assert {"interchange_kernels.cu", "interchange_kernels.cuh", "interchange_cuda.cpp"} <= names
+    assert {"interchange_kernels.cu", "interchange_kernels.cuh", "interchange_cuda.cpp", "projected_kspace.cu",
+            "projected_kspace.cuh", "projected_kspace.h", "element.cuh"} <= names
 
 
 def test_kernel_sources_do_not_include_torch():

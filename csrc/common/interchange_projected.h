@@ -129,10 +129,48 @@ inline std::tuple<Tensor, Tensor> forward(const Tensor& base, const Tensor& sour
   return {out, coords};
 }
 
+// The backward's GEMMs over d, from the k-space results (computed by ATen in backward below,
+// or by the CUDA kernels of csrc/cuda/projected_kspace.cuh):
+//   blocks [2 N + B S, Kc] in base's dtype: rows [0, N) block(e), [N, N + B S) block(W_src g_c),
+//   [N + B S, 2 N + B S) block((w_self - 1) g_c);  y_sum [B, k] (with reflect) as in the note.
+// Returns (g_base, g_source, g_basis, g_reflect).
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward_gemms(const Tensor& g, const Tensor& base,
+                                                                  const Tensor& source, const Tensor& R,
+                                                                  const std::optional<Tensor>& reflect,
+                                                                  const Tensor& RV, const Tensor& blocks,
+                                                                  const std::optional<Tensor>& y_sum) {
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), k = R.size(1);
+  const int64_t N = B * T;
+  const auto dt = base.scalar_type();
+  const auto cdt = compute_type(dt);
+  Tensor Ag = blocks.narrow(0, 0, N), As = blocks.narrow(0, N, B * S), Ab = blocks.narrow(0, N + B * S, N);
+  Tensor g_base = at::addmm(g.reshape({N, d}), Ab, RV.t()).view({B, T, d});
+  Tensor g_source = at::mm(As, RV.t()).view({B, S, d});
+  // [g_R | G_v], summed in the compute dtype (accumulated by the GEMMs when that is base's)
+  Tensor GR = at::mm(g.reshape({N, d}).t(), Ag).to(cdt);
+  if (dt == cdt) {
+    GR.addmm_(source.reshape({B * S, d}).t(), As);
+    GR.addmm_(base.reshape({N, d}).t(), Ab);
+  } else {
+    GR.add_(at::mm(source.reshape({B * S, d}).t(), As));
+    GR.add_(at::mm(base.reshape({N, d}).t(), Ab));
+  }
+  Tensor g_basis_c = GR.narrow(1, 0, k);
+  Tensor g_reflect = at::empty({0}, base.options());
+  if (reflect.has_value()) {
+    g_basis_c = at::addmm(g_basis_c, reflect->to(cdt).t(), *y_sum);
+    // g_v = -2 G_v^T + y_sum R^T; addmm returns it contiguous, as interchange_bwd's fake kernel promises
+    g_reflect = at::addmm(GR.narrow(1, k, B).t(), *y_sum, R.to(cdt).t(), -2.0, 1.0).to(reflect->scalar_type());
+  }
+  // In the basis's own memory layout (a QR factor is column-major), as the fake kernel says.
+  Tensor g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(g_basis_c);
+  return {g_base, g_source, g_basis, g_reflect};
+}
+
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     const Tensor& g, const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
     const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
-  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), k = R.size(1);
+  const int64_t B = base.size(0), T = base.size(1), S = source.size(1), k = R.size(1);
   const int64_t N = B * T;
   const auto dt = base.scalar_type();
   const auto cdt = compute_type(dt);
@@ -175,30 +213,14 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   fill_block(Ag.view({B, T, Kc}), e, ue, k);
   fill_block(As.view({B, S, Kc}), gs, ugs, k);
   fill_block(Ab.view({B, T, Kc}), wm1_gc, wm1_ugc, k);
-  Tensor g_base = at::addmm(g.reshape({N, d}), Ab, RV.t()).view({B, T, d});
-  Tensor g_source = at::mm(As, RV.t()).view({B, S, d});
-  // [g_R | G_v], summed in the compute dtype (accumulated by the GEMMs when that is base's)
-  Tensor GR = at::mm(g.reshape({N, d}).t(), Ag).to(cdt);
-  if (dt == cdt) {
-    GR.addmm_(source.reshape({B * S, d}).t(), As);
-    GR.addmm_(base.reshape({N, d}).t(), Ab);
-  } else {
-    GR.add_(at::mm(source.reshape({B * S, d}).t(), As));
-    GR.add_(at::mm(base.reshape({N, d}).t(), Ab));
-  }
-  Tensor g_basis_c = GR.narrow(1, 0, k);
-  Tensor g_reflect = at::empty({0}, base.options());
+  std::optional<Tensor> y_sum;
   if (has_v) {
     // y_sum = -2 y = sum_t (-2 v.g) e + (-2 v.delta) g_c: the -2 v.x values are column k+b of
     // P_G and of C
-    Tensor y_sum = at::baddbmm(at::bmm(diag_cols(PG, k).unsqueeze(1), e), diag_cols(p.C, k).unsqueeze(1), gc)
-                       .squeeze(1);  // [B, k]
-    g_basis_c = at::addmm(g_basis_c, reflect->to(cdt).t(), y_sum);
-    // g_v = -2 G_v^T + y_sum R^T; addmm returns it contiguous, as interchange_bwd's fake kernel promises
-    g_reflect = at::addmm(GR.narrow(1, k, B).t(), y_sum, R.to(cdt).t(), -2.0, 1.0).to(reflect->scalar_type());
+    y_sum = at::baddbmm(at::bmm(diag_cols(PG, k).unsqueeze(1), e), diag_cols(p.C, k).unsqueeze(1), gc)
+                .squeeze(1);  // [B, k]
   }
-  // In the basis's own memory layout (a QR factor is column-major), as the fake kernel says.
-  Tensor g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(g_basis_c);
+  auto [g_base, g_source, g_basis, g_reflect] = backward_gemms(g, base, source, R, reflect, RV, blocks, y_sum);
   return {g_base, g_source, g_w.to(weights.scalar_type()), g_basis, g_reflect, g_mask};
 }
 

@@ -43,6 +43,7 @@
 
 #include "../common/interchange_projected.h"
 #include "interchange_kernels.cuh"
+#include "projected_kspace.h"
 
 namespace {
 
@@ -168,12 +169,21 @@ hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
   return sub;
 }
 
-// "fused", "projected" or "" (choose by size), from HYPERDAS_FAST_CUDA_SOFT.
+// HYPERDAS_FAST_CUDA_SOFT: "" (choose by size), "fused", or a projected variant:
+//   "projected"          k-space steps as ATen ops (csrc/common/interchange_projected.h);
+//   "projected_kernels"  k-space steps as the kernels of projected_kspace.cuh, output by
+//                        cuBLAS (base + block(e) RV^T);
+//   "projected_apply"    the same kernels, output by the fused path's apply kernel (one pass
+//                        over base, where addmm first copies base into its result).
+// The kernel variants are opt-in until a GPU has run and timed them (their logic is checked
+// on the CPU: tests/test_cuda_kspace_emulated.py); the size rule picks "projected".
 static std::string soft_path_override() {
   const char* env = std::getenv("HYPERDAS_FAST_CUDA_SOFT");
   std::string value = env ? env : "";
-  TORCH_CHECK(value.empty() || value == "fused" || value == "projected",
-              "HYPERDAS_FAST_CUDA_SOFT must be 'fused' or 'projected', got '", value, "'");
+  TORCH_CHECK(value.empty() || value == "fused" || value == "projected" || value == "projected_kernels" ||
+                  value == "projected_apply",
+              "HYPERDAS_FAST_CUDA_SOFT must be 'fused', 'projected', 'projected_kernels' or 'projected_apply', "
+              "got '", value, "'");
   return value;
 }
 
@@ -186,8 +196,162 @@ static std::string soft_path_override() {
 static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k) {
   if (!hyperdas_fast::projected::batch_fits(B, k)) return false;
   const std::string force = soft_path_override();
-  if (!force.empty()) return force == "projected";
+  if (!force.empty()) return force != "fused";
   return B * T * d >= (int64_t{1} << 24);  // one threshold for both passes
+}
+
+// ----------------------------------------------------------------------------------------
+// Projected path with the k-space kernels (projected_kspace.cuh): the GEMMs over d by cuBLAS,
+// everything in k dimensions in one kernel launch per pass (two in the backward).
+// ----------------------------------------------------------------------------------------
+
+// The kernels take fp32 / fp16 / bf16 and k up to kspace::kMaxK, and coords are not kept.
+static bool use_kspace_kernels(const Tensor& base, int64_t k, bool with_coords) {
+  const std::string force = soft_path_override();
+  return (force == "projected_kernels" || force == "projected_apply") && fused_dtype(base) &&
+         k <= hk::kspace::kMaxK && !with_coords;
+}
+
+struct KspaceInputs {
+  Tensor RV, PS, PB, w, u, m;
+  int64_t mask_stride_b = 0;
+};
+
+// P_S = source RV, P_B = base RV (base's dtype, as the ATen path's GEMMs), u = R^T v and the
+// mask in fp32, the weights contiguous.
+static KspaceInputs kspace_inputs(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
+                                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  namespace pj = hyperdas_fast::projected;
+  KspaceInputs in;
+  in.RV = pj::rv_of(R, reflect);
+  in.PS = at::mm(source.reshape({-1, source.size(2)}), in.RV);
+  in.PB = at::mm(base.reshape({-1, base.size(2)}), in.RV);
+  in.w = weights.to(base.scalar_type()).contiguous();
+  if (reflect.has_value()) in.u = at::mm(reflect->to(at::kFloat), R.to(at::kFloat)).contiguous();
+  if (mask.has_value()) {
+    in.m = mask->to(at::kFloat).contiguous();
+    in.mask_stride_b = mask->dim() == 2 ? R.size(1) : 0;
+  }
+  return in;
+}
+
+template <typename CT>
+const CT* cptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<const CT*>(t.data_ptr()) : nullptr;
+}
+static const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+static Tensor kspace_forward_cuda(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
+                                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+                                  bool apply_output) {
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), k = R.size(1);
+  KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask);
+  const int Kc = (int)in.RV.size(1);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  hk::Dims dims;
+  dims.B = B;
+  dims.T = T;
+  dims.d = d;
+  dims.S = source.size(1);
+  dims.k = k;
+  Tensor E, ws, out;
+  int64_t rows_pad = 0;
+  int KP = 0;
+  if (apply_output) {
+    hk::soft_apply_layout(dims, &rows_pad, &KP);
+    ws = at::empty({B * rows_pad * (KP + 1)}, base.options().dtype(at::kFloat));
+  } else {
+    E = at::empty({B * T, Kc}, base.options());
+  }
+  dispatch_fused(base.scalar_type(), [&](auto tag) {
+    using CT = decltype(tag);
+    hk::kspace::ForwardParams<CT> p;
+    p.ps = cptr<CT>(in.PS);
+    p.pb = cptr<CT>(in.PB);
+    p.weights = cptr<CT>(in.w);
+    p.u = fptr(in.u);
+    p.mask = fptr(in.m);
+    p.mask_stride_b = in.mask_stride_b;
+    p.B = B;
+    p.T = T;
+    p.S = dims.S;
+    p.k = (int)k;
+    p.Kc = Kc;
+    if (apply_output) {
+      p.e = ws.data_ptr<float>();
+      p.eu = p.e + B * rows_pad * KP;
+      p.rows_pad = rows_pad;
+      p.KP = KP;
+    } else {
+      p.block = reinterpret_cast<CT*>(E.data_ptr());
+    }
+    C10_CUDA_CHECK(hk::kspace::launch_forward<CT>(p, stream));
+    if (apply_output) {
+      out = at::empty_like(base, at::MemoryFormat::Contiguous);
+      SubspaceTensors st;  // the apply kernel reads R and v (u.e comes from the k-space kernel)
+      st.basis = R.to(base.scalar_type()).contiguous();
+      if (reflect.has_value()) {
+        st.reflect = reflect->to(base.scalar_type()).contiguous();
+        st.u = in.u;
+      }
+      C10_CUDA_CHECK(hk::launch_soft_apply<CT>(cptr<CT>(base), reinterpret_cast<CT*>(out.data_ptr()),
+                                               view_subspace<CT>(st), p.e, p.eu, dims, num_sms(), stream));
+    }
+  });
+  if (!apply_output) out = at::addmm(base.reshape({B * T, d}), E, in.RV.t()).view({B, T, d});
+  return out;
+}
+
+static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backward_cuda(
+    const Tensor& g, const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
+    const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+  const int64_t B = base.size(0), T = base.size(1), S = source.size(1), k = R.size(1), N = B * T;
+  KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask);
+  Tensor PG = at::mm(g.reshape({N, base.size(2)}), in.RV);
+  const int64_t Kc = in.RV.size(1);
+  const auto f32 = base.options().dtype(at::kFloat);
+  const int64_t tiles = hk::kspace::row_tiles(T);
+  // Every entry of these is written by the kernels (the blocks' zero columns included).
+  Tensor blocks = at::empty({2 * N + B * S, Kc}, base.options());
+  Tensor gc = at::empty({N, k}, f32), gw = at::empty({B, S + 1, T}, f32);
+  Tensor ugc = reflect.has_value() ? at::empty({N}, f32) : Tensor();
+  Tensor y_part = reflect.has_value() ? at::empty({B, tiles, k}, f32) : Tensor();
+  Tensor gmask_part = mask.has_value() ? at::empty({B, tiles, k}, f32) : Tensor();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_fused(base.scalar_type(), [&](auto tag) {
+    using CT = decltype(tag);
+    CT* blk = reinterpret_cast<CT*>(blocks.data_ptr());
+    hk::kspace::BackwardParams<CT> p;
+    p.ps = cptr<CT>(in.PS);
+    p.pb = cptr<CT>(in.PB);
+    p.pg = cptr<CT>(PG);
+    p.weights = cptr<CT>(in.w);
+    p.u = fptr(in.u);
+    p.mask = fptr(in.m);
+    p.mask_stride_b = in.mask_stride_b;
+    p.ag = blk;                    // rows [0, N): block(e)
+    p.as = blk + N * Kc;           // rows [N, N + B S): block(W_src g_c)
+    p.ab = blk + (N + B * S) * Kc; // rows [N + B S, 2 N + B S): block((w_self - 1) g_c)
+    p.gc = gc.data_ptr<float>();
+    p.ugc = reflect.has_value() ? ugc.data_ptr<float>() : nullptr;
+    p.gw = gw.data_ptr<float>();
+    p.gmask_part = mask.has_value() ? gmask_part.data_ptr<float>() : nullptr;
+    p.y_part = reflect.has_value() ? y_part.data_ptr<float>() : nullptr;
+    p.B = B;
+    p.T = T;
+    p.S = S;
+    p.k = (int)k;
+    p.Kc = (int)Kc;
+    C10_CUDA_CHECK(hk::kspace::launch_backward<CT>(p, stream));
+  });
+  Tensor g_mask = at::empty({0}, base.options());
+  if (mask.has_value())
+    g_mask = (mask->dim() == 2 ? gmask_part.sum(1) : gmask_part.sum(at::IntArrayRef{0, 1})).to(mask->scalar_type());
+  std::optional<Tensor> y_sum;
+  if (reflect.has_value()) y_sum = y_part.sum(1);
+  auto [g_base, g_source, g_basis, g_reflect] =
+      hyperdas_fast::projected::backward_gemms(g, base, source, R, reflect, in.RV, blocks, y_sum);
+  return {g_base, g_source, gw.to(weights.scalar_type()), g_basis, g_reflect, g_mask};
 }
 
 std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
@@ -197,8 +361,13 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   check_cuda(base_in, "base");
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k))
+  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k)) {
+    if (use_kspace_kernels(base_in, k, with_coords))
+      return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
+                                  soft_path_override() == "projected_apply"),
+              at::empty({0}, base_in.options())};
     return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
+  }
   Tensor coords = (with_coords && basis.has_value())
                       ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
                       : at::empty({0}, base_in.options());
@@ -302,9 +471,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
   if (basis.has_value() &&
-      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1)))
+      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
+    if (use_kspace_kernels(base_in, basis->size(1), false))
+      return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
+                                  weights, *basis, reflect, mask);
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
                                               source_in.contiguous(), weights, *basis, reflect, mask);
+  }
   Tensor g = grad_out.to(dt).contiguous();
   Tensor base = base_in.contiguous(), source = source_in.contiguous();
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), N = B * T;

@@ -1,6 +1,7 @@
 // Kernels and launchers of the interchange op (see interchange_kernels.cuh for the math and
 // the pipeline). Templated over float / __half / __nv_bfloat16, fp32 accumulation.
 #include "interchange_kernels.cuh"
+#include "element.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,25 +20,9 @@ constexpr int BM = 64;         // rows per tile
 constexpr int DC = 64;         // d chunk of the coords kernel
 constexpr int SS = 16;         // source tokens per MMA step of the mix
 
-__host__ __device__ __forceinline__ int64_t mn(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t mx(int64_t a, int64_t b) { return a > b ? a : b; }
-
 // ---------------------------------------------------------------------------------------
-// Scalar conversions and 16-element row segment loads / stores
+// 16-element row segment loads / stores (conversions: element.cuh)
 // ---------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Loads p[0..n) (n <= 16) as floats, zero beyond n. `vec`: p is 16-byte aligned and n == 16.
 template <typename T>
@@ -779,11 +764,48 @@ cudaError_t launch_rows_forward(T* base, const T* source, const int64_t* bidx, c
   return dispatch_fused<T, true>(base, base, source, nullptr, bidx, tpos, spos, sub, workspace, dims, pl, stream);
 }
 
+void soft_apply_layout(const Dims& dims, int64_t* rows_pad, int* kp) {
+  *rows_pad = (dims.T + BM - 1) / BM * BM;
+  *kp = padded_k(dims.k);
+}
+
+template <typename T>
+cudaError_t launch_soft_apply(const T* base, T* out, const Subspace<T>& sub, const float* e, const float* eu,
+                              const Dims& dims, int num_sms, cudaStream_t stream) {
+  if (dims.B == 0 || dims.T == 0 || dims.d == 0) return cudaSuccess;
+  if (dims.k <= 0 || dims.k > kMaxFusedK || sub.basis == nullptr) return cudaErrorInvalidValue;
+  const Plan pl = make_plan(dims, num_sms, false);
+  const bool vec = dims.d % 8 == 0 && aligned16(base) && aligned16(out) &&
+                   (sub.reflect == nullptr || aligned16(sub.reflect));
+  const bool vec_k = dims.k % 8 == 0 && aligned16(sub.basis);
+  auto run = [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    ApplyParams<T> ap{base, out, sub.basis, sub.reflect, nullptr, nullptr, e, eu, dims, pl.rows_pad,
+                      pl.chunks_per_span, vec, vec_k};
+    const size_t bytes = ApplySmem<T, KP>::bytes;
+    cudaError_t err = set_smem(apply_kernel<T, KP, false>, bytes);
+    if (err != cudaSuccess) return err;
+    apply_kernel<T, KP, false><<<dim3((unsigned)(pl.rows_pad / BM), pl.dspans, (unsigned)dims.B), kThreads, bytes,
+                                 stream>>>(ap);
+    return cudaGetLastError();
+  };
+  switch (pl.KP) {
+    case 64:
+      return run(std::integral_constant<int, 64>{});
+    case 128:
+      return run(std::integral_constant<int, 128>{});
+    default:
+      return run(std::integral_constant<int, 256>{});
+  }
+}
+
 #define HYPERDAS_INSTANTIATE(T)                                                                                  \
   template cudaError_t launch_soft_forward<T>(const T*, const T*, const T*, const Subspace<T>&, T*, float*,      \
                                               const Dims&, int, cudaStream_t);                                   \
   template cudaError_t launch_rows_forward<T>(T*, const T*, const int64_t*, const int64_t*, const int64_t*,      \
-                                              const Subspace<T>&, float*, const Dims&, int, cudaStream_t);
+                                              const Subspace<T>&, float*, const Dims&, int, cudaStream_t);    \
+  template cudaError_t launch_soft_apply<T>(const T*, T*, const Subspace<T>&, const float*, const float*,        \
+                                            const Dims&, int, cudaStream_t);
 
 HYPERDAS_INSTANTIATE(float)
 HYPERDAS_INSTANTIATE(__half)

@@ -67,5 +67,13 @@ cudaError_t launch_rows_forward(T* base, const T* source, const int64_t* bidx, c
                                 const int64_t* spos, const Subspace<T>& sub, float* workspace, const Dims& dims,
                                 int num_sms, cudaStream_t stream);
 
+// The apply kernel alone, for the projected path (csrc/cuda/projected_kspace.h): out = base +
+// e R^T - 2 (u.e) v from e [B * rows_pad, KP] and u.e [B * rows_pad] (fp32, zero in the
+// padded rows and columns) in the layout soft_apply_layout gives. 0 < k <= kMaxFusedK.
+void soft_apply_layout(const Dims& dims, int64_t* rows_pad, int* kp);
+template <typename T>
+cudaError_t launch_soft_apply(const T* base, T* out, const Subspace<T>& sub, const float* e, const float* eu,
+                              const Dims& dims, int num_sms, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace hyperdas_fast

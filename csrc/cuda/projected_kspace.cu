@@ -1,0 +1,63 @@
+// Launchers of the projected path's k-space kernels (projected_kspace.cuh), instantiated for
+// float / __half / __nv_bfloat16 and k padded to 64, 128 or 256.
+#include "projected_kspace.cuh"
+
+#include <type_traits>
+
+namespace hyperdas_fast {
+namespace cuda {
+namespace kspace {
+namespace {
+
+template <typename F>
+cudaError_t by_padded_k(int k, F&& f) {
+  switch (padded_k(k)) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return f(std::integral_constant<int, 256>{});
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_forward(const ForwardParams<T>& p, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0) return cudaSuccess;
+  if (p.k <= 0 || p.k > kMaxK || (p.e != nullptr && (p.KP != padded_k(p.k) || p.rows_pad < p.T)))
+    return cudaErrorInvalidValue;
+  return by_padded_k(p.k, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    forward_kernel<T, KP><<<dim3((unsigned)forward_tiles(p), (unsigned)p.B), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t launch_backward(const BackwardParams<T>& p, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0) return cudaSuccess;
+  if (p.k <= 0 || p.k > kMaxK) return cudaErrorInvalidValue;
+  return by_padded_k(p.k, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    backward_rows_kernel<T, KP><<<dim3((unsigned)row_tiles(p.T), (unsigned)p.B), kThreads, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.S == 0) return err;
+    backward_sources_kernel<T, KP><<<dim3((unsigned)source_tiles(p.S), (unsigned)p.B), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+#define HYPERDAS_INSTANTIATE(T)                                                      \
+  template cudaError_t launch_forward<T>(const ForwardParams<T>&, cudaStream_t);     \
+  template cudaError_t launch_backward<T>(const BackwardParams<T>&, cudaStream_t);
+
+HYPERDAS_INSTANTIATE(float)
+HYPERDAS_INSTANTIATE(__half)
+HYPERDAS_INSTANTIATE(__nv_bfloat16)
+#undef HYPERDAS_INSTANTIATE
+
+}  // namespace kspace
+}  // namespace cuda
+}  // namespace hyperdas_fast
