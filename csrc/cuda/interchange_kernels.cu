@@ -2,6 +2,7 @@
 // the pipeline). Templated over float / __half / __nv_bfloat16, fp32 accumulation.
 #include "interchange_kernels.cuh"
 #include "element.cuh"
+#include "projected_kspace.h"  // padded_k, with_padded_k
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -608,14 +609,6 @@ __global__ void __launch_bounds__(kThreads) rows_copy_kernel(T* base, const T* s
 // Host side: launch plans
 // ---------------------------------------------------------------------------------------
 
-// Subspace sizes are padded to 64, 128 or 256 (three instantiations per dtype and mode keep
-// the compile time of CI modest; the kernels are memory-bound at these sizes).
-int padded_k(int64_t k) {
-  if (k <= 64) return 64;
-  if (k <= 128) return 128;
-  return 256;
-}
-
 struct Plan {
   int KP = 0;
   int64_t rows_pad = 0;  // per batch (soft) or P padded (rows)
@@ -789,14 +782,7 @@ cudaError_t launch_soft_apply(const T* base, T* out, const Subspace<T>& sub, con
                                  stream>>>(ap);
     return cudaGetLastError();
   };
-  switch (pl.KP) {
-    case 64:
-      return run(std::integral_constant<int, 64>{});
-    case 128:
-      return run(std::integral_constant<int, 128>{});
-    default:
-      return run(std::integral_constant<int, 256>{});
-  }
+  return with_padded_k(dims.k, run);
 }
 
 #define HYPERDAS_INSTANTIATE(T)                                                                                  \

@@ -2,33 +2,16 @@
 // float / __half / __nv_bfloat16 and k padded to 64, 128 or 256.
 #include "projected_kspace.cuh"
 
-#include <type_traits>
-
 namespace hyperdas_fast {
 namespace cuda {
 namespace kspace {
-namespace {
-
-template <typename F>
-cudaError_t by_padded_k(int k, F&& f) {
-  switch (padded_k(k)) {
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-    default:
-      return f(std::integral_constant<int, 256>{});
-  }
-}
-
-}  // namespace
 
 template <typename T>
 cudaError_t launch_forward(const ForwardParams<T>& p, cudaStream_t stream) {
   if (p.B == 0 || p.T == 0) return cudaSuccess;
   if (p.k <= 0 || p.k > kMaxK || (p.e != nullptr && (p.KP != padded_k(p.k) || p.rows_pad < p.T)))
     return cudaErrorInvalidValue;
-  return by_padded_k(p.k, [&](auto kp) {
+  return with_padded_k(p.k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
     forward_kernel<T, KP><<<dim3((unsigned)forward_tiles(p), (unsigned)p.B), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
@@ -39,7 +22,7 @@ template <typename T>
 cudaError_t launch_backward(const BackwardParams<T>& p, cudaStream_t stream) {
   if (p.B == 0 || p.T == 0) return cudaSuccess;
   if (p.k <= 0 || p.k > kMaxK) return cudaErrorInvalidValue;
-  return by_padded_k(p.k, [&](auto kp) {
+  return with_padded_k(p.k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
     backward_rows_kernel<T, KP><<<dim3((unsigned)row_tiles(p.T), (unsigned)p.B), kThreads, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();

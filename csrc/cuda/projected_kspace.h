@@ -11,9 +11,28 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace hyperdas_fast {
 namespace cuda {
+
+// Subspace sizes are padded to 64, 128 or 256 (three instantiations per dtype and mode keep
+// the compile time of CI modest; the kernels are memory-bound at these sizes).
+inline int padded_k(int64_t k) { return k <= 64 ? 64 : (k <= 128 ? 128 : 256); }
+
+// f(std::integral_constant<int, padded_k(k)>{}): picks a kernel's KP instantiation.
+template <typename F>
+auto with_padded_k(int64_t k, F&& f) {
+  switch (padded_k(k)) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return f(std::integral_constant<int, 256>{});
+  }
+}
+
 namespace kspace {
 
 // Forward: for every base row (b, t)
@@ -69,7 +88,6 @@ constexpr int kRowsPerTile = 16;
 // Largest k the kernels take (a row's columns live in registers, 16 per thread at most).
 constexpr int kMaxK = 256;
 
-inline int padded_k(int64_t k) { return k <= 64 ? 64 : (k <= 128 ? 128 : 256); }
 inline int64_t row_tiles(int64_t T) { return (T + kRowsPerTile - 1) / kRowsPerTile; }
 
 }  // namespace kspace

@@ -3,29 +3,11 @@
 // parameter structs allow it. Returns 0, or 1 for arguments the launchers would refuse.
 #include "emulate.h"
 
-#include <type_traits>
-
 #include "../../csrc/cuda/projected_kspace.cuh"
 
 using namespace hyperdas_fast::cuda::kspace;
-
-namespace {
-
-template <typename F>
-void by_padded_k(int k, F&& f) {
-  switch (padded_k(k)) {
-    case 64:
-      f(std::integral_constant<int, 64>{});
-      break;
-    case 128:
-      f(std::integral_constant<int, 128>{});
-      break;
-    default:
-      f(std::integral_constant<int, 256>{});
-  }
-}
-
-}  // namespace
+using hyperdas_fast::cuda::padded_k;
+using hyperdas_fast::cuda::with_padded_k;
 
 extern "C" int emulated_forward(const float* ps, const float* pb, const float* weights, const float* u,
                                 const float* mask, int64_t mask_stride_b, float* block, float* e, float* eu,
@@ -35,7 +17,7 @@ extern "C" int emulated_forward(const float* ps, const float* pb, const float* w
   p.block = block, p.e = e, p.eu = eu;
   p.B = B, p.T = T, p.S = S, p.rows_pad = rows_pad, p.k = k, p.Kc = Kc, p.KP = padded_k(k);
   if (k <= 0 || k > kMaxK) return 1;
-  by_padded_k(k, [&](auto kp) {
+  with_padded_k(k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
     emulate_launch(dim3((unsigned)forward_tiles(p), (unsigned)B), kThreads, [&] { forward_kernel<float, KP>(p); });
   });
@@ -51,7 +33,7 @@ extern "C" int emulated_backward(const float* ps, const float* pb, const float* 
   p.ag = ag, p.ab = ab, p.as = as, p.gc = gc, p.ugc = ugc, p.gw = gw, p.gmask_part = gmask_part, p.y_part = y_part;
   p.B = B, p.T = T, p.S = S, p.k = k, p.Kc = Kc;
   if (k <= 0 || k > kMaxK) return 1;
-  by_padded_k(k, [&](auto kp) {
+  with_padded_k(k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
     emulate_launch(dim3((unsigned)row_tiles(T), (unsigned)B), kThreads, [&] { backward_rows_kernel<float, KP>(p); });
     emulate_launch(dim3((unsigned)source_tiles(S), (unsigned)B), kThreads,
