@@ -400,3 +400,15 @@ def test_cpp_kernels_reject_bad_shapes():
         torch.ops.hyperdas_fast.interchange_rows_(
             non_contiguous(base), source, *make_rows(2, 3, 4, 1), basis, v, m
         )
+
+
+def test_cpp_rows_op_refuses_a_repeated_base_row():
+    """The raw in-place rows op adds each row's change to base: a (batch, base_pos) given twice
+    had both changes applied on top of each other (neither source's patch). The Python API
+    refuses duplicates before it gets here; the op now refuses them too, naming both rows."""
+    base, source, weights, basis, v, m = make_inputs(2, 3, 4, 7, 3)
+    before = base.clone()
+    rows = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 2]), torch.tensor([0, 1, 3])
+    with pytest.raises(RuntimeError, match=r"rows 0 and 2 both target base row \(1, 2\)"):
+        torch.ops.hyperdas_fast.interchange_rows_(base, source, *rows, basis, v, m)
+    assert torch.equal(base, before)  # checked before anything is written

@@ -125,6 +125,27 @@ def test_batch_too_large_for_k_is_refused():
         OPS.interchange_fwd_projected(*args)
 
 
+def test_wrong_shapes_are_refused_by_name():
+    """The raw projected ops check what interchange_fwd checks: an extra weights row had been
+    dropped silently (row S then read as [SELF]), a [1, k] mask broadcast example 0's gate to
+    every example, a mask of another dtype was taken, and g_w came back in the wrong shape."""
+    base, source, weights, basis, v, m = make_inputs(3, 4, 2, 16, 3)
+    bad = {
+        "weights must be": (base, source, torch.cat([weights, weights[:, :1]], 1), basis, v, m),
+        "mask must be": (base, source, weights, basis, v, m[:1]),
+        "mask has dtype": (base, source, weights, basis, v, m.float()),
+        "reflect must be": (base, source, weights, basis, v[:1], m),
+        "source must be": (base, source[:, :, :-1], weights, basis, v, m),
+    }
+    for message, args in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            OPS.interchange_fwd_projected(*args, False)
+        with pytest.raises(RuntimeError, match=message):
+            OPS.interchange_bwd_projected(torch.ones_like(base), *args)
+    with pytest.raises(RuntimeError, match="grad_out must have base's shape"):
+        OPS.interchange_bwd_projected(torch.ones_like(base[:, :-1]), base, source, weights, basis, v, m)
+
+
 # ------------------------------------------------------------------------------------
 # GPU: the CUDA backend's choice between the fused kernels and this formulation
 # ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 // runs every step for one example with raw-pointer BLAS calls while its rows are in cache.
 // float and double compute in their own type; half and bfloat16 compute in float.
 #include "interchange_cpu.h"
+#include "../common/input_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -200,63 +201,22 @@ std::optional<at::Tensor> opt_contig(const std::optional<at::Tensor>& t) {
   return t->contiguous();
 }
 
-void check_same(const at::Tensor& t, const at::Tensor& base, const char* name) {
-  TORCH_CHECK(t.device() == base.device(), "hyperdas_fast: ", name, " is on ", t.device(),
-              " but base is on ", base.device());
-  TORCH_CHECK(t.scalar_type() == base.scalar_type(), "hyperdas_fast: ", name, " has dtype ",
-              t.scalar_type(), " but base has dtype ", base.scalar_type());
-}
+// Shapes, dtypes and devices: csrc/common/input_checks.h (shared with the projected and
+// CUDA ops); here only what is CPU-specific.
+using hyperdas_fast::checks::check_same;
+using hyperdas_fast::checks::check_subspace;
 
 void check_states(const at::Tensor& base, const at::Tensor& source) {
   TORCH_CHECK(base.device().is_cpu(), "hyperdas_fast CPU kernel: base must be a CPU tensor, got ",
               base.device());
-  TORCH_CHECK(at::isFloatingType(base.scalar_type()),
-              "hyperdas_fast: base must be a floating tensor, got ", base.scalar_type());
-  TORCH_CHECK(base.dim() == 3, "hyperdas_fast: base must be [B, T, d], got ", base.sizes());
-  check_same(source, base, "source");
-  TORCH_CHECK(source.dim() == 3 && source.size(0) == base.size(0) && source.size(2) == base.size(2),
-              "hyperdas_fast: source must be [B, S, d] with base ", base.sizes(), ", got ",
-              source.sizes());
-  TORCH_CHECK(source.size(1) >= 1, "hyperdas_fast: source must have S >= 1 tokens");
-}
-
-void check_subspace(const at::Tensor& base, const std::optional<at::Tensor>& basis,
-                    const std::optional<at::Tensor>& reflect, const std::optional<at::Tensor>& mask) {
-  const int64_t B = base.size(0), d = base.size(2);
-  if (!basis.has_value()) {
-    TORCH_CHECK(!reflect.has_value() && !mask.has_value(),
-                "hyperdas_fast: reflect and mask need a basis [d, k]");
-    return;
-  }
-  check_same(*basis, base, "basis");
-  TORCH_CHECK(basis->dim() == 2 && basis->size(0) == d && basis->size(1) >= 1 && basis->size(1) <= d,
-              "hyperdas_fast: basis must be [d, k] with d = ", d, " and 1 <= k <= d, got ",
-              basis->sizes());
-  const int64_t k = basis->size(1);
-  if (reflect.has_value()) {
-    check_same(*reflect, base, "reflect");
-    TORCH_CHECK(reflect->dim() == 2 && reflect->size(0) == B && reflect->size(1) == d,
-                "hyperdas_fast: reflect must be [B, d] = [", B, ", ", d, "], got ", reflect->sizes());
-  }
-  if (mask.has_value()) {
-    check_same(*mask, base, "mask");
-    const bool ok = (mask->dim() == 2 && mask->size(0) == B && mask->size(1) == k) ||
-                    (mask->dim() == 1 && mask->size(0) == k);
-    TORCH_CHECK(ok, "hyperdas_fast: mask must be [B, k] = [", B, ", ", k, "] or [k], got ",
-                mask->sizes());
-  }
+  hyperdas_fast::checks::check_states(base, source);
 }
 
 void check_soft(const at::Tensor& base, const at::Tensor& source, const at::Tensor& weights,
                 const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& reflect,
                 const std::optional<at::Tensor>& mask) {
   check_states(base, source);
-  check_same(weights, base, "weights");
-  TORCH_CHECK(weights.dim() == 3 && weights.size(0) == base.size(0) &&
-                  weights.size(1) == source.size(1) + 1 && weights.size(2) == base.size(1),
-              "hyperdas_fast: weights must be [B, S+1, T] = [", base.size(0), ", ", source.size(1) + 1,
-              ", ", base.size(1), "], got ", weights.sizes());
-  check_subspace(base, basis, reflect, mask);
+  hyperdas_fast::checks::check_soft(base, source, weights, basis, reflect, mask);
 }
 
 // Grow-only per-thread scratch buffers, one per (slot, float/double). The backward's
@@ -1110,10 +1070,7 @@ Grads interchange_bwd(const at::Tensor& grad_in, const at::Tensor& base_in,
                       const std::optional<at::Tensor>& coords_in,
                       const std::optional<at::Tensor>& delta_in) {
   check_soft(base_in, source_in, weights_in, basis_in, reflect_in, mask_in);
-  TORCH_CHECK(grad_in.sizes() == base_in.sizes(), "hyperdas_fast: grad_out must have base's shape ",
-              base_in.sizes(), ", got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.device() == base_in.device(), "hyperdas_fast: grad_out is on ",
-              grad_in.device(), " but base is on ", base_in.device());
+  hyperdas_fast::checks::check_grad_out(grad_in, base_in);
   // coords: the forward's c = R_b^T (mix - base) [B, T, k]; empty (numel 0) or None: recompute.
   std::optional<at::Tensor> coords;
   if (coords_in.has_value() && coords_in->numel() > 0) {
@@ -1170,12 +1127,8 @@ void interchange_rows_(const at::Tensor& base, const at::Tensor& source_in,
   check_states(base, source_in);
   check_subspace(base, basis_in, reflect_in, mask_in);
   TORCH_CHECK(base.is_contiguous(), "hyperdas_fast: interchange_rows_ needs a contiguous base");
+  hyperdas_fast::checks::check_row_indices(base, batch_index, base_pos, source_pos);
   const int64_t P = batch_index.numel();
-  for (const at::Tensor* idx : {&batch_index, &base_pos, &source_pos}) {
-    TORCH_CHECK(idx->dim() == 1 && idx->numel() == P && idx->device() == base.device() &&
-                    (idx->scalar_type() == at::kLong || idx->scalar_type() == at::kInt),
-                "hyperdas_fast: batch_index, base_pos and source_pos must be [P] integer CPU tensors");
-  }
   if (P == 0) return;
   c10::NoGradGuard no_grad;
   const at::Tensor bi = batch_index.to(at::kLong).contiguous();
@@ -1189,6 +1142,16 @@ void interchange_rows_(const at::Tensor& base, const at::Tensor& source_in,
       TORCH_CHECK(b[p] >= 0 && b[p] < B && t[p] >= 0 && t[p] < T && s[p] >= 0 && s[p] < S,
                   "hyperdas_fast: row ", p, " = (", b[p], ", ", t[p], ", ", s[p],
                   ") is out of range for B, T, S = ", B, ", ", T, ", ", S);
+    }
+    // Each base row at most once: the kernels add each row's change to base in place, so a
+    // repeated (batch, base_pos) would apply two changes on top of each other.
+    std::vector<std::pair<int64_t, int64_t>> keys(P);
+    for (int64_t p = 0; p < P; ++p) keys[p] = {b[p] * T + t[p], p};
+    std::sort(keys.begin(), keys.end());
+    for (int64_t p = 1; p < P; ++p) {
+      TORCH_CHECK(keys[p].first != keys[p - 1].first, "hyperdas_fast: rows ", keys[p - 1].second, " and ",
+                  keys[p].second, " both target base row (", b[keys[p].second], ", ", t[keys[p].second],
+                  "); each (batch_index, base_pos) may appear once");
     }
   }
   const at::ScalarType dtype = base.scalar_type();

@@ -7,6 +7,7 @@
 // are the two halves of one.
 #include <torch/library.h>
 
+#include "../common/input_checks.h"
 #include "../common/interchange_projected.h"
 
 namespace {
@@ -14,26 +15,24 @@ namespace {
 using at::Tensor;
 
 void check_inputs(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& basis,
-                  const std::optional<Tensor>& reflect, const char* op) {
-  TORCH_CHECK(base.dim() == 3 && source.dim() == 3 && weights.dim() == 3 && basis.dim() == 2, op,
-              ": expected base [B, T, d], source [B, S, d], weights [B, S+1, T], basis [d, k]; got ", base.sizes(),
-              ", ", source.sizes(), ", ", weights.sizes(), ", ", basis.sizes());
+                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask, const char* op) {
+  hyperdas_fast::checks::check_soft(base, source, weights, basis, reflect, mask);
   TORCH_CHECK(hyperdas_fast::projected::batch_fits(base.size(0), basis.size(1)), op, ": batch ", base.size(0),
               " is too large for k = ", basis.size(1), " (at most max(64, 2k) examples)");
-  (void)reflect;
 }
 
 std::tuple<Tensor, Tensor> fwd_projected(const Tensor& base, const Tensor& source, const Tensor& weights,
                                          const Tensor& basis, const std::optional<Tensor>& reflect,
                                          const std::optional<Tensor>& mask, bool with_coords) {
-  check_inputs(base, source, weights, basis, reflect, "interchange_fwd_projected");
+  check_inputs(base, source, weights, basis, reflect, mask, "interchange_fwd_projected");
   return hyperdas_fast::projected::forward(base, source, weights, basis, reflect, mask, with_coords);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_projected(
     const Tensor& grad_out, const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& basis,
     const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
-  check_inputs(base, source, weights, basis, reflect, "interchange_bwd_projected");
+  check_inputs(base, source, weights, basis, reflect, mask, "interchange_bwd_projected");
+  hyperdas_fast::checks::check_grad_out(grad_out, base);
   return hyperdas_fast::projected::backward(grad_out.to(base.scalar_type()), base, source, weights, basis,
                                             reflect, mask);
 }

@@ -41,6 +41,7 @@
 #include <string>
 #include <tuple>
 
+#include "../common/input_checks.h"
 #include "../common/interchange_projected.h"
 #include "interchange_kernels.cuh"
 #include "projected_kspace.h"
@@ -359,6 +360,7 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
                                                 const std::optional<Tensor>& reflect,
                                                 const std::optional<Tensor>& mask, bool with_coords) {
   check_cuda(base_in, "base");
+  hyperdas_fast::checks::check_soft(base_in, source_in, weights_in, basis, reflect, mask);
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
   if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k)) {
@@ -405,6 +407,12 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
                             const Tensor& base_pos, const Tensor& source_pos, const std::optional<Tensor>& basis,
                             const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
   check_cuda(base, "base");
+  hyperdas_fast::checks::check_states(base, source_in);
+  hyperdas_fast::checks::check_subspace(base, basis, reflect, mask);
+  // Shapes only: the index values (range, one entry per base row) are checked on the host by
+  // the Python API (hyperdas_fast/ops/__init__.py) before it calls this op; checking them
+  // here would sync the GPU on every call.
+  hyperdas_fast::checks::check_row_indices(base, batch_index, base_pos, source_pos);
   TORCH_CHECK(base.is_contiguous(), "interchange_rows_ (cuda): base must be contiguous, got strides ",
               base.strides());
   c10::cuda::CUDAGuard guard(base.device());
@@ -468,6 +476,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const std::optional<Tensor>& coords, const std::optional<Tensor>& /*delta*/) {
   // delta (the CPU forward_train's mix - base) is never produced on CUDA: the mix is recomputed.
   check_cuda(base_in, "base");
+  hyperdas_fast::checks::check_soft(base_in, source_in, weights, basis, reflect, mask);
+  hyperdas_fast::checks::check_grad_out(grad_out, base_in);
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
   if (basis.has_value() &&

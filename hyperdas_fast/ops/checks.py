@@ -17,6 +17,9 @@ def _shape(t: Tensor) -> str:
 def _require_tensor(name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
+                         f"call .to_dense() first")
     return value
 
 

@@ -760,9 +760,16 @@ def _(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None):
     return like(base), like(source), like(weights), like(basis), like(reflect), like(mask)
 
 
+def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Inference tensors (hidden states computed under torch.inference_mode(), with a basis
+    to train, say) cannot be saved for backward: a copy of those, as the C++ autograd of the
+    cpp and cuda backends does, so that backend="auto" trains alike on either side of its
+    size rule."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output):
-    base, source, weights, basis, reflect, mask = inputs
-    ctx.save_for_backward(base, source, weights, basis, reflect, mask)
+    ctx.save_for_backward(*(_savable(t) for t in inputs))
 
 
 def _input_grads(grad, inputs, ps=None, pb=None):
@@ -781,9 +788,8 @@ torch.library.register_autograd(
 
 
 def _setup_context_train(ctx, inputs, output):
-    base, source, weights, basis, reflect, mask = inputs
     _, ps, pb = output
-    ctx.save_for_backward(base, source, weights, basis, reflect, mask, ps, pb)
+    ctx.save_for_backward(*(_savable(t) for t in inputs), ps, pb)
 
 
 def _autograd_backward_train(ctx, grad, _grad_ps, _grad_pb):
