@@ -162,6 +162,33 @@ def test_projected_path_forward_and_grads(shape, reflect, mask, projected_calls)
 
 
 @needs_interp
+@pytest.mark.parametrize("frozen", [("base", "source"), ("base",), ("source",)])
+def test_projected_backward_skips_the_gradients_of_frozen_states(frozen, projected_calls, monkeypatch):
+    """Hidden states of a frozen model need no gradient (the usual case when a hypernetwork
+    is trained): the projected backward leaves out their [N, d] products (add_product for
+    base, a GEMM for source), and the other gradients are unchanged."""
+    args = make_inputs(3, 5, 4, 40, 5, reflect=True, mask="batch")
+    grad = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(3))
+    _, expected = _grads(interchange_reference, args, grad)
+    leaves = [a.detach().clone().requires_grad_(name not in frozen)
+              for name, a in zip(("base", "source", "weights", "basis", "reflect", "mask"), args)]
+    products = []
+    add_product = tk.triton_projected.add_product
+    monkeypatch.setattr(tk.triton_projected, "add_product", lambda *a: (products.append(1), add_product(*a))[1])
+    tk.interchange_soft(*leaves).backward(grad)
+    assert projected_calls == ["forward", "backward"]
+    assert len(products) == (1 if "base" in frozen else 2)  # the forward's output, and g_base if needed
+    for name, leaf, ref in zip(("base", "source", "weights", "basis", "reflect", "mask"), leaves, expected):
+        if name in frozen:
+            assert leaf.grad is None
+        else:
+            torch.testing.assert_close(leaf.grad, ref, rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(torch.ops.hyperdas_fast.interchange_triton_backward.default,
+                          (grad, *args, None, None, "base" not in frozen, "source" not in frozen),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_interp
 @pytest.mark.parametrize("shape", [(2, 3, 4, 40, 5), (1, 1, 1, 72, 1), (3, 35, 40, 24, 24), (18, 17, 3, 40, 5)])
 @pytest.mark.parametrize("reflect", [True, False])
 @pytest.mark.parametrize("mask", ["batch", None])

@@ -597,7 +597,8 @@ def _forward_train(base, source, weights, basis, reflect, mask):
                                     _u(basis, reflect), m, m_stride, mask is not None, keep_projections=True)
 
 
-def _backward(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None):
+def _backward(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None, need_base=True,
+              need_source=True):
     B, T, d = base.shape
     S = source.shape[1]
     dev = base.device
@@ -616,7 +617,7 @@ def _backward(grad, base, source, weights, basis, reflect, mask, ps=None, pb=Non
         if triton_projected.soft_path(B, T, d, k, backward=True) != "fused":  # onepass: the projected one
             m, m_stride = _expanded_mask(mask, B, k, dev)
             grads = triton_projected.backward(grad, base, source, weights, basis, reflect, mask, u, m, m_stride,
-                                              ps, pb)
+                                              ps, pb, need_base, need_source)
             return tuple(empty() if gr is None else gr for gr in grads)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     g_base = torch.empty_like(base)
@@ -746,18 +747,24 @@ def _(base, source, weights, basis, reflect, mask):
 def interchange_triton_backward(
     grad: Tensor, base: Tensor, source: Tensor, weights: Tensor,
     basis: Optional[Tensor], reflect: Optional[Tensor], mask: Optional[Tensor],
-    ps: Optional[Tensor] = None, pb: Optional[Tensor] = None,
+    ps: Optional[Tensor] = None, pb: Optional[Tensor] = None, need_base: bool = True, need_source: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad, base, source, weights, basis, reflect, mask, ps, pb)
+    """The six input gradients (an empty tensor for an absent input). need_base /
+    need_source False: the projected path leaves out that [N, d] product (empty tensor)."""
+    return _backward(grad, base, source, weights, basis, reflect, mask, ps, pb, need_base, need_source)
 
 
 @interchange_triton_backward.register_fake
-def _(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None):
-    def like(t):
+def _(grad, base, source, weights, basis, reflect, mask, ps=None, pb=None, need_base=True, need_source=True):
+    def like(t, needed=True):
         if t is None:
             return base.new_empty(0)
+        if not needed and basis is not None and triton_projected.soft_path(
+                base.shape[0], base.shape[1], base.shape[2], basis.shape[1], backward=True) != "fused":
+            return base.new_empty(0)
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return like(base), like(source), like(weights), like(basis), like(reflect), like(mask)
+    return (like(base, need_base), like(source, need_source), like(weights), like(basis), like(reflect),
+            like(mask))
 
 
 def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -772,14 +779,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*(_savable(t) for t in inputs))
 
 
-def _input_grads(grad, inputs, ps=None, pb=None):
-    """The gradients of the six inputs (None for an absent one)."""
-    grads = interchange_triton_backward(grad, *inputs, ps, pb)
-    return tuple(None if p is None else gr for p, gr in zip(inputs, grads))
+def _input_grads(ctx, grad, inputs, ps=None, pb=None):
+    """The gradients of the six inputs (None for an absent one, or one that needs none:
+    base and source, hidden states of a frozen model, usually need none, and the projected
+    backward then skips their [N, d] products)."""
+    needs = ctx.needs_input_grad
+    grads = interchange_triton_backward(grad, *inputs, ps, pb, bool(needs[0]), bool(needs[1]))
+    return tuple(None if p is None or not need else gr for p, gr, need in zip(inputs, grads, needs))
 
 
 def _autograd_backward(ctx, grad):
-    return _input_grads(grad, ctx.saved_tensors)
+    return _input_grads(ctx, grad, ctx.saved_tensors)
 
 
 torch.library.register_autograd(
@@ -795,7 +805,7 @@ def _setup_context_train(ctx, inputs, output):
 def _autograd_backward_train(ctx, grad, _grad_ps, _grad_pb):
     # P_S and P_B never leave interchange_soft, so nothing flows back into them.
     *inputs, ps, pb = ctx.saved_tensors
-    return _input_grads(grad, inputs, ps, pb)
+    return _input_grads(ctx, grad, inputs, ps, pb)
 
 
 torch.library.register_autograd(

@@ -586,10 +586,13 @@ def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
 
 def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
              reflect: Optional[Tensor], mask: Optional[Tensor], u: Tensor, m: Tensor, m_stride: int,
-             PS: Optional[Tensor] = None, PB: Optional[Tensor] = None):
+             PS: Optional[Tensor] = None, PB: Optional[Tensor] = None, need_base: bool = True,
+             need_source: bool = True):
     """(g_base, g_source, g_weights, g_basis, g_reflect or None, g_mask or None); the
     arguments as in ``forward`` plus grad [B, T, d] (contiguous), and P_S, P_B when the
-    forward kept them (else computed here)."""
+    forward kept them (else computed here). need_base / need_source False: that gradient is
+    None, and its [N, d] product is not computed (hidden states of a frozen model need none:
+    the usual case when a hypernetwork is trained)."""
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
     N, dt, dev = B * T, base.dtype, base.device
@@ -631,8 +634,8 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
         BS=cfg["BS2"], BK=cfg["BK"], BT=cfg["BT2"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W2"],
     )
     del PS, PB, PG, gc
-    g_base = add_product(grad.view(N, d), Ab, RV).view(B, T, d)
-    g_source = (As @ RV.t()).view(B, S, d)
+    g_base = add_product(grad.view(N, d), Ab, RV).view(B, T, d) if need_base else None
+    g_source = (As @ RV.t()).view(B, S, d) if need_source else None
     # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), summed in
     # fp32 (by the GEMMs themselves when the inputs are fp32)
     GR = (grad.view(N, d).t() @ Ag).float()
