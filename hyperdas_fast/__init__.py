@@ -1,6 +1,6 @@
 """hyperdas_fast: fast, dependable HyperDAS interchange interventions.
 
-    from hyperdas_fast import HyperDAS, interchange
+    from hyperdas_fast import HyperDAS, MDAS, interchange
 """
 from .ops import KEEP, interchange, interchange_hard, interchange_triples
 
@@ -13,7 +13,11 @@ def __getattr__(name):
         from .models import hyperdas
 
         return getattr(hyperdas, name)
+    if name == "MDAS":
+        from .models import mdas
+
+        return mdas.MDAS
     raise AttributeError(f"module 'hyperdas_fast' has no attribute {name!r}")
 
 
-__all__ = ["HyperDAS", "HyperDASModel", "KEEP", "interchange", "interchange_hard", "interchange_triples"]
+__all__ = ["HyperDAS", "HyperDASModel", "MDAS", "KEEP", "interchange", "interchange_hard", "interchange_triples"]

@@ -454,3 +454,13 @@ def test_boundless_boundary_learns_in_bf16():
     mask.float().sum().backward()
     opt.step()
     assert sub.boundary.dtype == torch.float32 and sub.boundary.item() != before.item()
+
+
+def test_public_names_import_where_the_readme_says():
+    from hyperdas_fast import MDAS, HyperDAS
+    from hyperdas_fast.data import HyperDASCollator
+    from hyperdas_fast.models import MDAS as models_mdas
+    from hyperdas_fast.models.mdas import MDAS as module_mdas
+
+    assert MDAS is models_mdas is module_mdas
+    assert HyperDAS.__name__ == "HyperDAS" and HyperDASCollator.__name__ == "HyperDASCollator"

@@ -2,5 +2,6 @@
 and the ``HyperDAS`` API (see ``hyperdas.py``)."""
 from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
 from .hyperdas import HyperDAS, HyperDASModel, HyperDASOutput
+from .mdas import MDAS
 
-__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "get_adapter", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "MDAS", "get_adapter", "SUPPORTED_MODEL_TYPES"]
