@@ -201,6 +201,20 @@ def test_backward_kernels(emulated, B, T, S, d, k, reflect, mask):
     close(as_, block(ref["gs"], ref["ugs"], k, Kc), "block(W_src g_c)")
 
 
+def test_backward_with_no_base_rows_still_writes_the_source_blocks(emulated):
+    """T = 0 (only a raw op call can ask): block(W_src g_c) is block(0), not left unwritten
+    for the GEMMs that read it."""
+    B, S, k, Kc = 2, 3, 4, 6
+    z = torch.zeros(1)
+    ps = torch.randn(B * S, Kc)
+    as_ = nan_tensor(B * S, Kc)
+    rc = emulated.emulated_backward(ptr(ps), ptr(z), ptr(z), ptr(torch.zeros(B, S + 1, 0)), ptr(torch.randn(B, k)),
+                                    ptr(None), i64(0), ptr(z), ptr(z), ptr(as_), ptr(z), ptr(z),
+                                    ptr(torch.zeros(B, S + 1, 0)), ptr(None), ptr(z), i64(B), i64(0), i64(S), k, Kc)
+    assert rc == 0
+    assert torch.equal(as_, torch.zeros(B * S, Kc))
+
+
 def test_nonfinite_reflect_stays_in_its_example(emulated):
     """One example's non-finite v makes its own rows non-finite; the others' blocks (whose
     column k + 0 belongs to example 0) stay finite and exact zeros there."""

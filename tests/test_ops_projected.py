@@ -161,13 +161,16 @@ CUDA_PATHS = ["fused", "projected", "projected_kernels", "projected_apply"]
 @pytest.mark.gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("path", CUDA_PATHS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(4, 40, 24, 512, 32), (3, 37, 45, 200, 65)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 40, 24, 512, 32), (3, 37, 45, 200, 65), (2, 5, 1, 70, 129)])
 @pytest.mark.parametrize("config", [dict(reflect=True, mask="batch"), dict(reflect=True, mask="shared"),
-                                    dict(reflect=False, mask=None)])
+                                    dict(reflect=False, mask="batch"), dict(reflect=False, mask=None)])
 def test_cuda_paths_agree_with_reference(path, dtype, shape, config, monkeypatch):
-    """Every soft path of the cuda backend, forced (HYPERDAS_FAST_CUDA_SOFT); the second shape
-    has partial row and source tiles and k past a padding step for the k-space kernels."""
+    """Every soft path of the cuda backend, forced (HYPERDAS_FAST_CUDA_SOFT). The second shape
+    has partial row and source tiles and k past a padding step for the k-space kernels; the
+    third has T < 16, S = 1, d not a multiple of 8 (the apply kernel's scalar loads) and
+    k = 129 (padded to 256: the sources kernel's 16-row steps, the apply kernel's large
+    shared memory)."""
     from hyperdas_fast import ops
 
     monkeypatch.setenv("HYPERDAS_FAST_CUDA_SOFT", path)
@@ -186,6 +189,27 @@ def test_cuda_paths_agree_with_reference(path, dtype, shape, config, monkeypatch
         if a is None:
             continue
         assert err(a.grad, r) <= 4 * err(s, r) + 4 * eps * (1 + r.abs().max().item()), name
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("path,expected", [
+    ("projected_kernels", {"forward_kernel", "backward_rows_kernel", "backward_sources_kernel"}),
+    ("projected_apply", {"forward_kernel", "apply_kernel", "backward_rows_kernel", "backward_sources_kernel"}),
+])
+def test_cuda_kspace_paths_run_their_kernels(path, expected, monkeypatch):
+    """The forced kernel paths really launch the k-space kernels (the ATen path would pass the
+    accuracy test above too)."""
+    from hyperdas_fast import ops
+
+    monkeypatch.setenv("HYPERDAS_FAST_CUDA_SOFT", path)
+    leaves = [a.float().requires_grad_() for a in make_inputs(3, 37, 45, 200, 65, device="cuda")]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.interchange(*leaves, backend="cuda").sum().backward()
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    missing = {k for k in expected if f"{k}<" not in names and f"{k}(" not in names}
+    assert not missing, f"kernels not launched: {missing}"
 
 
 @pytest.mark.gpu

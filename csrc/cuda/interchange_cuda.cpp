@@ -194,9 +194,8 @@ static std::string soft_path_override() {
 // graph replay against 346 / 971 us for the fused forward + ATen backward, were even at
 // 2^22, and lost at SmolLM2 sizes; in eager calls their two dozen small launches cost more
 // host time than the fused path's few.
-static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k) {
+static bool use_projected(const std::string& force, int64_t B, int64_t T, int64_t d, int64_t k) {
   if (!hyperdas_fast::projected::batch_fits(B, k)) return false;
-  const std::string force = soft_path_override();
   if (!force.empty()) return force != "fused";
   return B * T * d >= (int64_t{1} << 24);  // one threshold for both passes
 }
@@ -206,9 +205,11 @@ static bool use_projected(int64_t B, int64_t T, int64_t d, int64_t k) {
 // everything in k dimensions in one kernel launch per pass (two in the backward).
 // ----------------------------------------------------------------------------------------
 
-// The kernels take fp32 / fp16 / bf16 and k up to kspace::kMaxK, and coords are not kept.
-static bool use_kspace_kernels(const Tensor& base, int64_t k, bool with_coords) {
-  const std::string force = soft_path_override();
+// The kernels take fp32 / fp16 / bf16 and k up to kspace::kMaxK, and do not produce coords:
+// a forward asked for coords (with_coords) runs the ATen k-space steps. (The cuda backend's
+// Python entry, hyperdas_fast/ops/cuda.py, never asks for them.)
+static_assert(hk::kspace::kMaxK <= hk::kMaxFusedK, "the apply kernel must take every k the k-space kernels take");
+static bool use_kspace_kernels(const std::string& force, const Tensor& base, int64_t k, bool with_coords) {
   return (force == "projected_kernels" || force == "projected_apply") && fused_dtype(base) &&
          k <= hk::kspace::kMaxK && !with_coords;
 }
@@ -227,6 +228,8 @@ static KspaceInputs kspace_inputs(const Tensor& base, const Tensor& source, cons
   in.RV = pj::rv_of(R, reflect);
   in.PS = at::mm(source.reshape({-1, source.size(2)}), in.RV);
   in.PB = at::mm(base.reshape({-1, base.size(2)}), in.RV);
+  // the kernels index P rows as row * Kc
+  TORCH_INTERNAL_ASSERT(in.PS.is_contiguous() && in.PB.is_contiguous(), "projected: P_S / P_B not contiguous");
   in.w = weights.to(base.scalar_type()).contiguous();
   if (reflect.has_value()) in.u = at::mm(reflect->to(at::kFloat), R.to(at::kFloat)).contiguous();
   if (mask.has_value()) {
@@ -309,6 +312,7 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backwar
   const int64_t B = base.size(0), T = base.size(1), S = source.size(1), k = R.size(1), N = B * T;
   KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask);
   Tensor PG = at::mm(g.reshape({N, base.size(2)}), in.RV);
+  TORCH_INTERNAL_ASSERT(PG.is_contiguous(), "projected: P_G not contiguous");
   const int64_t Kc = in.RV.size(1);
   const auto f32 = base.options().dtype(at::kFloat);
   const int64_t tiles = hk::kspace::row_tiles(T);
@@ -363,10 +367,11 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   hyperdas_fast::checks::check_soft(base_in, source_in, weights_in, basis, reflect, mask);
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  if (basis.has_value() && use_projected(base_in.size(0), base_in.size(1), base_in.size(2), k)) {
-    if (use_kspace_kernels(base_in, k, with_coords))
+  const std::string path = soft_path_override();
+  if (basis.has_value() && use_projected(path, base_in.size(0), base_in.size(1), base_in.size(2), k)) {
+    if (use_kspace_kernels(path, base_in, k, with_coords))
       return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
-                                  soft_path_override() == "projected_apply"),
+                                  path == "projected_apply"),
               at::empty({0}, base_in.options())};
     return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
   }
@@ -481,8 +486,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
   if (basis.has_value() &&
-      use_projected(base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
-    if (use_kspace_kernels(base_in, basis->size(1), false))
+      use_projected(soft_path_override(), base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
+    if (use_kspace_kernels(soft_path_override(), base_in, basis->size(1), false))
       return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
                                   weights, *basis, reflect, mask);
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),

@@ -20,14 +20,18 @@ cudaError_t launch_forward(const ForwardParams<T>& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_backward(const BackwardParams<T>& p, cudaStream_t stream) {
-  if (p.B == 0 || p.T == 0) return cudaSuccess;
+  if (p.B == 0) return cudaSuccess;
   if (p.k <= 0 || p.k > kMaxK) return cudaErrorInvalidValue;
   return with_padded_k(p.k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
-    backward_rows_kernel<T, KP><<<dim3((unsigned)row_tiles(p.T), (unsigned)p.B), kThreads, 0, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || p.S == 0) return err;
-    backward_sources_kernel<T, KP><<<dim3((unsigned)source_tiles(p.S), (unsigned)p.B), kThreads, 0, stream>>>(p);
+    if (p.T > 0) {
+      backward_rows_kernel<T, KP><<<dim3((unsigned)row_tiles(p.T), (unsigned)p.B), kThreads, 0, stream>>>(p);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    // with T = 0 too: it writes block(W_src g_c) = block(0), which the caller's GEMMs read
+    if (p.S > 0)
+      backward_sources_kernel<T, KP><<<dim3((unsigned)source_tiles(p.S), (unsigned)p.B), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -35,9 +35,11 @@ extern "C" int emulated_backward(const float* ps, const float* pb, const float* 
   if (k <= 0 || k > kMaxK) return 1;
   with_padded_k(k, [&](auto kp) {
     constexpr int KP = decltype(kp)::value;
-    emulate_launch(dim3((unsigned)row_tiles(T), (unsigned)B), kThreads, [&] { backward_rows_kernel<float, KP>(p); });
-    emulate_launch(dim3((unsigned)source_tiles(S), (unsigned)B), kThreads,
-                   [&] { backward_sources_kernel<float, KP>(p); });
+    if (T > 0)  // as launch_backward
+      emulate_launch(dim3((unsigned)row_tiles(T), (unsigned)B), kThreads, [&] { backward_rows_kernel<float, KP>(p); });
+    if (S > 0)
+      emulate_launch(dim3((unsigned)source_tiles(S), (unsigned)B), kThreads,
+                     [&] { backward_sources_kernel<float, KP>(p); });
   });
   return 0;
 }
