@@ -81,7 +81,7 @@ def paper_fits(shape, elem: int) -> bool:
 # backend -> (the variable that forces its soft path, the paths)
 FORCED_PATHS = {
     "cpp": ("HYPERDAS_FAST_CPU_SOFT", ("per_example", "batched")),
-    "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected", "onepass")),
+    "triton": ("HYPERDAS_FAST_TRITON_SOFT", ("fused", "projected", "onepass", "chunked")),
     "cuda": ("HYPERDAS_FAST_CUDA_SOFT", ("fused", "projected", "projected_kernels", "projected_apply")),
 }
 
@@ -251,7 +251,7 @@ def main(argv=None) -> Dict[str, object]:
                         help="also time the cpp backend's two soft paths, each forced (cpp:per_example, cpp:batched)")
     parser.add_argument("--triton-paths", action="store_true",
                         help="also time the triton backend's soft paths, each forced (triton:fused, "
-                             "triton:projected, triton:onepass)")
+                             "triton:projected, triton:onepass, triton:chunked)")
     parser.add_argument("--cuda-paths", action="store_true",
                         help="also time the cuda backend's soft paths, each forced (cuda:fused, cuda:projected, "
                              "cuda:projected_kernels, cuda:projected_apply)")

@@ -11,7 +11,7 @@
 #      Triton projection, alone and in the forward and forward+backward, beside cuBLAS's)
 #      -> triton_projection_sweep_<gpu>.json,
 #   3. the op benchmark (bf16, every backend, side by side, and the triton and cuda backends' soft
-#      paths forced: triton:fused, triton:projected, triton:onepass, cuda:fused, cuda:projected,
+#      paths forced: triton:fused, triton:projected, triton:onepass, triton:chunked, cuda:fused, cuda:projected,
 #      cuda:projected_kernels, cuda:projected_apply) -> ops_<gpu>.json, and with
 #      BENCH_FUSED=1 the cuda backend again with its fused kernels forced (HYPERDAS_FAST_CUDA_SOFT=fused)
 #      -> ops_<gpu>_cuda_fused.json,
@@ -115,7 +115,7 @@ if [[ "${PROFILE:-0}" == 1 ]]; then
   for pass in forward forward+backward; do
     stage "profile, triton paths, $pass"
     timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_op.py --device cuda --shape llama3_B32_T128 \
-      --pass "$pass" --backends ${PROFILE_BACKENDS:-torch cuda cuda:projected_kernels cuda:projected_apply triton:projected triton:onepass triton:fused} \
+      --pass "$pass" --backends ${PROFILE_BACKENDS:-torch cuda cuda:projected_kernels cuda:projected_apply triton:projected triton:chunked triton:fused} \
       --out "$WORK/profile_${pass/+/_}_$TAG.json" >>"$WORK/profile.log" 2>&1
     rc=$?; status+=("profile_$pass=$rc")
   done

@@ -162,6 +162,31 @@ def test_projected_path_forward_and_grads(shape, reflect, mask, projected_calls)
 
 
 @needs_interp
+@pytest.mark.parametrize("chunk_mb,chunks", [(1e-4, 3), (0.0016, 2), (12, 1)])  # 1, 2 (then 1) or all 3 examples
+@pytest.mark.parametrize("reflect,mask", [(True, "batch"), (True, "shared"), (False, None)])
+def test_chunked_forward(chunk_mb, chunks, reflect, mask, monkeypatch):
+    """HYPERDAS_FAST_TRITON_SOFT=chunked: the projected forward over chunks of examples,
+    each writing its rows of one output; gradients through the projected backward."""
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", "chunked")
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_CHUNK_MB", str(chunk_mb))
+    args = make_inputs(3, 5, 4, 40, 5, reflect=reflect, mask=mask)  # 800 bytes of base per example
+    calls = []
+    forward = tk.triton_projected.forward
+    monkeypatch.setattr(tk.triton_projected, "forward", lambda *a, **kw: (calls.append(a[0].shape[0]), forward(*a, **kw))[1])
+    compare(args, tk.interchange_soft)
+    assert len(calls) == chunks and sum(calls) == 3, calls
+
+
+def test_chunk_size_setting_is_checked(monkeypatch):
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv("HYPERDAS_FAST_TRITON_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="HYPERDAS_FAST_TRITON_CHUNK_MB must be"):
+            tk.triton_projected.chunk_examples(128, 4096, 2)
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_CHUNK_MB", "12")
+    assert tk.triton_projected.chunk_examples(128, 4096, 2) == 12  # 1 MB of bf16 base per example
+
+
+@needs_interp
 @pytest.mark.parametrize("frozen", [("base", "source"), ("base",), ("source",)])
 def test_projected_backward_skips_the_gradients_of_frozen_states(frozen, projected_calls, monkeypatch):
     """Hidden states of a frozen model need no gradient (the usual case when a hypernetwork
@@ -723,12 +748,12 @@ def test_gpu_soft(backend, dtype, shape, variant):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["projected", "projected:triton", "onepass"])
+@pytest.mark.parametrize("path", ["projected", "projected:triton", "onepass", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 37, 29, 4096, 128), (3, 50, 20, 512, 256)])
 @pytest.mark.parametrize("variant", ["reflect_mask", "plain"])
 def test_gpu_triton_paths(path, dtype, shape, variant, monkeypatch):
-    """The triton backend's projected and onepass paths, forced (HYPERDAS_FAST_TRITON_SOFT),
+    """The triton backend's projected, onepass and chunked paths, forced (HYPERDAS_FAST_TRITON_SOFT),
     at sizes where it would take the fused path (test_gpu_soft covers that, and the projected
     path by default at B*T*d = 2^24); "projected:triton" with the Triton projection kernel
     (HYPERDAS_FAST_TRITON_PROJECTION=triton). Kept small: the GPU session's test stage has ~200 s."""
@@ -737,6 +762,7 @@ def test_gpu_triton_paths(path, dtype, shape, variant, monkeypatch):
     path, _, projection = path.partition(":")
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_SOFT", path)
     monkeypatch.setenv("HYPERDAS_FAST_TRITON_PROJECTION", projection or "cublas")
+    monkeypatch.setenv("HYPERDAS_FAST_TRITON_CHUNK_MB", "0.06")  # chunked: one example per chunk here
     reflect, mask = (True, "batch") if variant == "reflect_mask" else (False, None)
     args = make_inputs(*shape, reflect=reflect, mask=mask, device="cuda")
     compare_low_precision(args, lambda *a: ops.interchange(*a, backend="triton"), dtype)

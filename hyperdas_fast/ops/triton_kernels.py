@@ -572,7 +572,8 @@ def _forward(base, source, weights, basis, reflect, mask) -> Tensor:
         path = triton_projected.soft_path(B, T, d, basis.shape[1])
         if path != "fused":
             m, m_stride = _expanded_mask(mask, B, basis.shape[1], base.device)
-            fwd = triton_projected.forward_onepass if path == "onepass" else triton_projected.forward
+            fwd = {"onepass": triton_projected.forward_onepass,
+                   "chunked": triton_projected.forward_chunked}.get(path, triton_projected.forward)
             return fwd(base, source, weights, basis, reflect, u, m, m_stride, mask is not None)
     cfg = _config(base, T, B, d, None if basis is None else basis.shape[1], S)
     if basis is None:

@@ -363,7 +363,7 @@ def _project_kernel(x_ptr, r_ptr, v_ptr, p_ptr, n, d, k, Kp, d_per_split, rows_t
 # --------------------------------------------------------------------------------------
 
 
-PATHS = ("fused", "projected", "onepass")
+PATHS = ("fused", "projected", "onepass", "chunked")
 
 
 # The forward takes the projected path from B*T*d = 2^19 up. Measured on an H200 (bf16,
@@ -380,10 +380,13 @@ def soft_path(B: int, T: int, d: int, k: int, backward: bool = False) -> str:
     takes: "projected" while the reflection columns stay few next to k (they widen every GEMM
     by B) and a row's k columns fit one block; the forward only from B*T*d =
     FORWARD_PROJECTED_FROM up; else "fused" (triton_kernels.py).
-    HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass forces a path (the last two need
-    k <= 512). "onepass" (never chosen by itself: slower than projected at every shape an
-    H200 timed) is the projected forward with the base side in one kernel per row tile,
-    which reads base once from memory instead of twice; its backward is the projected one."""
+    HYPERDAS_FAST_TRITON_SOFT=fused|projected|onepass|chunked forces a path (all but fused
+    need k <= 512). "onepass" (never chosen by itself: slower than projected at every shape
+    an H200 timed) is the projected forward with the base side in one kernel per row tile,
+    which reads base once from memory instead of twice. "chunked" (never chosen by itself;
+    no GPU has timed it) runs the projected forward over chunks of examples so that the
+    output kernel finds each chunk's base in the L2 (``forward_chunked``). The backward of
+    both is the projected one."""
     path = os.environ.get(ENV_PATH, "")
     if path not in ("",) + PATHS:
         raise ValueError(f"{ENV_PATH} must be one of {', '.join(PATHS)} (or unset), got {path!r}")
@@ -413,11 +416,11 @@ def _launch_config(x: Tensor, k: int, B: int) -> dict:
                 BT1=32 if BK <= 128 else 16, BD1=(32 if ieee else 64) // (2 if BK >= 512 else 1), W1=8, S1=3)
 
 
-def add_product(x: Tensor, A: Tensor, W: Tensor) -> Tensor:
-    """x + A W^T as a new tensor (x [N, d], A [N, K], W [d, K], all contiguous, one dtype):
-    one pass over x, where torch.addmm first copies x into its result."""
+def add_product(x: Tensor, A: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """x + A W^T as a new tensor, or into out (x, out [N, d], A [N, K], W [d, K], all
+    contiguous, one dtype): one pass over x, where torch.addmm first copies x into its result."""
     N, d = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     cfg = _add_product_config(x)
     _add_product_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(d, cfg["BN"]))](
         x, A, W, out, N, d, A.shape[1], IEEE=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
@@ -538,10 +541,12 @@ def projections(xs, RV: Tensor, basis: Tensor, reflect: Optional[Tensor], method
 
 
 def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
-            u: Tensor, m: Tensor, m_stride: int, has_mask: bool, keep_projections: bool = False):
+            u: Tensor, m: Tensor, m_stride: int, has_mask: bool, keep_projections: bool = False,
+            out: Optional[Tensor] = None):
     """out [B, T, d]. base, source, weights, basis, reflect contiguous; u = R^T v [B, k] fp32;
     m the mask ([B, k] with m_stride k, or [k] with m_stride 0). With keep_projections,
-    (out, P_S [B*S, Kc], P_B [B*T, Kc]): the backward takes them instead of two GEMMs over d."""
+    (out, P_S [B*S, Kc], P_B [B*T, Kc]): the backward takes them instead of two GEMMs over d.
+    out: a contiguous [B, T, d] tensor to write into (else a new one)."""
     B, T, d = base.shape
     S, k = source.shape[1], basis.shape[1]
     basis = basis.to(base.dtype)
@@ -560,8 +565,43 @@ def forward(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflec
         HAS_REFLECT=reflect is not None, HAS_MASK=has_mask, HAS_GRAD=False,
         BT=cfg["BT"], BK=cfg["BK"], BS=cfg["BS"], BB=cfg["BB"], PREC=_precision(base), num_warps=cfg["W"],
     )
-    out = add_product(base.view(B * T, d), E, RV).view(B, T, d)
+    out = add_product(base.view(B * T, d), E, RV, None if out is None else out.view(B * T, d)).view(B, T, d)
     return (out, PS, PB) if keep_projections else out
+
+
+ENV_CHUNK_MB = "HYPERDAS_FAST_TRITON_CHUNK_MB"
+
+
+def chunk_examples(T: int, d: int, element_size: int) -> int:
+    """Examples per chunk of the chunked forward: as many as keep a chunk's base under
+    HYPERDAS_FAST_TRITON_CHUNK_MB (default 12 MB; an H100's L2 holds 50 MB), at least one."""
+    value = os.environ.get(ENV_CHUNK_MB, "12")
+    try:
+        mb = float(value)
+    except ValueError:
+        raise ValueError(f"{ENV_CHUNK_MB} must be a number of megabytes, got {value!r}") from None
+    if not mb > 0:
+        raise ValueError(f"{ENV_CHUNK_MB} must be positive, got {value!r}")
+    return max(1, int(mb * 2**20) // max(1, T * d * element_size))
+
+
+def forward_chunked(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
+                    u: Tensor, m: Tensor, m_stride: int, has_mask: bool) -> Tensor:
+    """``forward`` over chunks of examples (``chunk_examples``), one after another, into one
+    output. The projected forward reads base twice (its projection, then the output kernel);
+    per chunk, the second read should find the chunk's base still in the L2, so base would
+    come from memory once. Each chunk's RV also carries only its own examples' reflection
+    columns. Experimental (HYPERDAS_FAST_TRITON_SOFT=chunked): no GPU has timed it."""
+    B = base.shape[0]
+    per = chunk_examples(base.shape[1], base.shape[2], base.element_size())
+    if per >= B:
+        return forward(base, source, weights, basis, reflect, u, m, m_stride, has_mask)
+    out = torch.empty_like(base)
+    for b0 in range(0, B, per):
+        rows = slice(b0, min(B, b0 + per))
+        forward(base[rows], source[rows], weights[rows], basis, None if reflect is None else reflect[rows],
+                u if reflect is None else u[rows], m[rows] if m_stride else m, m_stride, has_mask, out=out[rows])
+    return out
 
 
 def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor, reflect: Optional[Tensor],
