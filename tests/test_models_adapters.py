@@ -209,6 +209,12 @@ def test_hard_modes():
     assert hard_source_index(w, "global_argmax").tolist() == [[0, -1, -1]]
     # source 0 bids for column 0 (0.6), source 1 for column 0 too (0.3): column 0 takes source 0
     assert hard_source_index(w, "bidding_argmax").tolist() == [[0, -1, -1]]
+    # as in the original code, [SELF] counts as at least 0.1 (BIDDING_THRESHOLD) and a tie goes
+    # to the bidder: 0.08 beats [SELF] 0.05 but not the threshold; 0.1 ties it and wins
+    weak = torch.tensor([[[0.08, 0.0], [0.0, 0.1], [0.05, 0.05]]])
+    assert hard_source_index(weak, "bidding_argmax").tolist() == [[-1, 1]]
+    tie = torch.tensor([[[0.3, 0.0], [0.0, 0.2], [0.3, 0.5]]])
+    assert hard_source_index(tie, "bidding_argmax").tolist() == [[0, -1]]
     mask = torch.tensor([[False, True, True]])
     assert hard_source_index(w, "column_argmax", base_mask=mask).tolist() == [[-1, -1, 0]]
     with pytest.raises(ValueError, match="inference_mode"):

@@ -19,8 +19,9 @@ Hard inference modes turn the weights into ``source_index`` [B, T] (KEEP = -1):
 - ``global_argmax``: per example, only the single (s, t) source entry with the highest
   weight is intervened.
 - ``bidding_argmax``: each source token bids for the base column where its weight is
-  highest; each column takes its highest bidder if that bid beats the column's [SELF]
-  weight (so every source token feeds at most one base token).
+  highest; each column takes its highest bidder if that bid is at least the column's
+  [SELF] weight raised to ``BIDDING_THRESHOLD`` (0.1, as in the original code, where a tie
+  goes to the bidder), so every source token feeds at most one base token.
 - ``groundtruth``: base token ``base_entity_pos`` takes source token ``source_entity_pos``
   (examples with -1 are left unchanged).
 """
@@ -86,6 +87,11 @@ class PositionSelector(nn.Module):
         return torch.where(base_mask.bool().unsqueeze(1), weights, keep)
 
 
+# The original's bidding_threshold: a column's [SELF] weight counts as at least this much
+# against the bids, so a weak bid (a near-uniform selector) leaves the column unchanged.
+BIDDING_THRESHOLD = 0.1
+
+
 def hard_source_index(
     weights: Tensor,
     mode: str,
@@ -122,7 +128,7 @@ def hard_source_index(
         board = torch.full((batch, num_source, seq), -1.0, device=device)
         board.scatter_(2, target.unsqueeze(-1), bid.unsqueeze(-1))
         best_bid, best_source = board.max(dim=1)  # [B, T]
-        take = (best_bid > w[:, num_source, :]) & (best_bid >= 0)
+        take = (best_bid >= w[:, num_source, :].clamp(min=BIDDING_THRESHOLD)) & (best_bid >= 0)
         index = torch.where(take, best_source, index)
     elif mode == "groundtruth":
         if base_entity_pos is None or source_entity_pos is None:
