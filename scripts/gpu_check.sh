@@ -22,6 +22,10 @@
 #      SmolLM2's shape -> training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its config.json and
 #      tokenizer files).
 # Each stage has its own time limit and a failure does not stop the later ones.
+# The stages' limits add up to more than one device call's 600 s: split the work over two calls on
+# the warm machine (the in-place build stays): e.g. SKIP_BENCH=1 (build + tests), then SKIP_TESTS=1
+# (build, a no-op by then, + benchmark + PROFILE=1). The GPU tests: 134 took 86 s at 9c92bc7;
+# there are 292 now.
 # SKIP_BUILD=1 skips step 1 (for a call that measures Triton changes only); SWEEP_ARGS, BENCH_BACKENDS
 # and PROFILE_BACKENDS pass arguments on (e.g. SWEEP_ARGS=--baselines-only, BENCH_BACKENDS="torch triton").
 # BENCH_SHAPES (e.g. "llama3_B32_T128 llama3_B8_T128") limits the op benchmark to some shapes;
@@ -88,11 +92,13 @@ stage "build done: rc=$(cat "$WORK/build.rc")"
 status+=("build=$(cat "$WORK/build.rc")"); tail -3 "$WORK/build.log" | tee -a "$LOG"
 "$PY" -c "from hyperdas_fast import ops; print('backends on cuda:', ops.available_backends('cuda'))" 2>&1 | tee -a "$LOG"
 
+if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
 stage "op benchmark"
 timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_ops.py --device cuda --dtype bfloat16 --triton-paths --cuda-paths \
   ${BENCH_BACKENDS:+--backends $BENCH_BACKENDS} \
   ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} ${PEAK:+--peak-gbps $PEAK} --out "$WORK/ops_$TAG.json" >"$WORK/bench_ops.log" 2>&1
 rc=$?; status+=("bench_ops=$rc")
+fi
 
 if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
   stage "op benchmark, cuda with its fused kernels forced"
@@ -102,14 +108,16 @@ if [[ "${BENCH_FUSED:-0}" == 1 ]]; then
   rc=$?; status+=("bench_ops_fused=$rc")
 fi
 
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
 stage "tests (pytest -m gpu)"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 # -v: each test's outcome is printed when it ends, so a stage cut by its time limit still
 # names its failures (the summary at the end is what a cut loses).
-timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -v --tb=short -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
+timeout "${TEST_TIMEOUT:-260}" "$PY" -m pytest -v --tb=short -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
   ${TEST_K:+-k "$TEST_K"} tests/test_ops_triton.py tests/test_ops_library.py tests/test_ops_projected.py \
   >"$WORK/tests.log" 2>&1
 rc=$?; status+=("tests=$rc"); grep -E "FAILED|ERROR|passed|failed" "$WORK/tests.log" | tail -20 | tee -a "$LOG"
+fi
 
 if [[ "${PROFILE:-0}" == 1 ]]; then
   for pass in forward forward+backward; do
