@@ -483,11 +483,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   check_cuda(base_in, "base");
   hyperdas_fast::checks::check_soft(base_in, source_in, weights, basis, reflect, mask);
   hyperdas_fast::checks::check_grad_out(grad_out, base_in);
+  const std::string path = soft_path_override();  // read once per call
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
   if (basis.has_value() &&
-      use_projected(soft_path_override(), base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
-    if (use_kspace_kernels(soft_path_override(), base_in, basis->size(1), false))
+      use_projected(path, base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
+    if (use_kspace_kernels(path, base_in, basis->size(1), false))
       return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
                                   weights, *basis, reflect, mask);
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
