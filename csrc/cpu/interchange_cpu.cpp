@@ -29,6 +29,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -249,13 +250,16 @@ struct Subspace {
 };
 
 // The per-call subspace view shared by the forward, backward and rows kernels.
+// With defer_u, u is allocated but not computed: the per-example paths compute each
+// example's u = v R in the task that owns the example (compute_u), which saves a serial
+// at::mm (16-19 us under torch.profiler at B=16, d=576, k=64, two threads).
 template <typename scalar_t>
 Subspace<scalar_t> make_subspace(const at::Tensor& R, const std::optional<at::Tensor>& reflect,
-                                 const std::optional<at::Tensor>& mask) {
+                                 const std::optional<at::Tensor>& mask, bool defer_u = false) {
   Subspace<scalar_t> sub;
   if (reflect.has_value()) {
     sub.v = reflect->const_data_ptr<scalar_t>();
-    sub.u_storage = at::mm(*reflect, R);
+    sub.u_storage = defer_u ? at::empty({reflect->size(0), R.size(1)}, reflect->options()) : at::mm(*reflect, R);
     sub.u = sub.u_storage.template const_data_ptr<scalar_t>();
   }
   if (mask.has_value()) {
@@ -386,39 +390,45 @@ struct BlockedProblem {
       : B(base.size(0)), T(base.size(1)), d(base.size(2)), S(source.size(1)), k(R_in.size(1)),
         chunks((B + examples_per_chunk(B) - 1) / examples_per_chunk(B)), per_chunk(examples_per_chunk(B)),
         per_block(examples_per_block(T, per_chunk)), R(dense_basis(R_in)), r(basis_operand<scalar_t>(R)),
-        sub(make_subspace<scalar_t>(R, reflect, mask)), wp(weights.const_data_ptr<scalar_t>()),
+        sub(make_subspace<scalar_t>(R, reflect, mask, /*defer_u=*/true)), wp(weights.const_data_ptr<scalar_t>()),
         xp(base.const_data_ptr<scalar_t>()), sp(source.const_data_ptr<scalar_t>()) {}
+
+  // u = v R for examples [b0, b1) (with reflect), by the task that owns them, before any
+  // of their rows reads u (the subspace was made with defer_u).
+  void compute_u(int64_t b0, int64_t b1) const {
+    if (sub.v == nullptr) return;
+    gemm_rowmajor<scalar_t>(false, r.trans_r(), b1 - b0, k, d, 1, sub.v + b0 * d, d, r.p, r.ld, 0,
+                            const_cast<scalar_t*>(sub.u) + b0 * k, k);
+  }
 };
 
 // out [d, k] (any strides) = partials[0] + partials[1] + ... in that order, for every
-// element, so the sum does not depend on the thread count of this loop. One pass split
-// over d's rows. Two ATen ops (copy_, then add_ per partial) cost ~100 us at d=576, k=64:
-// two passes, each a parallel region, over partials written in another core's cache.
+// element, so the sum does not depend on which thread runs it. Run by the task that
+// finishes the last chunk, inside the backward's parallel region: as a parallel region of
+// its own it took ~32 us under torch.profiler at d=576, k=64 on two threads.
 template <typename scalar_t>
-void sum_partials_into(const scalar_t* partials, int64_t chunks, int64_t d, int64_t k, at::Tensor& out) {
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t s0 = out.stride(0), s1 = out.stride(1), part = d * k;
-  at::parallel_for(0, d, std::max<int64_t>(1, 4096 / k), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* __restrict p = partials + i * k;
-      if (s1 == 1) {
-        scalar_t* __restrict o = op + i * s0;
+void sum_partials_into(const scalar_t* partials, int64_t chunks, int64_t d, int64_t k, scalar_t* op,
+                       int64_t s0, int64_t s1) {
+  const int64_t part = d * k;
+  for (int64_t i = 0; i < d; ++i) {
+    const scalar_t* __restrict p = partials + i * k;
+    if (s1 == 1) {
+      scalar_t* __restrict o = op + i * s0;
 #pragma omp simd
-        for (int64_t j = 0; j < k; ++j) o[j] = p[j];
-        for (int64_t c = 1; c < chunks; ++c) {
-          const scalar_t* __restrict pc = p + c * part;
+      for (int64_t j = 0; j < k; ++j) o[j] = p[j];
+      for (int64_t c = 1; c < chunks; ++c) {
+        const scalar_t* __restrict pc = p + c * part;
 #pragma omp simd
-          for (int64_t j = 0; j < k; ++j) o[j] += pc[j];
-        }
-      } else {
-        for (int64_t j = 0; j < k; ++j) {
-          scalar_t acc = p[j];
-          for (int64_t c = 1; c < chunks; ++c) acc += p[c * part + j];
-          op[i * s0 + j * s1] = acc;
-        }
+        for (int64_t j = 0; j < k; ++j) o[j] += pc[j];
+      }
+    } else {
+      for (int64_t j = 0; j < k; ++j) {
+        scalar_t acc = p[j];
+        for (int64_t c = 1; c < chunks; ++c) acc += p[c * part + j];
+        op[i * s0 + j * s1] = acc;
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t>
@@ -451,6 +461,7 @@ FwdOut fwd_per_example(const at::Tensor& base, const at::Tensor& source, const a
     scalar_t* eu = dv + max_rows;
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
+      P.compute_u(chunk * per_chunk, chunk_end);
       for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
         const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
         scalar_t* delta = Dp != nullptr ? Dp + n0 * d : delta_buf;  // the block's rows [rows, d]
@@ -520,6 +531,11 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
   scalar_t* gmp = gm_rows.data_ptr<scalar_t>();
   scalar_t* Qp = Q.data_ptr<scalar_t>();
   scalar_t* bpp = basis_partial.data_ptr<scalar_t>();
+  // In R's memory layout (AccumulateGrad then need not copy it to match a column-major R).
+  at::Tensor g_basis = at::empty_like(R_in, at::MemoryFormat::Preserve);
+  scalar_t* gRp = g_basis.data_ptr<scalar_t>();
+  const int64_t gR_s0 = g_basis.stride(0), gR_s1 = g_basis.stride(1);
+  std::atomic<int64_t> chunks_done{0};  // the task that completes the last chunk sums the partials
   const std::vector<scalar_t> zeros_k(k, scalar_t(0)), ones_k(k, scalar_t(1));
   {
     HDF_SCOPE("hdf_bwd_per_example");
@@ -534,6 +550,7 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         scalar_t* basis_acc = bpp + chunk * d * k;  // [d, k] row-major
         const int64_t chunk_end = std::min(B, (chunk + 1) * per_chunk);
+        P.compute_u(chunk * per_chunk, chunk_end);
         for (int64_t b0 = chunk * per_chunk; b0 < chunk_end; b0 += per_block) {
           const int64_t b1 = std::min(chunk_end, b0 + per_block), rows = (b1 - b0) * T, n0 = b0 * T;
           const scalar_t* x = xp + n0 * d;  // the block's rows
@@ -600,13 +617,14 @@ Grads bwd_per_example(const at::Tensor& G, const at::Tensor& base, const at::Ten
             gemm_rowmajor<scalar_t>(false, true, S, T, d, 1, sp + b * S * d, d, gdb, d, 0, gwp + b * Sp1 * T, T);
           }
         }
+        // acq_rel: the last task sees every other task's partial
+        if (chunks_done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+          sum_partials_into<scalar_t>(bpp, chunks, d, k, gRp, gR_s0, gR_s1);
+        }
       }
     });
   }
   at::Tensor g_mask = has_m ? (mask->dim() == 2 ? gm_rows : gm_rows.sum(0)) : at::empty({0}, opts);
-  // In R's memory layout (AccumulateGrad then need not copy it to match a column-major R).
-  at::Tensor g_basis = at::empty_like(R_in, at::MemoryFormat::Preserve);
-  sum_partials_into<scalar_t>(bpp, chunks, d, k, g_basis);
   return Grads(g_base, g_source, g_weights, g_basis, g_reflect, g_mask);
 }
 
