@@ -67,6 +67,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "feature_dim", type=int, default=128)
     _opt(p, "num_hypernet_layers", type=int, default=2)
     _opt(p, "subspace", default="reflect", choices=("reflect", "mask", "das", "boundless"))
+    _opt(p, "selector", default="rotary", choices=("rotary", "additive"),
+         help="HyperDAS position selector: 'rotary' pair positions as in the original, or 'additive' "
+              "(no rotary; every base token then prefers the same source token)")
     _opt(p, "epochs", type=int, default=5)
     _opt(p, "batch_size", type=int, default=16)
     _opt(p, "eval_batch_size", type=int, default=32)
@@ -115,14 +118,15 @@ def default_run_dir(method: str, domain: str, attribute: Optional[str]) -> Path:
 
 def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", dtype=None, device=None, backend: str = "auto", tokenizer=None,
-                 seed=None):
-    """``seed``: seeds the random initialisation (None: torch's global RNG)."""
+                 seed=None, selector: str = "rotary"):
+    """``seed``: seeds the random initialisation (None: torch's global RNG). ``selector``:
+    HyperDAS only (MDAS has no position selector)."""
     if method == "hyperdas":
         from .models.hyperdas import HyperDAS
 
         return HyperDAS(model, layer=layer, feature_dim=feature_dim, num_hypernet_layers=num_hypernet_layers,
                         subspace=subspace, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer,
-                        seed=seed)
+                        seed=seed, selector=selector)
     if method == "mdas":
         from .models.mdas import MDAS
 
@@ -173,7 +177,7 @@ def run_train(args) -> Dict[str, Any]:
     for domain, run_dir in jobs:
         wrapper = build_method(args.method, target if target is not None else args.model, args.layer, args.feature_dim,
                                args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer,
-                               seed=args.seed)  # same --seed, same initial weights (and, per domain, the same as alone)
+                               seed=args.seed, selector=args.selector)  # same --seed, same initial weights (and, per domain, the same as alone)
         target, tokenizer = wrapper.target, wrapper.tokenizer  # reuse the loaded target for the next domain
         result = Trainer(wrapper, _train_config(args, domain, run_dir)).train()
         ev = result.get("eval") or {}
@@ -263,11 +267,13 @@ def load_trained(model_path, model=None, device=None):
     method = str(run_cfg.get("method", "HyperDAS")).lower()
     name = model if model is not None else run_cfg.get("model")
     from .models.default_model import DEFAULT_MODEL_NAME
+    from .models.hyperdas import LEGACY_SELECTOR
 
     if name in ("", DEFAULT_MODEL_NAME):
         name = None
     wrapper = build_method(method, name, mc.get("layer", 15), mc.get("feature_dim", 128),
-                           mc.get("num_hypernet_layers", 2), mc.get("subspace", "reflect"), device=device)
+                           mc.get("num_hypernet_layers", 2), mc.get("subspace", "reflect"), device=device,
+                           selector=mc.get("selector", LEGACY_SELECTOR))
     ckpt.load_checkpoint(ckpt_file, wrapper.model, restore_rng=False)
     return wrapper, run_cfg
 

@@ -1,5 +1,7 @@
 """HyperDAS model: intervened forward vs a hook-built reference, block-call counts, training,
 intervene(), save/load, and bad input."""
+import json
+
 import pytest
 import torch
 
@@ -237,6 +239,29 @@ def test_save_load_roundtrip(smollm2, batch, tmp_path):
                    if any(b is v for v in hd.model.state_dict(keep_vars=True).values()))
     assert sum(v.numel() for v in saved.values()) == expected
     assert sum(v.numel() for v in saved.values()) < 0.2 * sum(p.numel() for p in target.parameters())
+
+
+def test_selector_option_is_saved_and_legacy_checkpoints_load_additive(smollm2, batch, tmp_path):
+    """The rotary selector (default) takes the target's own rotary frequencies; the option is
+    in the config and survives save/load; a checkpoint whose config has no "selector" entry
+    (saved before the option existed) loads with the additive selector it was trained with."""
+    target, tok = smollm2
+    hd = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, seed=1)
+    assert hd.config["selector"] == "rotary" and hd.model.selector.rotary
+    torch.testing.assert_close(hd.model.selector.inv_freq, target.model.rotary_emb.inv_freq.float())
+    hd.save(tmp_path / "ckpt")
+    assert HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok).model.selector.rotary
+    cfg_path = tmp_path / "ckpt" / "hyperdas_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["selector"]
+    cfg_path.write_text(json.dumps(cfg))
+    legacy = HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok)
+    assert legacy.config["selector"] == "additive" and not legacy.model.selector.rotary
+    with torch.no_grad():
+        w_rotary, w_additive = hd.model(batch).weights, legacy.model(batch).weights
+    assert not torch.allclose(w_rotary, w_additive)
+    with pytest.raises(ValueError, match="selector must be one of"):
+        HyperDASModel(target, layer=LAYER, feature_dim=8, num_hypernet_layers=1, selector="pairwise")
 
 
 def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):

@@ -250,6 +250,36 @@ def test_hyperdas_short_training(tok, records, tmp_path):
     assert cfg["method"] == "HyperDAS" and cfg["model_config"]["layer"] == 1
 
 
+def test_resume_refuses_another_selector(tok, records, tmp_path):
+    """The rotary and additive selectors have the same weights but different scores: a run
+    resumed with the other one would train half of each. Refused; so is resuming, with the
+    rotary default, a checkpoint saved before checkpoints recorded the selector (additive)."""
+    from hyperdas_fast.models.hyperdas import HyperDAS
+
+    def hyperdas(selector):
+        return HyperDAS(tiny_llama(len(tok)), layer=1, feature_dim=8, num_hypernet_layers=1, tokenizer=tok,
+                        seed=3, selector=selector)
+
+    cfg = dict(epochs=1, max_steps=2, checkpoint_every=1, final_eval=False)
+    Trainer(hyperdas("additive"), _cfg(records, tmp_path, **cfg)).train()
+    with pytest.raises(ValueError, match=r"model was built with selector='additive' \(now 'rotary'\)"):
+        Trainer(hyperdas("rotary"), _cfg(records, tmp_path, **cfg, resume=True)).train()
+    Trainer(hyperdas("additive"), _cfg(records, tmp_path, **cfg, resume=True)).train()  # the same one resumes
+    # a checkpoint without model_config (older than the option) counts as additive
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = ckpt.latest_checkpoint(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(metadata["state"])
+    assert state["trainer"]["model_config"]["selector"] == "additive"
+    state["trainer"].pop("model_config")
+    save_file(tensors, str(path), metadata={**metadata, "state": json.dumps(state)})
+    with pytest.raises(ValueError, match=r"selector='additive' \(now 'rotary'\)"):
+        Trainer(hyperdas("rotary"), _cfg(records, tmp_path, **cfg, resume=True)).train()
+
+
 def test_periodic_eval_spreads_over_domains_and_sizes_are_checked():
     """The periodic evaluation's eval_max_examples records are spread over the test records
     (grouped by domain and attribute), where the first ones covered only the first domain

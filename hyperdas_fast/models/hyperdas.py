@@ -225,6 +225,24 @@ def check_target(config: Dict[str, Any], model: nn.Module, directory) -> None:
                          f"weights differ ({config.get('target_name')!r} vs {here!r})")
 
 
+SELECTORS = ("rotary", "additive")
+# What a checkpoint without a "selector" entry was trained with (saved before the option).
+LEGACY_SELECTOR = "additive"
+
+
+def rotary_frequencies(target: nn.Module, adapter, head_dim: int) -> Optional[Tensor]:
+    """The target's rotary frequencies [head_dim / 2] for the selector (its scaled variants,
+    such as Llama 3's, included), or None (a model without rotary embeddings, such as GPT-2:
+    the selector then uses theta = 10000, or the config's rope_theta)."""
+    inv_freq = getattr(getattr(adapter, "rotary", None), "inv_freq", None)
+    if isinstance(inv_freq, Tensor) and inv_freq.numel() == head_dim // 2:
+        return inv_freq.detach().float().cpu()
+    theta = getattr(getattr(target, "config", None), "rope_theta", None)
+    if isinstance(theta, (int, float)) and theta > 0:
+        return float(theta) ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
+    return None
+
+
 class HyperDASModel(nn.Module):
     """Frozen target + hypernetwork + position selector + subspace module.
 
@@ -237,11 +255,13 @@ class HyperDASModel(nn.Module):
         reuse_prefix: run only blocks L..N-1 for the intervened run (False: recompute 0..L-1).
         init_from_target: initialise the hypernetwork from the target's weights.
         backend: op backend for ``ops.interchange`` ("auto", "torch", ...).
+        selector: "rotary" (the original's rotary pair positions, the default) or "additive"
+            (no rotary: what checkpoints saved before this option used); see models/selector.py.
     """
 
     def __init__(self, target: nn.Module, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", reuse_prefix: bool = True, init_from_target: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", selector: str = "rotary"):
         super().__init__()
         adapter = get_adapter(target)
         n = adapter.num_layers
@@ -252,6 +272,8 @@ class HyperDASModel(nn.Module):
             raise ValueError(f"feature_dim must be an integer in [1, hidden size = {d}], got {feature_dim!r}")
         if subspace not in SUBSPACES:
             raise ValueError(f"subspace must be one of {SUBSPACES}, got {subspace!r}")
+        if selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
         for p in target.parameters():
             p.requires_grad_(False)
         target.eval()
@@ -262,7 +284,9 @@ class HyperDASModel(nn.Module):
         self.reuse_prefix, self.backend = reuse_prefix, backend
         kw = dict(dtype=adapter.dtype, device=adapter.device)
         self.hypernet = HyperNetwork(adapter, num_hypernet_layers, init_from_target=init_from_target)
-        self.selector = PositionSelector(d, adapter.num_heads, **kw)
+        self.selector_name = selector
+        self.selector = PositionSelector(d, adapter.num_heads, rotary=selector == "rotary",
+                                         inv_freq=rotary_frequencies(target, adapter, d // adapter.num_heads), **kw)
         self.subspace = make_subspace(subspace, d, feature_dim, **kw)
 
     # -- parameters --------------------------------------------------------------
@@ -330,7 +354,7 @@ class HyperDASModel(nn.Module):
         hidden = self.hypernet(concept_ids, concept_am, base_keys, base_key_mask, src_keys, src_key_mask)
         last = concept_am.long().sum(dim=1).clamp_min(1) - 1
         query = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = self.selector(query, base_L, src_L, inter, src_am.bool())
+        weights = self.selector(query, base_L, src_L, inter, src_am.bool(), query_pos=last)
         basis, reflect, mask = self.subspace(query)
         source_index = None
         if not self.reuse_prefix:
@@ -389,7 +413,7 @@ class HyperDAS:
                  num_hypernet_layers: int = 2, subspace: str = "reflect", dtype: Optional[torch.dtype] = None,
                  device: Optional[Union[str, torch.device]] = None, tokenizer=None,
                  init_from_target: bool = True, reuse_prefix: bool = True, backend: str = "auto",
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, selector: str = "rotary"):
         """``seed``: the randomly initialised parts (selector, subspace module; the hypernetwork
         too with ``init_from_target=False``) are drawn from generators seeded with it, so the
         same seed gives the same initial weights in every process. None: torch's global RNG."""
@@ -422,10 +446,10 @@ class HyperDAS:
             self.model = HyperDASModel(target, layer=layer, feature_dim=feature_dim,
                                        num_hypernet_layers=num_hypernet_layers, subspace=subspace,
                                        reuse_prefix=reuse_prefix, init_from_target=init_from_target,
-                                       backend=backend)
+                                       backend=backend, selector=selector)
         self.collator = HyperDASCollator(tokenizer)
         self.config = {"layer": layer, "feature_dim": feature_dim, "num_hypernet_layers": num_hypernet_layers,
-                       "subspace": subspace, "init_from_target": init_from_target}
+                       "subspace": subspace, "init_from_target": init_from_target, "selector": selector}
 
     @property
     def device(self) -> torch.device:
@@ -603,6 +627,8 @@ class HyperDAS:
         # init_from_target as saved: the weights are overwritten below either way, but the
         # loaded object's config (and a checkpoint saved from it) keeps saying how it began
         kwargs.setdefault("init_from_target", config.get("init_from_target", True))
+        # the selector it was trained with (the weights fit either; the scores do not)
+        kwargs.setdefault("selector", config.get("selector", LEGACY_SELECTOR))
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)
@@ -612,5 +638,5 @@ class HyperDAS:
         return hd
 
 
-__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "check_target", "load_checkpoint_weights",
+__all__ = ["HyperDAS", "HyperDASModel", "HyperDASOutput", "SELECTORS", "check_target", "load_checkpoint_weights",
            "loadable_name", "read_checkpoint", "target_fingerprint", "target_to_load", "write_checkpoint"]

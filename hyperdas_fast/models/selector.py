@@ -4,14 +4,33 @@ A cross-attention head whose query is the hypernetwork's last token and whose ke
 the (source s, base t) pairs at the intervened layer plus one [SELF] key per base token.
 In the original code each pair key is ``k_proj(q_combine([base_t ; source_s]))``, a
 [B, S, T, 2d] tensor. ``q_combine`` is linear, so ``q_combine([a; b]) = W1 a + W2 b + c``
-and the pair score splits into a base part and a source part:
+and the pair key splits into a base part and a source part,
 
-    score[b, h, s, t] = <q_h, K_h(W1 a_t + c)> + <q_h, K_h W2 b_s>
+    k[s, t] = K(W1 a_t + c) + K W2 b_s = kb[t] + ks[s],
 
 computed from one [B, T, d] and one [B, S, d] projection. The [SELF] key of base token t
 is ``K_self(a_t)``. Scores are averaged over heads and softmaxed over the S+1 axis.
 Source padding rows get zero weight; base columns outside the intervention mask (padding,
 label tokens) are forced to [SELF].
+
+Rotary positions (``rotary=True``, the default, as in the original): the original lays the
+keys out as one flattened list, the S x T pairs row by row and then the T [SELF] keys, and
+rotates query and keys with rotary embeddings at their positions in it (valid entries
+counted from 1, as its ``cumsum(mask) * mask`` does). Pair (s, t) sits at
+p = rs(s) Tb + rt(t) + 1, where rs, rt count the valid source / base tokens before s / t
+and Tb is the number of valid base tokens. With the rotary pairs of each head as complex
+numbers (HF's rotate-half layout), the score is
+
+    score[s, t] = Re sum_j conj(q_j) (kb_j[t] + ks_j[s]) exp(i theta_j (p(s, t) - p_q))
+                = Re [A(s) . kb~(t)] + Re [sum_h A(s) ks(s)] . exp(i theta (rt(t) + 1)),
+    A(s) = conj(q) exp(i theta (rs(s) Tb - p_q)),   kb~(t) = kb(t) exp(i theta (rt(t) + 1)),
+
+two batched products of [B, S, d] x [d, T] and [B, S, hd] x [hd, T]: still no pair
+tensor. The phase varies with s and t jointly, so different base tokens can prefer
+different source tokens. Without rotary (``rotary=False``, what checkpoints from before
+this option were trained with) score[s, t] = ss[s] + sb[t]: every base column prefers the
+same source token, column_argmax draws on one source token per example and
+bidding_argmax changes at most one column.
 
 Hard inference modes turn the weights into ``source_index`` [B, T] (KEEP = -1):
 
@@ -39,11 +58,29 @@ INFERENCE_MODES = ("default", "column_argmax", "global_argmax", "bidding_argmax"
 class PositionSelector(nn.Module):
     """weights [B, S+1, T] from the hypernetwork query [B, d] and layer-L states."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dtype=None, device=None):
+    def __init__(self, hidden_size: int, num_heads: int, dtype=None, device=None, rotary: bool = True,
+                 inv_freq: Optional[Tensor] = None, rope_theta: float = 10000.0):
+        """rotary: rotate query and keys at their positions in the original's flattened key list
+        (see the module docstring). inv_freq [head_dim / 2]: the rotary frequencies (the target
+        model's, so that scaled variants such as Llama 3's carry over); None: ``rope_theta **
+        (-2j / head_dim)``."""
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.rotary = bool(rotary)
+        if self.rotary:
+            if self.head_dim % 2:
+                raise ValueError(f"rotary needs an even head_dim, got {self.head_dim} "
+                                 f"(hidden_size {hidden_size} / num_heads {num_heads})")
+            half = self.head_dim // 2
+            if inv_freq is None:
+                inv_freq = rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / self.head_dim)
+            inv_freq = torch.as_tensor(inv_freq).detach().reshape(-1)
+            if inv_freq.numel() != half:
+                raise ValueError(f"inv_freq must have head_dim / 2 = {half} entries, got {inv_freq.numel()}")
+            # not a parameter and not saved: derived from the target model's config
+            self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=torch.float32), persistent=False)
         kw = dict(dtype=dtype, device=device)
         self.q_proj = nn.Linear(hidden_size, hidden_size, **kw)
         # q_combine: Linear(2d -> d) over [base ; source]; kept as one weight, applied in halves.
@@ -60,9 +97,12 @@ class PositionSelector(nn.Module):
         ks = (source @ w2.t()) @ self.k_proj.weight.t()
         return kb, ks
 
-    def forward(self, query: Tensor, base: Tensor, source: Tensor, base_mask: Tensor, source_mask: Tensor) -> Tensor:
+    def forward(self, query: Tensor, base: Tensor, source: Tensor, base_mask: Tensor, source_mask: Tensor,
+                query_pos: Optional[Tensor] = None) -> Tensor:
         """query [B, d]; base [B, T, d], source [B, S, d] layer-L states; base_mask [B, T] bool
-        (True = may be intervened), source_mask [B, S] bool (True = real token) -> [B, S+1, T]."""
+        (True = may be intervened), source_mask [B, S] bool (True = real token); query_pos [B]
+        the query token's position in the hypernetwork's input (rotary only; None: 0)
+        -> [B, S+1, T]."""
         from .hypernetwork import rms_unit
 
         base_n = rms_unit(base) * self.state_scale
@@ -73,18 +113,69 @@ class PositionSelector(nn.Module):
         kb, ks = self.pair_parts(base_n, source_n)
         kself = self.self_proj(base_n)
         scale = hd ** -0.5 / heads  # mean over heads of scaled dot products
-        # sum_h <q_h, k_h> / H == <q, k> / H with q, k flattened over heads.
-        q_flat = q.reshape(batch, 1, heads * hd)
-        score_base = (kb * q_flat).sum(-1) * scale  # [B, T]
-        score_source = (ks * q_flat).sum(-1) * scale  # [B, S]
-        score_self = (kself * q_flat).sum(-1) * scale  # [B, T]
-        scores = score_source.unsqueeze(-1) + score_base.unsqueeze(1)  # [B, S, T]
+        if self.rotary:
+            scores, score_self = self._rotary_scores(q, kb, ks, kself, base_mask.bool(), source_mask.bool(), query_pos)
+            scores, score_self = scores * scale, score_self * scale
+        else:
+            # sum_h <q_h, k_h> / H == <q, k> / H with q, k flattened over heads.
+            q_flat = q.reshape(batch, 1, heads * hd)
+            score_base = (kb * q_flat).sum(-1) * scale  # [B, T]
+            score_source = (ks * q_flat).sum(-1) * scale  # [B, S]
+            score_self = (kself * q_flat).sum(-1) * scale  # [B, T]
+            scores = score_source.unsqueeze(-1) + score_base.unsqueeze(1)  # [B, S, T]
         scores = scores.masked_fill(~source_mask.bool().unsqueeze(-1), float("-inf"))
         scores = torch.cat([scores, score_self.unsqueeze(1)], dim=1)  # [B, S+1, T]
         weights = torch.softmax(scores.float(), dim=1).to(base.dtype)
         keep = torch.zeros_like(weights)
         keep[:, -1, :] = 1.0
         return torch.where(base_mask.bool().unsqueeze(1), weights, keep)
+
+    def _rotary_scores(self, q: Tensor, kb: Tensor, ks: Tensor, kself: Tensor, base_mask: Tensor,
+                       source_mask: Tensor, query_pos: Optional[Tensor]):
+        """Unscaled, head-summed rotary scores: pairs [B, S, T] and [SELF] [B, T], in float32
+        (float64 for float64 inputs; see the module docstring for the algebra)."""
+        batch, seq, _ = kb.shape
+        cdt = torch.promote_types(kb.dtype, torch.float32)
+        num_source = ks.shape[1]
+        heads, half = self.num_heads, self.head_dim // 2
+
+        def halves(x, rows):  # [B, X, d] -> real and imaginary parts [B, X, H, hd/2]
+            x = x.to(cdt).view(batch, rows, heads, 2, half)
+            return x[..., 0, :], x[..., 1, :]
+
+        def phase(pos):  # positions [B, X] -> cos, sin [B, X, 1, hd/2] (angles in float64)
+            angle = pos.double().unsqueeze(-1) * self.inv_freq.double()
+            return torch.cos(angle).to(cdt).unsqueeze(2), torch.sin(angle).to(cdt).unsqueeze(2)
+
+        base_count = base_mask.long().sum(1, keepdim=True)  # Tb [B, 1]
+        rank_t = base_mask.long().cumsum(1) - base_mask.long()  # valid base tokens before t
+        rank_s = source_mask.long().cumsum(1) - source_mask.long()
+        qpos = torch.zeros(batch, 1, dtype=torch.long, device=kb.device) if query_pos is None \
+            else query_pos.to(kb.device).long().view(batch, 1)
+        q_re, q_im = halves(q.reshape(batch, 1, -1), 1)  # [B, 1, H, hd/2]
+        q_im = -q_im  # conj(q)
+
+        def times(a_re, a_im, c, s):  # (a_re + i a_im) (c + i s)
+            return a_re * c - a_im * s, a_re * s + a_im * c
+
+        a_re, a_im = times(q_re, q_im, *phase(rank_s * base_count - qpos))  # A(s) [B, S, H, hd/2]
+        ct, st = phase(rank_t + 1)  # [B, T, 1, hd/2]
+        kb_re, kb_im = times(*halves(kb, seq), ct, st)
+        # Re[A . kb~] = A_re . kb~_re - A_im . kb~_im, summed over heads and frequencies
+        pair = torch.bmm(torch.cat([a_re, -a_im], -1).reshape(batch, num_source, -1),
+                         torch.cat([kb_re, kb_im], -1).reshape(batch, seq, -1).transpose(1, 2))
+        ks_re, ks_im = halves(ks, num_source)
+        c_re, c_im = times(a_re, a_im, ks_re, ks_im)
+        c_re, c_im = c_re.sum(2), c_im.sum(2)  # over heads: the phase of t is the same in every head
+        pair = pair + torch.bmm(torch.cat([c_re, -c_im], -1),
+                                torch.cat([ct.squeeze(2), st.squeeze(2)], -1).transpose(1, 2))
+        # [SELF] keys after the S x T pairs: valid pairs Sv * Tb, then every base index t
+        valid_pairs = source_mask.long().sum(1, keepdim=True) * base_count
+        t_index = torch.arange(seq, device=kb.device).unsqueeze(0)
+        self_re, self_im = times(q_re, q_im, *phase(valid_pairs + t_index + 1 - qpos))  # [B, T, H, hd/2]
+        k_re, k_im = halves(kself, seq)
+        score_self = (self_re * k_re - self_im * k_im).sum((2, 3))
+        return pair, score_self
 
 
 # The original's bidding_threshold: a column's [SELF] weight counts as at least this much

@@ -370,6 +370,14 @@ class Trainer:
         return evaluate(self.net, records, self.collator, modes=modes, batch_size=self.config.eval_batch_size,
                         progress=self.config.progress and self.dist.is_main)
 
+    def _model_config(self) -> Dict[str, Any]:
+        """The model's construction options (layer, subspace, selector, ...) that a resumed run
+        must share: the wrapper's config, or for a bare HyperDASModel its selector."""
+        config = dict(getattr(self.wrapper, "config", None) or {})
+        if hasattr(self.net, "selector_name"):
+            config["selector"] = self.net.selector_name
+        return config
+
     def _write_run_config(self, run_dir: Path) -> None:
         info = {
             "method": self.method,
@@ -425,6 +433,18 @@ class Trainer:
                 diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
                 raise ValueError(f"cannot resume from {path}: it was trained with {diff}; pass the same options, "
                                  f"or start a new run in another checkpoint_dir")
+            saved_model = trainer_state.get("model_config")
+            if saved_model is None and hasattr(self.net, "selector_name"):
+                # saved before checkpoints recorded the model's options: HyperDAS had no rotary selector then
+                from ..models.hyperdas import LEGACY_SELECTOR
+
+                saved_model = {"selector": LEGACY_SELECTOR}
+            now_model = self._model_config()
+            changed = sorted(k for k in (saved_model or {}).keys() & now_model.keys() if saved_model[k] != now_model[k])
+            if changed:
+                diff = ", ".join(f"{k}={saved_model[k]!r} (now {now_model[k]!r})" for k in changed)
+                raise ValueError(f"cannot resume from {path}: its model was built with {diff}; build it the same "
+                                 f"way, or start a new run in another checkpoint_dir")
             if step > total:
                 raise ValueError(f"cannot resume from {path}: it is at step {step}, beyond this run's {total} steps")
             ckpt.load_checkpoint(path, self.net, self.optimizer, self.scheduler)
@@ -572,7 +592,7 @@ class Trainer:
             return None
         state = {"epoch": epoch, "num_train_examples": len(self.train_records), "seed": self.config.seed,
                  "data_order": {"generator_seed": int(self.config.seed) * 1_000_003 + epoch, "next_batch": next_pos},
-                 "config": self.config.to_dict(), "method": self.method}
+                 "config": self.config.to_dict(), "method": self.method, "model_config": self._model_config()}
         return ckpt.save_checkpoint(run_dir, self.step, self.net, self.optimizer, self.scheduler, state,
                                     keep=self.config.keep_checkpoints)
 

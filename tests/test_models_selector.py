@@ -1,0 +1,110 @@
+"""Position selector: the factored scores against the original's formulation built literally
+(the [B, S, T, 2d] pair tensor, a flattened key list, rotary embeddings applied with
+Hugging Face's own apply_rotary_pos_emb at cumsum(mask) * mask positions)."""
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from hyperdas_fast.models.selector import PositionSelector, hard_source_index
+
+
+def original_weights(sel: PositionSelector, query, base, source, base_mask, source_mask, query_pos):
+    """The selector's weights the way the original code computes them, in float64."""
+    from hyperdas_fast.models.hypernetwork import rms_unit
+
+    sel = sel.double()
+    query, base, source = query.double(), base.double(), source.double()
+    B, T, d = base.shape
+    S = source.shape[1]
+    H, hd = sel.num_heads, sel.head_dim
+    base_n = rms_unit(base) * sel.state_scale
+    source_n = rms_unit(source) * sel.state_scale
+    # pair keys k_proj(q_combine([base_t ; source_s])) and the [SELF] keys, as one flat list
+    pairs = torch.cat([base_n.unsqueeze(1).expand(B, S, T, d), source_n.unsqueeze(2).expand(B, S, T, d)], -1)
+    keys = torch.cat([sel.k_proj(sel.q_combine(pairs)), sel.self_proj(base_n).unsqueeze(1)], 1)  # [B, S+1, T, d]
+    keys = keys.reshape(B, (S + 1) * T, H, hd).transpose(1, 2)  # [B, H, (S+1)T, hd]
+    flat_mask = torch.cat([source_mask.unsqueeze(-1) & base_mask.unsqueeze(1),
+                           torch.ones(B, 1, T, dtype=torch.bool)], 1).reshape(B, -1).long()
+    key_pos = flat_mask.cumsum(1) * flat_mask
+    q = sel.q_proj(query).view(B, H, 1, hd)
+
+    def cos_sin(pos):  # HF rotate-half layout: the frequencies repeated over the two halves
+        angle = pos.double().unsqueeze(-1) * sel.inv_freq.double()
+        angle = torch.cat([angle, angle], -1)
+        return angle.cos(), angle.sin()
+
+    kc, ks_ = cos_sin(key_pos)  # [B, (S+1)T, hd]
+    qc, qs = cos_sin(query_pos.view(B, 1))
+    _, keys = apply_rotary_pos_emb(keys, keys, kc, ks_)  # unsqueeze_dim=1: over heads
+    q, _ = apply_rotary_pos_emb(q, q, qc, qs)
+    scores = (q @ keys.transpose(2, 3)).squeeze(2) / hd ** 0.5  # [B, H, (S+1)T]
+    scores = scores.mean(1).view(B, S + 1, T)
+    scores[:, :S] = scores[:, :S].masked_fill(~source_mask.unsqueeze(-1), float("-inf"))
+    weights = torch.softmax(scores, 1)
+    keep = torch.zeros_like(weights)
+    keep[:, -1] = 1.0
+    return torch.where(base_mask.unsqueeze(1), weights, keep)
+
+
+def make_case(B, T, S, d, heads, seed=0, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    sel = PositionSelector(d, heads)
+    with torch.no_grad():
+        for p in sel.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0))
+    query, base, source = (torch.randn(B, d, generator=g), torch.randn(B, T, d, generator=g),
+                           torch.randn(B, S, d, generator=g))
+    base_mask = torch.ones(B, T, dtype=torch.bool)
+    source_mask = torch.ones(B, S, dtype=torch.bool)
+    if padded and B > 1:
+        base_mask[1, T - 2:] = False  # padding / label tokens at the end
+        source_mask[1, S - 1:] = False
+        if B > 2:
+            base_mask[2, 0] = False  # a hole: positions count valid tokens only
+            source_mask[2, 1] = False
+    query_pos = torch.randint(0, 9, (B,), generator=g)
+    return sel, (query, base, source, base_mask, source_mask, query_pos)
+
+
+@pytest.mark.parametrize("B, T, S, d, heads", [(1, 1, 1, 8, 1), (3, 5, 4, 16, 2), (3, 7, 6, 24, 3), (2, 9, 3, 32, 4)])
+def test_rotary_scores_match_the_original_formulation(B, T, S, d, heads):
+    sel, args = make_case(B, T, S, d, heads)
+    got = sel.double()(*[a.double() if a.is_floating_point() else a for a in args])
+    # float64 scores; the selector's softmax runs in float32 whatever the input dtype
+    torch.testing.assert_close(got, original_weights(sel, *args), rtol=1e-6, atol=1e-7)
+
+
+def test_rotary_scores_in_float32_and_with_gradients():
+    sel, args = make_case(3, 7, 6, 24, 3)
+    sel = sel.float()
+    query = args[0].clone().requires_grad_()
+    got = sel(query, *args[1:])
+    ref = original_weights(sel, *args)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+    got[:, :-1].sum().backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all() and query.grad.abs().sum() > 0
+
+
+def test_rotary_lets_base_columns_prefer_different_source_tokens():
+    """What the rotary version is for: without it every column's argmax over the source
+    rows is the same token; with it, columns differ (here, on random weights)."""
+    sel, (query, base, source, base_mask, source_mask, query_pos) = make_case(4, 12, 10, 32, 4, padded=False)
+    rotary = sel(query, base, source, base_mask, source_mask, query_pos)[:, :-1].argmax(1)  # [B, T]
+    sel.rotary = False
+    additive = sel(query, base, source, base_mask, source_mask, query_pos)[:, :-1].argmax(1)
+    assert all(len(set(row.tolist())) == 1 for row in additive)
+    assert any(len(set(row.tolist())) > 1 for row in rotary)
+    # and so column_argmax reaches more than one source token per example
+    picked = hard_source_index(sel.float()(query, base, source, base_mask, source_mask, query_pos), "column_argmax")
+    assert picked.shape == (4, 12)
+
+
+def test_inv_freq_is_checked_and_taken_from_the_caller():
+    with pytest.raises(ValueError, match="even head_dim"):
+        PositionSelector(9, 3)
+    with pytest.raises(ValueError, match="inv_freq must have head_dim / 2 = 4 entries"):
+        PositionSelector(16, 2, inv_freq=torch.ones(3))
+    sel = PositionSelector(16, 2, inv_freq=torch.arange(4.0))
+    assert torch.equal(sel.inv_freq, torch.arange(4.0))
+    assert "inv_freq" not in sel.state_dict()  # derived from the target, not a weight
+    assert PositionSelector(9, 3, rotary=False).rotary is False
