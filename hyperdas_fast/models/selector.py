@@ -79,8 +79,11 @@ class PositionSelector(nn.Module):
             inv_freq = torch.as_tensor(inv_freq).detach().reshape(-1)
             if inv_freq.numel() != half:
                 raise ValueError(f"inv_freq must have head_dim / 2 = {half} entries, got {inv_freq.numel()}")
-            # not a parameter and not saved: derived from the target model's config
-            self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=torch.float32), persistent=False)
+            # not a parameter and not saved: derived from the target model's config. Kept in
+            # float32 whatever the module is cast to (see _apply): bf16 frequencies would put
+            # angles of a few hundred radians off by whole radians.
+            self._inv_freq_fp32 = inv_freq.to(dtype=torch.float32, device="cpu")
+            self.register_buffer("inv_freq", self._inv_freq_fp32.to(device), persistent=False)
         kw = dict(dtype=dtype, device=device)
         self.q_proj = nn.Linear(hidden_size, hidden_size, **kw)
         # q_combine: Linear(2d -> d) over [base ; source]; kept as one weight, applied in halves.
@@ -88,6 +91,14 @@ class PositionSelector(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size, **kw)
         self.self_proj = nn.Linear(hidden_size, hidden_size, **kw)
         self.state_scale = nn.Parameter(torch.ones(hidden_size, **kw))
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() / .bfloat16() cast buffers too: restore inv_freq to float32
+        (on whatever device it moved to)."""
+        super()._apply(fn, recurse)
+        if self.rotary and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
+        return self
 
     def pair_parts(self, base: Tensor, source: Tensor):
         """Projected base keys [B, T, d] (with biases) and source keys [B, S, d] (no bias)."""
