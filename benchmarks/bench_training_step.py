@@ -9,7 +9,8 @@ original (as the paper's code does it)
   - four full HF forwards of the target (output_hidden_states=True, full logits):
     base and counterfactual for the hypernetwork, the counterfactual again for the
     layer-L states, and the intervened base run with a forward pre-hook on block L;
-  - position selector on the concatenated pair tensor [B, S, T, 2d] (q_combine, k_proj);
+  - position selector on the concatenated pair tensor [B, S, T, 2d] (q_combine, k_proj),
+    rotary embeddings on the flattened key list;
   - intervention: einsum mix [B, S, T, d], dense [B, d, d] Householder, patch applied at
     every position; the orthogonal parametrization read three times;
   - cross-entropy over the full [B, T, V] logits;
@@ -60,6 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hyperdas_fast.atomic import publish  # noqa: E402
 from hyperdas_fast.models.hypernetwork import rms_unit  # noqa: E402
 from hyperdas_fast.models.hyperdas import HyperDASModel  # noqa: E402
+from hyperdas_fast.models.selector import selector_weights_reference  # noqa: E402
 from hyperdas_fast.training.losses import hyperdas_loss  # noqa: E402
 
 CITIES = [("Vienna", "Austria"), ("Paris", "France"), ("Tokyo", "Japan"), ("Cairo", "Egypt"),
@@ -134,7 +136,11 @@ def original_forward(model: HyperDASModel, batch):
     S = src_stack.shape[1]
     base_keys = base_stack.reshape(B, T * NL, d)
     src_keys = src_stack.reshape(B, S * NL, d)
-    base_kmask = base_am.bool().unsqueeze(-1).expand(B, T, NL).reshape(B, T * NL)
+    # keys: the base prompt's tokens, not the label tokens the collator appends (the original
+    # masks those too; HyperDASModel.encode uses the same rule)
+    inter = batch["base_intervention_mask"].bool() & base_am.bool()
+    key_tokens = inter | (~inter.any(dim=1, keepdim=True) & base_am.bool())
+    base_kmask = key_tokens.unsqueeze(-1).expand(B, T, NL).reshape(B, T * NL)
     src_kmask = src_am.bool().unsqueeze(-1).expand(B, S, NL).reshape(B, S * NL)
     hidden = original_hypernet(model, batch["concept_input_ids"], batch["concept_attention_mask"],
                                base_keys, base_kmask, src_keys, src_kmask)
@@ -143,22 +149,9 @@ def original_forward(model: HyperDASModel, batch):
     with torch.no_grad():  # forward 3: the counterfactual again, for its layer-L states
         src_L = target(input_ids=src_ids, attention_mask=src_am, output_hidden_states=True).hidden_states[L]
     base_L = base_out.hidden_states[L]
-    # Selector on the [B, S, T, 2d] pair tensor.
-    sel = model.selector
-    base_n = rms_unit(base_L) * sel.state_scale
-    src_n = rms_unit(src_L) * sel.state_scale
-    pair = torch.cat([base_n.unsqueeze(1).expand(B, S, T, d), src_n.unsqueeze(2).expand(B, S, T, d)], dim=-1)
-    keys = sel.k_proj(sel.q_combine(pair))  # [B, S, T, d]
-    q = sel.q_proj(query)
-    scale = sel.head_dim ** -0.5 / sel.num_heads
-    scores = (keys * q[:, None, None, :]).sum(-1) * scale
-    scores = scores.masked_fill(~src_am.bool().unsqueeze(-1), float("-inf"))
-    self_scores = (sel.self_proj(base_n) * q[:, None, :]).sum(-1) * scale
-    weights = torch.softmax(torch.cat([scores, self_scores.unsqueeze(1)], dim=1), dim=1)
-    keep = torch.zeros_like(weights)
-    keep[:, -1, :] = 1.0
-    inter = batch["base_intervention_mask"].bool() & base_am.bool()
-    weights = torch.where(inter.unsqueeze(1), weights, keep)
+    # Selector on the [B, S, T, 2d] pair tensor (with the rotary positions of the flattened
+    # key list when the model's selector has them, as the original's does).
+    weights = selector_weights_reference(model.selector, query, base_L, src_L, inter, src_am.bool(), query_pos=last)
     # Subspace: the orthogonal parametrization is read three times.
     _, reflect, mask = model.subspace(query)
     bases = [model.subspace.basis() for _ in range(3)]

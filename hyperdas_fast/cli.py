@@ -260,10 +260,12 @@ def load_trained(model_path, model=None, device=None):
     if ckpt_file is None:
         raise FileNotFoundError(f"no model under {path}: expected final/ (hyperdas_config.json or mdas_config.json) "
                                 "or ckpt-*.safetensors")
-    ckpt.read_checkpoint(ckpt_file)  # CheckpointError (ValueError) if damaged
+    _, state = ckpt.read_checkpoint(ckpt_file)  # CheckpointError (ValueError) if damaged
     if not run_cfg:
         raise FileNotFoundError(f"{ckpt_file} needs the run's train_config.json beside it to rebuild the model")
-    mc = run_cfg.get("model_config") or {}
+    # The options the checkpoint itself records win (train_config.json of a bare-model run
+    # had none before they were recorded there too).
+    mc = (state.get("trainer") or {}).get("model_config") or run_cfg.get("model_config") or {}
     method = str(run_cfg.get("method", "HyperDAS")).lower()
     name = model if model is not None else run_cfg.get("model")
     from .models.default_model import DEFAULT_MODEL_NAME

@@ -3,47 +3,15 @@
 Hugging Face's own apply_rotary_pos_emb at cumsum(mask) * mask positions)."""
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hyperdas_fast.models.selector import PositionSelector, hard_source_index
+from hyperdas_fast.models.selector import PositionSelector, hard_source_index, selector_weights_reference
 
 
 def original_weights(sel: PositionSelector, query, base, source, base_mask, source_mask, query_pos):
     """The selector's weights the way the original code computes them, in float64."""
-    from hyperdas_fast.models.hypernetwork import rms_unit
-
     sel = sel.double()
-    query, base, source = query.double(), base.double(), source.double()
-    B, T, d = base.shape
-    S = source.shape[1]
-    H, hd = sel.num_heads, sel.head_dim
-    base_n = rms_unit(base) * sel.state_scale
-    source_n = rms_unit(source) * sel.state_scale
-    # pair keys k_proj(q_combine([base_t ; source_s])) and the [SELF] keys, as one flat list
-    pairs = torch.cat([base_n.unsqueeze(1).expand(B, S, T, d), source_n.unsqueeze(2).expand(B, S, T, d)], -1)
-    keys = torch.cat([sel.k_proj(sel.q_combine(pairs)), sel.self_proj(base_n).unsqueeze(1)], 1)  # [B, S+1, T, d]
-    keys = keys.reshape(B, (S + 1) * T, H, hd).transpose(1, 2)  # [B, H, (S+1)T, hd]
-    flat_mask = torch.cat([source_mask.unsqueeze(-1) & base_mask.unsqueeze(1),
-                           torch.ones(B, 1, T, dtype=torch.bool)], 1).reshape(B, -1).long()
-    key_pos = flat_mask.cumsum(1) * flat_mask
-    q = sel.q_proj(query).view(B, H, 1, hd)
-
-    def cos_sin(pos):  # HF rotate-half layout: the frequencies repeated over the two halves
-        angle = pos.double().unsqueeze(-1) * sel.inv_freq.double()
-        angle = torch.cat([angle, angle], -1)
-        return angle.cos(), angle.sin()
-
-    kc, ks_ = cos_sin(key_pos)  # [B, (S+1)T, hd]
-    qc, qs = cos_sin(query_pos.view(B, 1))
-    _, keys = apply_rotary_pos_emb(keys, keys, kc, ks_)  # unsqueeze_dim=1: over heads
-    q, _ = apply_rotary_pos_emb(q, q, qc, qs)
-    scores = (q @ keys.transpose(2, 3)).squeeze(2) / hd ** 0.5  # [B, H, (S+1)T]
-    scores = scores.mean(1).view(B, S + 1, T)
-    scores[:, :S] = scores[:, :S].masked_fill(~source_mask.unsqueeze(-1), float("-inf"))
-    weights = torch.softmax(scores, 1)
-    keep = torch.zeros_like(weights)
-    keep[:, -1] = 1.0
-    return torch.where(base_mask.unsqueeze(1), weights, keep)
+    return selector_weights_reference(sel, query.double(), base.double(), source.double(), base_mask, source_mask,
+                                      query_pos).double()
 
 
 def make_case(B, T, S, d, heads, seed=0, padded=True):
@@ -120,3 +88,29 @@ def test_inv_freq_stays_float32_when_the_module_is_cast(dtype):
         cast(sel)
         assert sel.inv_freq.dtype == torch.float32 and torch.equal(sel.inv_freq, expected)
     assert sel.q_proj.weight.dtype == torch.bfloat16  # the weights were cast
+
+
+def test_frequencies_come_from_the_target_config_in_float32():
+    """rotary_frequencies recomputes the target's frequencies (Llama 3 scaling included)
+    rather than copying its inv_freq buffer, which a bf16 cast of the target has rounded;
+    with another head size it takes the target's theta from config.rope_parameters
+    (transformers 5) rather than silently using 10000."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from hyperdas_fast.models.adapters import get_adapter
+    from hyperdas_fast.models.hyperdas import rotary_frequencies
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                         rope_scaling=scaling, max_position_embeddings=256))
+    exact = rotary_frequencies(llama, get_adapter(llama), 16)
+    assert torch.equal(exact, llama.model.rotary_emb.inv_freq.float())
+    llama.to(torch.bfloat16)
+    assert llama.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    assert torch.equal(rotary_frequencies(llama, get_adapter(llama), 16), exact)
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6))
+    theta_1e6 = 1e6 ** (-torch.arange(8, dtype=torch.float64) / 8)
+    torch.testing.assert_close(rotary_frequencies(qwen, get_adapter(qwen), 16), theta_1e6)

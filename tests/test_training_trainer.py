@@ -280,6 +280,29 @@ def test_resume_refuses_another_selector(tok, records, tmp_path):
         Trainer(hyperdas("rotary"), _cfg(records, tmp_path, **cfg, resume=True)).train()
 
 
+def test_resume_checks_a_bare_models_options_but_not_its_initialisation(tok, records, tmp_path):
+    """A bare HyperDASModel records its layer, feature_dim, subspace and selector too: resuming
+    at another layer (same weight shapes) is refused. init_from_target only decided the
+    initial weights, which the resume overwrites: a resume with the other value goes on."""
+    from hyperdas_fast.models.hyperdas import HyperDAS, HyperDASModel
+
+    cfg = dict(epochs=1, max_steps=2, checkpoint_every=1, final_eval=False)
+    bare = lambda layer: HyperDASModel(tiny_llama(len(tok)), layer=layer, feature_dim=8, num_hypernet_layers=1)
+    Trainer(bare(1), _cfg(records, tmp_path / "bare", **cfg), tokenizer=tok).train()
+    written = json.loads((tmp_path / "bare" / "train_config.json").read_text())["model_config"]
+    assert written == {"layer": 1, "feature_dim": 8, "num_hypernet_layers": 1, "subspace": "reflect",
+                       "selector": "rotary"}
+    with pytest.raises(ValueError, match=r"layer=1 \(now 2\)"):
+        Trainer(bare(2), _cfg(records, tmp_path / "bare", **cfg, resume=True), tokenizer=tok).train()
+
+    def wrapped(init):
+        return HyperDAS(tiny_llama(len(tok)), layer=1, feature_dim=8, num_hypernet_layers=1, tokenizer=tok, seed=3,
+                        init_from_target=init)
+
+    Trainer(wrapped(True), _cfg(records, tmp_path / "wrapped", **cfg)).train()
+    Trainer(wrapped(False), _cfg(records, tmp_path / "wrapped", **cfg, resume=True)).train()
+
+
 def test_periodic_eval_spreads_over_domains_and_sizes_are_checked():
     """The periodic evaluation's eval_max_examples records are spread over the test records
     (grouped by domain and attribute), where the first ones covered only the first domain

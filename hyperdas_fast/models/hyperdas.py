@@ -231,13 +231,32 @@ LEGACY_SELECTOR = "additive"
 
 
 def rotary_frequencies(target: nn.Module, adapter, head_dim: int) -> Optional[Tensor]:
-    """The target's rotary frequencies [head_dim / 2] for the selector (its scaled variants,
-    such as Llama 3's, included), or None (a model without rotary embeddings, such as GPT-2:
-    the selector then uses theta = 10000, or the config's rope_theta)."""
-    inv_freq = getattr(getattr(adapter, "rotary", None), "inv_freq", None)
+    """The target's rotary frequencies [head_dim / 2] in float32 for the selector (its scaled
+    variants, such as Llama 3's, included), or None (no rotary embeddings, as in GPT-2: the
+    selector then uses theta = 10000).
+
+    Recomputed from the config by the rotary module's own initialisation, not copied from its
+    inv_freq buffer: a target cast to bf16 (HyperDAS(model, dtype=torch.bfloat16)) has cast
+    that buffer too, and the selector would then differ from the one trained in float32."""
+    rotary = getattr(adapter, "rotary", None)
+    config = getattr(rotary, "config", None) or getattr(target, "config", None)
+    inv_freq = None
+    if rotary is not None and config is not None:
+        try:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            rope_type = getattr(rotary, "rope_type", "default")
+            init = rotary.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+            inv_freq = init(config)[0]
+        except Exception:  # noqa: BLE001 - an older or custom rotary module: its buffer, as it is
+            inv_freq = getattr(rotary, "inv_freq", None)
     if isinstance(inv_freq, Tensor) and inv_freq.numel() == head_dim // 2:
         return inv_freq.detach().float().cpu()
-    theta = getattr(getattr(target, "config", None), "rope_theta", None)
+    # Another head size than the target's (an explicit head_dim): its theta, our head size.
+    # transformers 5 keeps theta in config.rope_parameters, earlier versions in rope_theta.
+    target_config = getattr(target, "config", None)
+    theta = (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta") \
+        or getattr(target_config, "rope_theta", None)
     if isinstance(theta, (int, float)) and theta > 0:
         return float(theta) ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
     return None

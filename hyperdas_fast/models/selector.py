@@ -26,7 +26,9 @@ numbers (HF's rotate-half layout), the score is
     A(s) = conj(q) exp(i theta (rs(s) Tb - p_q)),   kb~(t) = kb(t) exp(i theta (rt(t) + 1)),
 
 two batched products of [B, S, d] x [d, T] and [B, S, hd] x [hd, T]: still no pair
-tensor. The phase varies with s and t jointly, so different base tokens can prefer
+tensor. HyperDASModel passes p_q = the last concept token's index (the original, on its
+left-padded input, counts from 1: one more, the same for every example, so a fixed
+rotation of q that q_proj absorbs). The phase varies with s and t jointly, so different base tokens can prefer
 different source tokens. Without rotary (``rotary=False``, what checkpoints from before
 this option were trained with) score[s, t] = ss[s] + sb[t]: every base column prefers the
 same source token, column_argmax draws on one source token per example and
@@ -189,6 +191,50 @@ class PositionSelector(nn.Module):
         return pair, score_self
 
 
+def selector_weights_reference(sel: PositionSelector, query: Tensor, base: Tensor, source: Tensor, base_mask: Tensor,
+                               source_mask: Tensor, query_pos: Optional[Tensor] = None) -> Tensor:
+    """The selector's weights [B, S+1, T] computed the way the original code does: the
+    [B, S, T, 2d] pair tensor through q_combine and k_proj, the keys as one flattened list,
+    rotary embeddings (Hugging Face's apply_rotary_pos_emb) at ``cumsum(mask) * mask``
+    positions (``sel.rotary``), per-head scores averaged over heads. For tests and the
+    training-step benchmark; O(B S T d) memory. Same arguments as ``PositionSelector.forward``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from .hypernetwork import rms_unit
+
+    B, T, d = base.shape
+    S = source.shape[1]
+    H, hd = sel.num_heads, sel.head_dim
+    base_mask, source_mask = base_mask.bool(), source_mask.bool()
+    base_n = rms_unit(base) * sel.state_scale
+    source_n = rms_unit(source) * sel.state_scale
+    pairs = torch.cat([base_n.unsqueeze(1).expand(B, S, T, d), source_n.unsqueeze(2).expand(B, S, T, d)], -1)
+    keys = torch.cat([sel.k_proj(sel.q_combine(pairs)), sel.self_proj(base_n).unsqueeze(1)], 1)  # [B, S+1, T, d]
+    keys = keys.reshape(B, (S + 1) * T, H, hd).transpose(1, 2)  # [B, H, (S+1)T, hd]
+    q = sel.q_proj(query).view(B, H, 1, hd)
+    if sel.rotary:
+        flat_mask = torch.cat([source_mask.unsqueeze(-1) & base_mask.unsqueeze(1),
+                               torch.ones(B, 1, T, dtype=torch.bool, device=base.device)], 1).reshape(B, -1).long()
+        key_pos = flat_mask.cumsum(1) * flat_mask
+        qpos = torch.zeros(B, 1, dtype=torch.long, device=base.device) if query_pos is None \
+            else query_pos.to(base.device).long().view(B, 1)
+
+        def cos_sin(pos):  # HF's rotate-half layout: the frequencies repeated over both halves
+            angle = pos.double().unsqueeze(-1) * sel.inv_freq.double()
+            angle = torch.cat([angle, angle], -1)
+            return angle.cos().to(keys.dtype), angle.sin().to(keys.dtype)
+
+        _, keys = apply_rotary_pos_emb(keys, keys, *cos_sin(key_pos))
+        q, _ = apply_rotary_pos_emb(q, q, *cos_sin(qpos))
+    scores = (q @ keys.transpose(2, 3)).squeeze(2) / hd ** 0.5  # [B, H, (S+1)T]
+    scores = scores.mean(1).view(B, S + 1, T)
+    scores = torch.cat([scores[:, :S].masked_fill(~source_mask.unsqueeze(-1), float("-inf")), scores[:, S:]], 1)
+    weights = torch.softmax(scores.float(), 1).to(base.dtype)
+    keep = torch.zeros_like(weights)
+    keep[:, -1] = 1.0
+    return torch.where(base_mask.unsqueeze(1), weights, keep)
+
+
 # The original's bidding_threshold: a column's [SELF] weight counts as at least this much
 # against the bids, so a weak bid (a near-uniform selector) leaves the column unchanged.
 BIDDING_THRESHOLD = 0.1
@@ -253,4 +299,4 @@ def one_hot_weights(source_index: Tensor, num_source: int, dtype=torch.float32) 
     return out.scatter_(1, rows.unsqueeze(1), 1.0)
 
 
-__all__ = ["PositionSelector", "hard_source_index", "one_hot_weights", "INFERENCE_MODES", "KEEP"]
+__all__ = ["PositionSelector", "selector_weights_reference", "hard_source_index", "one_hot_weights", "INFERENCE_MODES", "KEEP"]

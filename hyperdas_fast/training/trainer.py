@@ -371,18 +371,22 @@ class Trainer:
                         progress=self.config.progress and self.dist.is_main)
 
     def _model_config(self) -> Dict[str, Any]:
-        """The model's construction options (layer, subspace, selector, ...) that a resumed run
-        must share: the wrapper's config, or for a bare HyperDASModel its selector."""
+        """The model's construction options (layer, feature_dim, subspace, selector, ...): the
+        wrapper's config, completed from the model itself (so a bare HyperDASModel / MDASModel
+        records them too). Written to train_config.json and to every checkpoint."""
         config = dict(getattr(self.wrapper, "config", None) or {})
-        if hasattr(self.net, "selector_name"):
-            config["selector"] = self.net.selector_name
+        for key, attr in (("layer", "layer"), ("feature_dim", "feature_dim"),
+                          ("num_hypernet_layers", "num_hypernet_layers"), ("subspace", "subspace_name"),
+                          ("selector", "selector_name")):
+            if hasattr(self.net, attr):
+                config[key] = getattr(self.net, attr)
         return config
 
     def _write_run_config(self, run_dir: Path) -> None:
         info = {
             "method": self.method,
             "model": getattr(self.wrapper, "model_name", None),
-            "model_config": getattr(self.wrapper, "config", None),
+            "model_config": self._model_config(),
             "train": self.config.to_dict(),
             "train_examples": len(self.train_records),
             "test_examples": len(self.eval_records),
@@ -440,7 +444,9 @@ class Trainer:
 
                 saved_model = {"selector": LEGACY_SELECTOR}
             now_model = self._model_config()
-            changed = sorted(k for k in (saved_model or {}).keys() & now_model.keys() if saved_model[k] != now_model[k])
+            # init_from_target only decides the initial weights, which the resume overwrites
+            changed = sorted(k for k in (saved_model or {}).keys() & now_model.keys()
+                             if k != "init_from_target" and saved_model[k] != now_model[k])
             if changed:
                 diff = ", ".join(f"{k}={saved_model[k]!r} (now {now_model[k]!r})" for k in changed)
                 raise ValueError(f"cannot resume from {path}: its model was built with {diff}; build it the same "

@@ -1,0 +1,37 @@
+"""The training-step benchmark's "original pipeline" (benchmarks/bench_training_step.py)
+must compute what HyperDASModel computes, or its time and memory ratios compare different
+things: selector weights and logits agree, for both selectors, on a tiny random Llama."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_training_step  # noqa: E402
+
+from hyperdas_fast.data import ravel  # noqa: E402
+from hyperdas_fast.data.collate import HyperDASCollator  # noqa: E402
+from hyperdas_fast.models.hyperdas import HyperDASModel  # noqa: E402
+
+
+@pytest.mark.parametrize("selector", ["rotary", "additive"])
+def test_original_pipeline_computes_what_ours_does(selector, ravel_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hyperdas_fast.models.default_model import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    records = ravel.to_records(ravel.load_rows("city", "continent", "test", ravel_dir)[:4], tok)
+    batch = HyperDASCollator(tok)(records)
+    model = HyperDASModel(LlamaForCausalLM(cfg).eval(), layer=1, feature_dim=8, num_hypernet_layers=1,
+                          selector=selector)
+    with torch.no_grad():
+        ours = model(batch)
+        logits, weights = bench_training_step.original_forward(model, batch)
+    torch.testing.assert_close(weights, ours.weights, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits, ours.logits, rtol=1e-4, atol=1e-4)
