@@ -190,7 +190,9 @@ def original_loss(logits, labels, is_causal, weights, sparsity_coef, causal_weig
     iso = (~is_causal.bool()).unsqueeze(1) & valid
     c = (tok * causal).sum() / causal.sum().clamp_min(1)
     i = (tok * iso).sum() / iso.sum().clamp_min(1)
-    sparsity = F.relu(weights[:, :-1, :].sum(-1) - 1).mean()
+    # the original's reduction: the mass above 1 summed over an example's counterfactual
+    # tokens, averaged over examples (as hyperdas_loss does since 1c20300)
+    sparsity = F.relu(weights[:, :-1, :].sum(-1) - 1).sum(-1).mean()
     return causal_weight * c + isolation_weight * i + sparsity_coef * sparsity
 
 

@@ -35,3 +35,14 @@ def test_original_pipeline_computes_what_ours_does(selector, ravel_dir):
         logits, weights = bench_training_step.original_forward(model, batch)
     torch.testing.assert_close(weights, ours.weights, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(logits, ours.logits, rtol=1e-4, atol=1e-4)
+    # and the same loss, sparsity penalty included (its reduction once differed); the
+    # selection mass of a source row exceeds 1 only after training, so test it with weights
+    # scaled up
+    from hyperdas_fast.training.losses import hyperdas_loss
+
+    heavy = weights * torch.tensor([3.0] * (weights.shape[1] - 1) + [1.0]).view(1, -1, 1)
+    labels = batch["labels"]
+    ours_loss, _ = hyperdas_loss(ours.logits, labels, batch["is_causal"], heavy, sparsity_coef=0.5)
+    original = bench_training_step.original_loss(logits, labels, batch["is_causal"], heavy, 0.5)
+    assert torch.relu(heavy[:, :-1].sum(-1) - 1).sum() > 0
+    torch.testing.assert_close(original, ours_loss, rtol=1e-5, atol=1e-5)
