@@ -70,6 +70,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "selector", default="rotary", choices=("rotary", "additive"),
          help="HyperDAS position selector: 'rotary' pair positions as in the original, or 'additive' "
               "(no rotary; every base token then prefers the same source token)")
+    _opt(p, "hypernet_rotary", action="store_true",
+         help="HyperDAS: rotary positions on the hypernetwork's cross-attention keys, as in the original "
+              "(projects every key: slower)")
     _opt(p, "epochs", type=int, default=5)
     _opt(p, "batch_size", type=int, default=16)
     _opt(p, "eval_batch_size", type=int, default=32)
@@ -118,7 +121,7 @@ def default_run_dir(method: str, domain: str, attribute: Optional[str]) -> Path:
 
 def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", dtype=None, device=None, backend: str = "auto", tokenizer=None,
-                 seed=None, selector: str = "rotary"):
+                 seed=None, selector: str = "rotary", hypernet_rotary: bool = False):
     """``seed``: seeds the random initialisation (None: torch's global RNG). ``selector``:
     HyperDAS only (MDAS has no position selector)."""
     if method == "hyperdas":
@@ -126,7 +129,7 @@ def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 12
 
         return HyperDAS(model, layer=layer, feature_dim=feature_dim, num_hypernet_layers=num_hypernet_layers,
                         subspace=subspace, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer,
-                        seed=seed, selector=selector)
+                        seed=seed, selector=selector, hypernet_rotary=hypernet_rotary)
     if method == "mdas":
         from .models.mdas import MDAS
 
@@ -177,7 +180,7 @@ def run_train(args) -> Dict[str, Any]:
     for domain, run_dir in jobs:
         wrapper = build_method(args.method, target if target is not None else args.model, args.layer, args.feature_dim,
                                args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer,
-                               seed=args.seed, selector=args.selector)  # same --seed, same initial weights (and, per domain, the same as alone)
+                               seed=args.seed, selector=args.selector, hypernet_rotary=args.hypernet_rotary)  # same --seed, same initial weights (and, per domain, the same as alone)
         target, tokenizer = wrapper.target, wrapper.tokenizer  # reuse the loaded target for the next domain
         result = Trainer(wrapper, _train_config(args, domain, run_dir)).train()
         ev = result.get("eval") or {}
@@ -275,7 +278,8 @@ def load_trained(model_path, model=None, device=None):
         name = None
     wrapper = build_method(method, name, mc.get("layer", 15), mc.get("feature_dim", 128),
                            mc.get("num_hypernet_layers", 2), mc.get("subspace", "reflect"), device=device,
-                           selector=mc.get("selector", LEGACY_SELECTOR))
+                           selector=mc.get("selector", LEGACY_SELECTOR),
+                           hypernet_rotary=bool(mc.get("hypernet_rotary", False)))
     ckpt.load_checkpoint(ckpt_file, wrapper.model, restore_rng=False)
     return wrapper, run_cfg
 

@@ -319,6 +319,62 @@ def test_cross_attention_matches_projected_keys():
     assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
 
 
+def test_cross_attention_with_rotary_matches_the_original():
+    """hypernet_rotary: keys projected, rotated (HF's apply_rotary_pos_emb) at cumsum(mask) *
+    mask positions of the flat key list, queries at theirs, then ordinary attention (GQA,
+    biases, padding), against a literal version; and through a whole HyperDASModel."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hyperdas_fast.models.hypernetwork import CrossAttention
+
+    torch.manual_seed(0)
+    d, H, kv, hd, B, C, K = 32, 4, 2, 8, 3, 5, 11
+    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
+                        torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
+                        H, kv, hd).double()
+    with torch.no_grad():
+        xa.key_scale.uniform_(0.5, 1.5)
+    h = torch.randn(B, C, d, dtype=torch.double)
+    keys = torch.randn(B, K, d, dtype=torch.double)
+    mask = torch.rand(B, K) > 0.3
+    mask[:, 0] = True
+    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.double) / hd)
+
+    def cos_sin(pos):
+        angle = pos.double().unsqueeze(-1) * inv_freq
+        angle = torch.cat([angle, angle], -1)
+        return angle.cos(), angle.sin()
+
+    key_pos = mask.long().cumsum(1) * mask.long()
+    q_cs, k_cs = cos_sin(torch.arange(C).unsqueeze(0)), cos_sin(key_pos)
+    q = xa.q_proj(xa.norm(h)).view(B, C, H, hd).transpose(1, 2)
+    k = xa.k_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, *q_cs)
+    _, k = apply_rotary_pos_emb(k, k, *k_cs)
+    k = k.repeat_interleave(H // kv, dim=1)
+    v = xa.v_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+                        .transpose(1, 2).reshape(B, C, H * hd))
+    assert torch.allclose(xa(h, keys, mask, (q_cs, k_cs)), ref, atol=1e-10)
+    assert not torch.allclose(xa(h, keys, mask), ref, atol=1e-3)  # the positions matter
+
+    model = tiny("llama")
+    torch.manual_seed(1)
+    plain = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=1)
+    torch.manual_seed(1)
+    rot = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True)
+    b = toy_batch()
+    out = rot(b, logits_at="labels")
+    loss, _ = hyperdas_loss(out.logits, b["labels"], b["is_causal"], out.weights, sparsity_coef=1.0)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in rot.trainable_parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert not torch.allclose(plain(b).weights, rot(b).weights)
+    with pytest.raises(ValueError, match="hypernet_rotary needs a model with rotary position embeddings"):
+        HyperDASModel(tiny("gpt2"), layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_backward(dtype):
     model = tiny("llama").to(dtype)

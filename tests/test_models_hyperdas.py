@@ -257,6 +257,11 @@ def test_selector_option_is_saved_and_legacy_checkpoints_load_additive(smollm2, 
     cfg_path.write_text(json.dumps(cfg))
     legacy = HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok)
     assert legacy.config["selector"] == "additive" and not legacy.model.selector.rotary
+    assert legacy.config["hypernet_rotary"] is False
+    keyed = HyperDAS(target, tokenizer=tok, layer=LAYER, feature_dim=8, num_hypernet_layers=1, seed=1,
+                     hypernet_rotary=True)
+    keyed.save(tmp_path / "keyed")
+    assert HyperDAS.load(tmp_path / "keyed", model=target, tokenizer=tok).model.hypernet.rotary
     with torch.no_grad():
         w_rotary, w_additive = hd.model(batch).weights, legacy.model(batch).weights
     assert not torch.allclose(w_rotary, w_additive)

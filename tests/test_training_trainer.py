@@ -278,6 +278,11 @@ def test_resume_refuses_another_selector(tok, records, tmp_path):
     save_file(tensors, str(path), metadata={**metadata, "state": json.dumps(state)})
     with pytest.raises(ValueError, match=r"selector='additive' \(now 'rotary'\)"):
         Trainer(hyperdas("rotary"), _cfg(records, tmp_path, **cfg, resume=True)).train()
+    # the same for the hypernetwork's rotary keys (off in a checkpoint older than the option)
+    rotary_keys = HyperDAS(tiny_llama(len(tok)), layer=1, feature_dim=8, num_hypernet_layers=1, tokenizer=tok,
+                           seed=3, selector="additive", hypernet_rotary=True)
+    with pytest.raises(ValueError, match=r"hypernet_rotary=False \(now True\)"):
+        Trainer(rotary_keys, _cfg(records, tmp_path, **cfg, resume=True)).train()
 
 
 def test_resume_checks_a_bare_models_options_but_not_its_initialisation(tok, records, tmp_path):
@@ -291,7 +296,7 @@ def test_resume_checks_a_bare_models_options_but_not_its_initialisation(tok, rec
     Trainer(bare(1), _cfg(records, tmp_path / "bare", **cfg), tokenizer=tok).train()
     written = json.loads((tmp_path / "bare" / "train_config.json").read_text())["model_config"]
     assert written == {"layer": 1, "feature_dim": 8, "num_hypernet_layers": 1, "subspace": "reflect",
-                       "selector": "rotary"}
+                       "selector": "rotary", "hypernet_rotary": False}
     with pytest.raises(ValueError, match=r"layer=1 \(now 2\)"):
         Trainer(bare(2), _cfg(records, tmp_path / "bare", **cfg, resume=True), tokenizer=tok).train()
 

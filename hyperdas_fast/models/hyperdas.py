@@ -228,6 +228,8 @@ def check_target(config: Dict[str, Any], model: nn.Module, directory) -> None:
 SELECTORS = ("rotary", "additive")
 # What a checkpoint without a "selector" entry was trained with (saved before the option).
 LEGACY_SELECTOR = "additive"
+# The options of a HyperDAS checkpoint saved before they existed: what it was trained with.
+LEGACY_OPTIONS = {"selector": LEGACY_SELECTOR, "hypernet_rotary": False}
 
 
 def rotary_frequencies(target: nn.Module, adapter, head_dim: int) -> Optional[Tensor]:
@@ -276,11 +278,14 @@ class HyperDASModel(nn.Module):
         backend: op backend for ``ops.interchange`` ("auto", "torch", ...).
         selector: "rotary" (the original's rotary pair positions, the default) or "additive"
             (no rotary: what checkpoints saved before this option used); see models/selector.py.
+        hypernet_rotary: rotary positions on the hypernetwork's cross-attention keys (tokens x
+            layers), as in the original; off by default: it costs a projection of every key
+            (see models/hypernetwork.py).
     """
 
     def __init__(self, target: nn.Module, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", reuse_prefix: bool = True, init_from_target: bool = True,
-                 backend: str = "auto", selector: str = "rotary"):
+                 backend: str = "auto", selector: str = "rotary", hypernet_rotary: bool = False):
         super().__init__()
         adapter = get_adapter(target)
         n = adapter.num_layers
@@ -302,7 +307,8 @@ class HyperDASModel(nn.Module):
         self.num_hypernet_layers = num_hypernet_layers
         self.reuse_prefix, self.backend = reuse_prefix, backend
         kw = dict(dtype=adapter.dtype, device=adapter.device)
-        self.hypernet = HyperNetwork(adapter, num_hypernet_layers, init_from_target=init_from_target)
+        self.hypernet = HyperNetwork(adapter, num_hypernet_layers, init_from_target=init_from_target,
+                                     rotary=hypernet_rotary)
         self.selector_name = selector
         self.selector = PositionSelector(d, adapter.num_heads, rotary=selector == "rotary",
                                          inv_freq=rotary_frequencies(target, adapter, d // adapter.num_heads), **kw)
@@ -432,7 +438,7 @@ class HyperDAS:
                  num_hypernet_layers: int = 2, subspace: str = "reflect", dtype: Optional[torch.dtype] = None,
                  device: Optional[Union[str, torch.device]] = None, tokenizer=None,
                  init_from_target: bool = True, reuse_prefix: bool = True, backend: str = "auto",
-                 seed: Optional[int] = None, selector: str = "rotary"):
+                 seed: Optional[int] = None, selector: str = "rotary", hypernet_rotary: bool = False):
         """``seed``: the randomly initialised parts (selector, subspace module; the hypernetwork
         too with ``init_from_target=False``) are drawn from generators seeded with it, so the
         same seed gives the same initial weights in every process. None: torch's global RNG."""
@@ -465,10 +471,11 @@ class HyperDAS:
             self.model = HyperDASModel(target, layer=layer, feature_dim=feature_dim,
                                        num_hypernet_layers=num_hypernet_layers, subspace=subspace,
                                        reuse_prefix=reuse_prefix, init_from_target=init_from_target,
-                                       backend=backend, selector=selector)
+                                       backend=backend, selector=selector, hypernet_rotary=hypernet_rotary)
         self.collator = HyperDASCollator(tokenizer)
         self.config = {"layer": layer, "feature_dim": feature_dim, "num_hypernet_layers": num_hypernet_layers,
-                       "subspace": subspace, "init_from_target": init_from_target, "selector": selector}
+                       "subspace": subspace, "init_from_target": init_from_target, "selector": selector,
+                       "hypernet_rotary": bool(hypernet_rotary)}
 
     @property
     def device(self) -> torch.device:
@@ -648,6 +655,7 @@ class HyperDAS:
         kwargs.setdefault("init_from_target", config.get("init_from_target", True))
         # the selector it was trained with (the weights fit either; the scores do not)
         kwargs.setdefault("selector", config.get("selector", LEGACY_SELECTOR))
+        kwargs.setdefault("hypernet_rotary", config.get("hypernet_rotary", False))
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)

@@ -68,22 +68,38 @@ class CrossAttention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         return kv.unsqueeze(1).expand(kv.shape[0], rep, *kv.shape[1:]).reshape(self.num_heads, *kv.shape[1:])
 
-    def forward(self, hidden: Tensor, keys_unit: Tensor, key_mask: Tensor) -> Tensor:
-        """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend).
+    def forward(self, hidden: Tensor, keys_unit: Tensor, key_mask: Tensor, rotary=None) -> Tensor:
+        """hidden [B, C, d]; keys_unit [B, K, d] RMS-normalised; key_mask [B, K] bool (True = attend);
+        rotary: None, or ((cos, sin) of the queries [1 or B, C, hd], (cos, sin) of the keys [B, K, hd]).
 
-        The K key states are never projected. With g(h) the KV head of query head h:
+        Without rotary the K key states are never projected. With g(h) the KV head of query head h:
             q_h . (W_k,g x_j + b_k) = (W_k,g^T q_h) . x_j + const_j   (the bias cancels in the softmax)
             sum_j a_hj (W_v,g x_j + b_v) = W_v,g (sum_j a_hj x_j) + b_v
         so the work is O(B C H K d) on the few concept queries instead of O(B K d hd Hkv) on the
-        many keys (tokens x layers), and only the shared key tensor is saved for backward.
+        many keys (tokens x layers), and only the shared key tensor is saved for backward. With
+        rotary (the original's positions, see HyperNetwork) the rotation of key j depends on j,
+        so the keys are projected and rotated as the original does (the values still fold).
         """
         batch, length, d = hidden.shape
         heads, hd = self.num_heads, self.head_dim
-        w_k = self._per_head((self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))  # [H, hd, d]
         w_v = self._per_head((self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))
         q = self.q_proj(self.norm(hidden)).view(batch, length, heads, hd)
-        q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
-        scores = torch.bmm(q_keys, keys_unit.transpose(1, 2)) * hd ** -0.5  # [B, C*H, K]
+        if rotary is None:
+            w_k = self._per_head((self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))  # [H, hd, d]
+            q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
+            scores = torch.bmm(q_keys, keys_unit.transpose(1, 2)) * hd ** -0.5  # [B, C*H, K]
+        else:
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            (q_cos, q_sin), (k_cos, k_sin) = rotary
+            num_keys = keys_unit.shape[1]
+            k = nn.functional.linear(keys_unit, self.k_proj.weight * self.key_scale, self.k_proj.bias)
+            k = k.view(batch, num_keys, self.num_kv_heads, hd).transpose(1, 2)  # [B, Hkv, K, hd]
+            q_rot, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), q_cos, q_sin)  # [B, H, C, hd]
+            _, k_rot = apply_rotary_pos_emb(k, k, k_cos, k_sin)
+            k_rot = self._per_head(k_rot.transpose(0, 1)).transpose(0, 1)  # [B, H, K, hd]
+            scores = (q_rot @ k_rot.transpose(2, 3)) * hd ** -0.5  # [B, H, C, K]
+            scores = scores.transpose(1, 2).reshape(batch, length * heads, num_keys)
         scores = scores.masked_fill(~key_mask.bool().unsqueeze(1), float("-inf"))
         low = hidden.dtype in (torch.float16, torch.bfloat16)
         probs = torch.softmax(scores.float() if low else scores, dim=-1).to(hidden.dtype)
@@ -99,10 +115,21 @@ class HyperNetwork(nn.Module):
     self-attention -> cross-attention(base) -> cross-attention(counterfactual) -> MLP,
     then a copy of the target's final norm. ``forward`` returns [B, C, d]."""
 
-    def __init__(self, adapter: DecoderAdapter, num_layers: int = 2, init_from_target: bool = True):
+    def __init__(self, adapter: DecoderAdapter, num_layers: int = 2, init_from_target: bool = True,
+                 rotary: bool = False):
+        """rotary: rotate the cross-attention keys at their positions in the flattened (token x
+        layer) key list, ``cumsum(mask) * mask`` as the original does, and the concept queries
+        at theirs (the target's rotary embeddings; refused for a model without them). Off by
+        default: the keys must then be projected (see CrossAttention.forward)."""
         super().__init__()
         if not 1 <= num_layers <= adapter.num_layers:
             raise ValueError(f"num_hypernet_layers must be in [1, {adapter.num_layers}], got {num_layers}")
+        self.rotary = bool(rotary)
+        if self.rotary and adapter.position_embeddings(
+                torch.zeros(1, 1, 1, dtype=adapter.dtype, device=adapter.device),
+                torch.zeros(1, 1, dtype=torch.long, device=adapter.device)) is None:
+            raise ValueError(f"hypernet_rotary needs a model with rotary position embeddings; "
+                             f"{adapter.model_type} has none")
         # Keep the adapter out of the module tree (the target model is not ours to save).
         object.__setattr__(self, "_adapter", adapter)
         self.blocks = nn.ModuleList()
@@ -144,10 +171,18 @@ class HyperNetwork(nn.Module):
         pos_emb = adapter.position_embeddings(hidden, position_ids)
         base_unit = rms_unit(base_keys)
         source_unit = rms_unit(source_keys)
+        base_rot = source_rot = None
+        if self.rotary:
+            def key_rotary(unit, key_mask):  # positions 1.. of the valid keys in the flat list
+                keep = key_mask.long()
+                return adapter.position_embeddings(unit, keep.cumsum(1) * keep)
+
+            base_rot = (pos_emb, key_rotary(base_unit, base_key_mask))
+            source_rot = (pos_emb, key_rotary(source_unit, source_key_mask))
         for block, xb, xs in zip(self.blocks, self.base_xattn, self.source_xattn):
             hidden = adapter.block_self_attention(block, hidden, mask, position_ids, pos_emb)
-            hidden = xb(hidden, base_unit, base_key_mask)
-            hidden = xs(hidden, source_unit, source_key_mask)
+            hidden = xb(hidden, base_unit, base_key_mask, base_rot)
+            hidden = xs(hidden, source_unit, source_key_mask, source_rot)
             hidden = adapter.block_mlp(block, hidden)
         return self.final_norm(hidden)
 

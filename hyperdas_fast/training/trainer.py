@@ -380,6 +380,8 @@ class Trainer:
                           ("selector", "selector_name")):
             if hasattr(self.net, attr):
                 config[key] = getattr(self.net, attr)
+        if hasattr(getattr(self.net, "hypernet", None), "rotary"):
+            config["hypernet_rotary"] = self.net.hypernet.rotary
         return config
 
     def _write_run_config(self, run_dir: Path) -> None:
@@ -437,15 +439,15 @@ class Trainer:
                 diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
                 raise ValueError(f"cannot resume from {path}: it was trained with {diff}; pass the same options, "
                                  f"or start a new run in another checkpoint_dir")
-            saved_model = trainer_state.get("model_config")
-            if saved_model is None and hasattr(self.net, "selector_name"):
-                # saved before checkpoints recorded the model's options: HyperDAS had no rotary selector then
-                from ..models.hyperdas import LEGACY_SELECTOR
+            saved_model = dict(trainer_state.get("model_config") or {})
+            if hasattr(self.net, "selector_name"):
+                # options a HyperDAS checkpoint saved before they existed was trained without
+                from ..models.hyperdas import LEGACY_OPTIONS
 
-                saved_model = {"selector": LEGACY_SELECTOR}
+                saved_model = {**LEGACY_OPTIONS, **saved_model}
             now_model = self._model_config()
             # init_from_target only decides the initial weights, which the resume overwrites
-            changed = sorted(k for k in (saved_model or {}).keys() & now_model.keys()
+            changed = sorted(k for k in saved_model.keys() & now_model.keys()
                              if k != "init_from_target" and saved_model[k] != now_model[k])
             if changed:
                 diff = ", ".join(f"{k}={saved_model[k]!r} (now {now_model[k]!r})" for k in changed)
