@@ -114,3 +114,22 @@ def test_frequencies_come_from_the_target_config_in_float32():
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6))
     theta_1e6 = 1e6 ** (-torch.arange(8, dtype=torch.float64) / 8)
     torch.testing.assert_close(rotary_frequencies(qwen, get_adapter(qwen), 16), theta_1e6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_scores_on_cuda(dtype):
+    """The factored rotary scores on CUDA, in the model's dtype, against the original's
+    formulation in float64 on the CPU; tolerance from the same-dtype literal version's own
+    error on CUDA."""
+    sel, args = make_case(3, 17, 13, 64, 4)
+    ref = original_weights(sel, *args)
+    cuda_args = [a.to("cuda", dtype) if a.is_floating_point() else a.to("cuda") for a in args]
+    sel_cuda = PositionSelector(64, 4).to("cuda")
+    sel_cuda.load_state_dict(sel.state_dict())
+    sel_cuda.to(dtype)
+    assert sel_cuda.inv_freq.dtype == torch.float32
+    got = sel_cuda(*cuda_args).double().cpu()
+    same_dtype = selector_weights_reference(sel_cuda, *cuda_args).double().cpu()
+    assert (got - ref).abs().max() <= 2 * (same_dtype - ref).abs().max() + 1e-6
