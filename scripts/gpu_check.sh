@@ -25,7 +25,7 @@
 # The stages' limits add up to more than one device call's 600 s: split the work over two calls on
 # the warm machine (the in-place build stays): e.g. SKIP_BENCH=1 (build + tests), then SKIP_TESTS=1
 # (build, a no-op by then, + benchmark + PROFILE=1). The GPU tests: 134 took 86 s at 9c92bc7;
-# there are 292 now.
+# there are 294 now (a260ff7).
 # SKIP_BUILD=1 skips step 1 (for a call that measures Triton changes only); SWEEP_ARGS, BENCH_BACKENDS
 # and PROFILE_BACKENDS pass arguments on (e.g. SWEEP_ARGS=--baselines-only, BENCH_BACKENDS="torch triton").
 # BENCH_SHAPES (e.g. "llama3_B32_T128 llama3_B8_T128") limits the op benchmark to some shapes;
