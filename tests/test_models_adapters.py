@@ -371,8 +371,59 @@ def test_cross_attention_with_rotary_matches_the_original():
     assert all(torch.isfinite(p.grad).all() for p in rot.trainable_parameters() if p.grad is not None)
     with torch.no_grad():
         assert not torch.allclose(plain(b).weights, rot(b).weights)
-    with pytest.raises(ValueError, match="hypernet_rotary needs a model with rotary position embeddings"):
+    with pytest.raises(ValueError, match="hypernet_rotary supports the Llama-layout families"):
         HyperDASModel(tiny("gpt2"), layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True)
+
+
+def test_hypernet_rotary_frequencies_are_fixed_float32():
+    """The cross-attention's rotary frequencies come from the target's rope config in float32:
+    a target cast to bf16 (which casts its rotary buffer) rotates the keys as the float32 one
+    does, and a dynamic rope (which rescales its buffer for long inputs: the keys reach
+    positions beyond max_position_embeddings) is neither rescaled for the keys only nor
+    changed in the target. SmolLM3's no-rope blocks get no rotary here either."""
+    import transformers as tf
+
+    model = tiny("llama")
+    fp32 = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True).hypernet.inv_freq
+    half = tiny("llama").to(torch.bfloat16)
+    assert half.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    hd = HyperDASModel(half, layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True)
+    assert hd.hypernet.inv_freq.dtype == torch.float32 and torch.equal(hd.hypernet.inv_freq, fp32)
+    hd.to(torch.float16)
+    assert hd.hypernet.inv_freq.dtype == torch.float32
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=4, max_position_embeddings=16,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    dynamic = tf.LlamaForCausalLM(cfg).eval()
+    before = dynamic.model.rotary_emb.inv_freq.clone()
+    hd = HyperDASModel(dynamic, layer=2, feature_dim=8, num_hypernet_layers=1, hypernet_rotary=True)
+    with torch.no_grad():
+        hd(toy_batch())  # 5 layers x the base tokens: key positions past 16
+    assert torch.equal(dynamic.model.rotary_emb.inv_freq, before)
+
+    cfg = tf.SmolLM3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_key_value_heads=2, num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0],
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    smollm3 = tf.SmolLM3ForCausalLM(cfg).eval()
+    hd = HyperDASModel(smollm3, layer=3, feature_dim=8, num_hypernet_layers=2, hypernet_rotary=True)
+    calls = []
+    for xattn in list(hd.hypernet.base_xattn) + list(hd.hypernet.source_xattn):
+        xattn.register_forward_pre_hook(lambda m, args: calls.append(args[3] is not None))
+    with torch.no_grad():
+        hd(toy_batch())
+    assert calls == [True, True, False, False]  # block 0 rotates, block 1 (no rope) does not
+
+
+def test_hypernet_rotary_refuses_models_that_rotate_otherwise():
+    import transformers as tf
+
+    cfg = tf.Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=4, head_dim=8)
+    with pytest.raises(ValueError, match="hypernet_rotary supports the Llama-layout families"):
+        HyperDASModel(tf.Qwen3ForCausalLM(cfg).eval(), layer=2, feature_dim=8, num_hypernet_layers=1,
+                      hypernet_rotary=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

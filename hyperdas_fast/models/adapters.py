@@ -387,4 +387,28 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
     )
 
 
-__all__ = ["DecoderAdapter", "LlamaAdapter", "GPT2Adapter", "get_adapter", "additive_mask", "SUPPORTED_MODEL_TYPES"]
+def rope_parameters(adapter: DecoderAdapter):
+    """(inv_freq [head_dim / 2] float32 on the CPU, attention_scaling) of the target's rotary
+    embeddings, recomputed from its config by the rotary module's own initialisation, or
+    (None, 1.0) for a model without them. Recomputed rather than copied from the module's
+    inv_freq buffer: a target cast to bf16 has cast that buffer too (its angles at positions in
+    the thousands would be off by radians), and a dynamic rope rewrites it per call."""
+    rotary = getattr(adapter, "rotary", None)
+    if rotary is None:
+        return None, 1.0
+    config = getattr(rotary, "config", None) or getattr(adapter, "config", None)
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope_type = getattr(rotary, "rope_type", "default")
+        init = rotary.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+        inv_freq, scaling = init(config)
+    except Exception:  # noqa: BLE001 - an older or custom rotary module: its buffer, as it is
+        inv_freq, scaling = getattr(rotary, "inv_freq", None), getattr(rotary, "attention_scaling", 1.0)
+    if not isinstance(inv_freq, Tensor):
+        return None, 1.0
+    return inv_freq.detach().float().cpu(), float(scaling)
+
+
+__all__ = ["DecoderAdapter", "LlamaAdapter", "GPT2Adapter", "get_adapter", "additive_mask", "rope_parameters",
+           "SUPPORTED_MODEL_TYPES", "LLAMA_FAMILY"]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..atomic import publish
 from ..data.collate import IGNORE_INDEX, HyperDASCollator
-from .adapters import get_adapter
+from .adapters import get_adapter, rope_parameters
 from .hypernetwork import HyperNetwork, stack_layer_keys
 from .selector import INFERENCE_MODES, PositionSelector, hard_source_index
 from .subspace import SUBSPACES, make_subspace
@@ -234,26 +234,12 @@ LEGACY_OPTIONS = {"selector": LEGACY_SELECTOR, "hypernet_rotary": False}
 
 def rotary_frequencies(target: nn.Module, adapter, head_dim: int) -> Optional[Tensor]:
     """The target's rotary frequencies [head_dim / 2] in float32 for the selector (its scaled
-    variants, such as Llama 3's, included), or None (no rotary embeddings, as in GPT-2: the
-    selector then uses theta = 10000).
-
-    Recomputed from the config by the rotary module's own initialisation, not copied from its
-    inv_freq buffer: a target cast to bf16 (HyperDAS(model, dtype=torch.bfloat16)) has cast
-    that buffer too, and the selector would then differ from the one trained in float32."""
-    rotary = getattr(adapter, "rotary", None)
-    config = getattr(rotary, "config", None) or getattr(target, "config", None)
-    inv_freq = None
-    if rotary is not None and config is not None:
-        try:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            rope_type = getattr(rotary, "rope_type", "default")
-            init = rotary.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
-            inv_freq = init(config)[0]
-        except Exception:  # noqa: BLE001 - an older or custom rotary module: its buffer, as it is
-            inv_freq = getattr(rotary, "inv_freq", None)
-    if isinstance(inv_freq, Tensor) and inv_freq.numel() == head_dim // 2:
-        return inv_freq.detach().float().cpu()
+    variants, such as Llama 3's, included; see adapters.rope_parameters for why they are
+    recomputed), or None (no rotary embeddings, as in GPT-2: the selector then uses theta =
+    10000)."""
+    inv_freq, _ = rope_parameters(adapter)
+    if inv_freq is not None and inv_freq.numel() == head_dim // 2:
+        return inv_freq
     # Another head size than the target's (an explicit head_dim): its theta, our head size.
     # transformers 5 keeps theta in config.rope_parameters, earlier versions in rope_theta.
     target_config = getattr(target, "config", None)

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .adapters import DecoderAdapter, additive_mask
+from .adapters import LLAMA_FAMILY, DecoderAdapter, additive_mask, rope_parameters
 
 
 def rms_unit(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -125,11 +125,22 @@ class HyperNetwork(nn.Module):
         if not 1 <= num_layers <= adapter.num_layers:
             raise ValueError(f"num_hypernet_layers must be in [1, {adapter.num_layers}], got {num_layers}")
         self.rotary = bool(rotary)
-        if self.rotary and adapter.position_embeddings(
-                torch.zeros(1, 1, 1, dtype=adapter.dtype, device=adapter.device),
-                torch.zeros(1, 1, dtype=torch.long, device=adapter.device)) is None:
-            raise ValueError(f"hypernet_rotary needs a model with rotary position embeddings; "
-                             f"{adapter.model_type} has none")
+        if self.rotary:
+            # Only where the copied blocks rotate as Llama does (rotate-half over the whole
+            # head): partial (StableLM, GLM, Nemotron) or interleaved (ERNIE 4.5) rotary would
+            # fail, or rotate otherwise than the model's own attention.
+            if adapter.model_type not in LLAMA_FAMILY:
+                raise ValueError(f"hypernet_rotary supports the Llama-layout families {LLAMA_FAMILY}; "
+                                 f"{adapter.model_type} is not one of them")
+            inv_freq, scaling = rope_parameters(adapter)
+            head_dim = adapter.block_attention_parts(adapter.blocks[0])[-1]
+            if inv_freq is None or inv_freq.numel() * 2 != head_dim:
+                raise ValueError(f"hypernet_rotary needs rotary embeddings over the whole head ({head_dim}); "
+                                 f"{adapter.model_type} has "
+                                 f"{'none' if inv_freq is None else 2 * inv_freq.numel()}")
+            # fixed float32 frequencies (see rope_parameters), the same for queries and keys
+            self._inv_freq_fp32, self.rope_scaling = inv_freq, scaling
+            self.register_buffer("inv_freq", inv_freq.to(adapter.device), persistent=False)
         # Keep the adapter out of the module tree (the target model is not ours to save).
         object.__setattr__(self, "_adapter", adapter)
         self.blocks = nn.ModuleList()
@@ -149,6 +160,20 @@ class HyperNetwork(nn.Module):
             param.requires_grad_(True)
         if not init_from_target:
             self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() cast buffers too: keep inv_freq in float32."""
+        super()._apply(fn, recurse)
+        if self.rotary and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
+        return self
+
+    def _cos_sin(self, positions: Tensor, dtype: torch.dtype):
+        """positions [1 or B, P] -> (cos, sin) [., P, head_dim] in HF's rotate-half layout,
+        times the rope's attention scaling, as the target's rotary module computes them."""
+        angle = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        angle = torch.cat([angle, angle], -1)
+        return (angle.cos() * self.rope_scaling).to(dtype), (angle.sin() * self.rope_scaling).to(dtype)
 
     def reset_parameters(self) -> None:
         """Re-initialise every linear layer (training from scratch instead of from the target)."""
@@ -173,16 +198,19 @@ class HyperNetwork(nn.Module):
         source_unit = rms_unit(source_keys)
         base_rot = source_rot = None
         if self.rotary:
-            def key_rotary(unit, key_mask):  # positions 1.. of the valid keys in the flat list
+            def key_rotary(key_mask):  # positions 1.. of the valid keys in the flat list
                 keep = key_mask.long()
-                return adapter.position_embeddings(unit, keep.cumsum(1) * keep)
+                return self._cos_sin(keep.cumsum(1) * keep, hidden.dtype)
 
-            base_rot = (pos_emb, key_rotary(base_unit, base_key_mask))
-            source_rot = (pos_emb, key_rotary(source_unit, source_key_mask))
+            query_rot = self._cos_sin(position_ids, hidden.dtype)
+            base_rot = (query_rot, key_rotary(base_key_mask))
+            source_rot = (query_rot, key_rotary(source_key_mask))
         for block, xb, xs in zip(self.blocks, self.base_xattn, self.source_xattn):
+            # a block without rotary in its own attention (SmolLM3's no-rope layers) gets none here
+            uses_rope = bool(getattr(getattr(block, "self_attn", None), "use_rope", True))
             hidden = adapter.block_self_attention(block, hidden, mask, position_ids, pos_emb)
-            hidden = xb(hidden, base_unit, base_key_mask, base_rot)
-            hidden = xs(hidden, source_unit, source_key_mask, source_rot)
+            hidden = xb(hidden, base_unit, base_key_mask, base_rot if uses_rope else None)
+            hidden = xs(hidden, source_unit, source_key_mask, source_rot if uses_rope else None)
             hidden = adapter.block_mlp(block, hidden)
         return self.final_norm(hidden)
 
