@@ -180,7 +180,8 @@ def run_train(args) -> Dict[str, Any]:
     for domain, run_dir in jobs:
         wrapper = build_method(args.method, target if target is not None else args.model, args.layer, args.feature_dim,
                                args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer,
-                               seed=args.seed, selector=args.selector, hypernet_rotary=args.hypernet_rotary)  # same --seed, same initial weights (and, per domain, the same as alone)
+                               # same --seed, same initial weights (and, per domain, the same as alone)
+                               seed=args.seed, selector=args.selector, hypernet_rotary=args.hypernet_rotary)
         target, tokenizer = wrapper.target, wrapper.tokenizer  # reuse the loaded target for the next domain
         result = Trainer(wrapper, _train_config(args, domain, run_dir)).train()
         ev = result.get("eval") or {}

@@ -410,5 +410,23 @@ def rope_parameters(adapter: DecoderAdapter):
     return inv_freq.detach().float().cpu(), float(scaling)
 
 
+class RotaryFrequencies(nn.Module):
+    """Rotary frequencies inv_freq [n] as a non-persistent float32 buffer (derived from the
+    target's config, not a weight) that stays float32 when the module holding it is cast:
+    Module.to(bf16) casts floating buffers, and bf16 frequencies put angles of a few hundred
+    radians off by whole radians."""
+
+    def __init__(self, inv_freq: Tensor, device=None):
+        super().__init__()
+        self._fp32 = torch.as_tensor(inv_freq).detach().reshape(-1).to(dtype=torch.float32, device="cpu")
+        self.register_buffer("inv_freq", self._fp32.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._fp32.to(self.inv_freq.device)
+        return self
+
+
 __all__ = ["DecoderAdapter", "LlamaAdapter", "GPT2Adapter", "get_adapter", "additive_mask", "rope_parameters",
-           "SUPPORTED_MODEL_TYPES", "LLAMA_FAMILY"]
+           "RotaryFrequencies", "SUPPORTED_MODEL_TYPES", "LLAMA_FAMILY"]

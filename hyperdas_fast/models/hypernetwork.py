@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .adapters import LLAMA_FAMILY, DecoderAdapter, additive_mask, rope_parameters
+from .adapters import LLAMA_FAMILY, DecoderAdapter, RotaryFrequencies, additive_mask, rope_parameters
 
 
 def rms_unit(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -139,8 +139,7 @@ class HyperNetwork(nn.Module):
                                  f"{adapter.model_type} has "
                                  f"{'none' if inv_freq is None else 2 * inv_freq.numel()}")
             # fixed float32 frequencies (see rope_parameters), the same for queries and keys
-            self._inv_freq_fp32, self.rope_scaling = inv_freq, scaling
-            self.register_buffer("inv_freq", inv_freq.to(adapter.device), persistent=False)
+            self.frequencies, self.rope_scaling = RotaryFrequencies(inv_freq, adapter.device), scaling
         # Keep the adapter out of the module tree (the target model is not ours to save).
         object.__setattr__(self, "_adapter", adapter)
         self.blocks = nn.ModuleList()
@@ -161,12 +160,10 @@ class HyperNetwork(nn.Module):
         if not init_from_target:
             self.reset_parameters()
 
-    def _apply(self, fn, recurse=True):
-        """.to(dtype) / .half() cast buffers too: keep inv_freq in float32."""
-        super()._apply(fn, recurse)
-        if self.rotary and self.inv_freq.dtype != torch.float32:
-            self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
-        return self
+    @property
+    def inv_freq(self) -> Tensor:
+        """The cross-attention's rotary frequencies [head_dim / 2], float32 (rotary only)."""
+        return self.frequencies.inv_freq
 
     def _cos_sin(self, positions: Tensor, dtype: torch.dtype):
         """positions [1 or B, P] -> (cos, sin) [., P, head_dim] in HF's rotate-half layout,

@@ -28,8 +28,8 @@ numbers (HF's rotate-half layout), the score is
 two batched products of [B, S, d] x [d, T] and [B, S, hd] x [hd, T]: still no pair
 tensor. HyperDASModel passes p_q = the last concept token's index (the original, on its
 left-padded input, counts from 1: one more, the same for every example, so a fixed
-rotation of q that q_proj absorbs). The phase varies with s and t jointly, so different base tokens can prefer
-different source tokens. Without rotary (``rotary=False``, what checkpoints from before
+rotation of q that q_proj absorbs). The phase varies with s and t jointly, so different
+base tokens can prefer different source tokens. Without rotary (``rotary=False``, what checkpoints from before
 this option were trained with) score[s, t] = ss[s] + sb[t]: every base column prefers the
 same source token, column_argmax draws on one source token per example and
 bidding_argmax changes at most one column.
@@ -52,6 +52,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .adapters import RotaryFrequencies
 
 KEEP = -1
 INFERENCE_MODES = ("default", "column_argmax", "global_argmax", "bidding_argmax", "groundtruth")
@@ -81,11 +83,7 @@ class PositionSelector(nn.Module):
             inv_freq = torch.as_tensor(inv_freq).detach().reshape(-1)
             if inv_freq.numel() != half:
                 raise ValueError(f"inv_freq must have head_dim / 2 = {half} entries, got {inv_freq.numel()}")
-            # not a parameter and not saved: derived from the target model's config. Kept in
-            # float32 whatever the module is cast to (see _apply): bf16 frequencies would put
-            # angles of a few hundred radians off by whole radians.
-            self._inv_freq_fp32 = inv_freq.to(dtype=torch.float32, device="cpu")
-            self.register_buffer("inv_freq", self._inv_freq_fp32.to(device), persistent=False)
+            self.frequencies = RotaryFrequencies(inv_freq, device)  # float32, not saved
         kw = dict(dtype=dtype, device=device)
         self.q_proj = nn.Linear(hidden_size, hidden_size, **kw)
         # q_combine: Linear(2d -> d) over [base ; source]; kept as one weight, applied in halves.
@@ -94,13 +92,10 @@ class PositionSelector(nn.Module):
         self.self_proj = nn.Linear(hidden_size, hidden_size, **kw)
         self.state_scale = nn.Parameter(torch.ones(hidden_size, **kw))
 
-    def _apply(self, fn, recurse=True):
-        """.to(dtype) / .half() / .bfloat16() cast buffers too: restore inv_freq to float32
-        (on whatever device it moved to)."""
-        super()._apply(fn, recurse)
-        if self.rotary and self.inv_freq.dtype != torch.float32:
-            self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
-        return self
+    @property
+    def inv_freq(self) -> Tensor:
+        """The rotary frequencies [head_dim / 2], float32 (rotary only)."""
+        return self.frequencies.inv_freq
 
     def pair_parts(self, base: Tensor, source: Tensor):
         """Projected base keys [B, T, d] (with biases) and source keys [B, S, d] (no bias)."""
