@@ -115,6 +115,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 # names its failures (the summary at the end is what a cut loses).
 timeout "${TEST_TIMEOUT:-260}" "$PY" -m pytest -v --tb=short -p no:cacheprovider -m gpu $XDIST -rfEs --timeout=180 \
   ${TEST_K:+-k "$TEST_K"} tests/test_ops_triton.py tests/test_ops_library.py tests/test_ops_projected.py \
+  tests/test_models_selector.py \
   >"$WORK/tests.log" 2>&1
 rc=$?; status+=("tests=$rc"); grep -E "FAILED|ERROR|passed|failed" "$WORK/tests.log" | tail -20 | tee -a "$LOG"
 fi
