@@ -162,13 +162,13 @@ CUDA_PATHS = ["fused", "projected", "projected_kernels", "projected_apply"]
 @needs_cuda_backend
 @pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(4, 40, 24, 512, 32), (3, 37, 45, 200, 65), (2, 5, 1, 70, 129)])
+@pytest.mark.parametrize("shape", [(4, 40, 24, 512, 32), (3, 37, 45, 200, 65), (2, 5, 1, 130, 129)])
 @pytest.mark.parametrize("config", [dict(reflect=True, mask="batch"), dict(reflect=True, mask="shared"),
                                     dict(reflect=False, mask="batch"), dict(reflect=False, mask=None)])
 def test_cuda_paths_agree_with_reference(path, dtype, shape, config, monkeypatch):
     """Every soft path of the cuda backend, forced (HYPERDAS_FAST_CUDA_SOFT). The second shape
     has partial row and source tiles and k past a padding step for the k-space kernels; the
-    third has T < 16, S = 1, d not a multiple of 8 (the apply kernel's scalar loads) and
+    third has T < 16, S = 1, d = 130 not a multiple of 8 (the apply kernel's scalar loads) and
     k = 129 (padded to 256: the sources kernel's 16-row steps, the apply kernel's large
     shared memory)."""
     from hyperdas_fast import ops

@@ -17,13 +17,14 @@
 // Forward and rows: the fused kernels of interchange_kernels.cu for fp32 / fp16 / bf16 and
 // k <= kMaxFusedK; otherwise (float64, or k > 256 such as BoundlessDAS with k = d, which is
 // GEMM-bound) the same math with ATen ops (cuBLAS).
-// Large soft inputs (use_projected: B*T*d >= 2^24 and a batch small next to k), forward and
-// backward: the "projected" formulation of csrc/common/interchange_projected.h, a few cuBLAS
-// GEMMs that never form the mix in d dimensions (see the README's GPU section).
-// Otherwise the backward is ATen with the mix recomputed (cuBLAS GEMMs for the [N, d] x [d, k]
-// products and the token reductions, small [N, k] element-wise work in fp32); a fused backward
-// kernel is future work.
-// HYPERDAS_FAST_CUDA_SOFT=fused|projected overrides the choice (benchmarks compare them).
+// Soft inputs whose batch fits the projected formulation (csrc/common/interchange_projected.h,
+// a few cuBLAS GEMMs over d that never form the mix in d dimensions; see the README's GPU
+// section), by the rule of soft_path() below: the backward always, the forward from
+// B*T*d = 2^22 up, its steps in k dimensions done by the k-space kernels of projected_kspace.cuh
+// (for float64 or k > 256: by ATen ops, and only from 2^24 up).
+// Otherwise the forward is the fused kernel and the backward ATen with the mix recomputed.
+// HYPERDAS_FAST_CUDA_SOFT=fused|projected|projected_kernels|projected_apply overrides the
+// choice (benchmarks compare them).
 // Autograd for these ops is registered in C++ (csrc/cpu/interchange_autograd.cpp).
 #include <ATen/ATen.h>
 // c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
@@ -170,14 +171,12 @@ hk::Subspace<CT> view_subspace(const SubspaceTensors& s) {
   return sub;
 }
 
-// HYPERDAS_FAST_CUDA_SOFT: "" (choose by size), "fused", or a projected variant:
+// HYPERDAS_FAST_CUDA_SOFT: "" (the default rule below), "fused", or a projected variant:
 //   "projected"          k-space steps as ATen ops (csrc/common/interchange_projected.h);
 //   "projected_kernels"  k-space steps as the kernels of projected_kspace.cuh, output by
 //                        cuBLAS (base + block(e) RV^T);
 //   "projected_apply"    the same kernels, output by the fused path's apply kernel (one pass
 //                        over base, where addmm first copies base into its result).
-// The kernel variants are opt-in until a GPU has run and timed them (their logic is checked
-// on the CPU: tests/test_cuda_kspace_emulated.py); the size rule picks "projected".
 static std::string soft_path_override() {
   const char* env = std::getenv("HYPERDAS_FAST_CUDA_SOFT");
   std::string value = env ? env : "";
@@ -188,30 +187,36 @@ static std::string soft_path_override() {
   return value;
 }
 
-// The projected GEMMs need the batch to fit in RV's extra columns, and they pay off only
-// once the GPU time dominates: measured on an H200 (benchmarks/results/ops_h200*.json), at
-// B*T*d = 2^24 (Llama B=32 T=128) they took 192 us forward / 670 us forward+backward in
-// graph replay against 346 / 971 us for the fused forward + ATen backward, were even at
-// 2^22, and lost at SmolLM2 sizes; in eager calls their two dozen small launches cost more
-// host time than the fused path's few.
-static bool use_projected(const std::string& force, int64_t B, int64_t T, int64_t d, int64_t k) {
-  if (!hyperdas_fast::projected::batch_fits(B, k)) return false;
-  if (!force.empty()) return force != "fused";
-  return B * T * d >= (int64_t{1} << 24);  // one threshold for both passes
-}
+enum class SoftPath { Fused, ProjectedAten, ProjectedKernels, ProjectedApply };
 
-// ----------------------------------------------------------------------------------------
-// Projected path with the k-space kernels (projected_kspace.cuh): the GEMMs over d by cuBLAS,
-// everything in k dimensions in one kernel launch per pass (two in the backward).
-// ----------------------------------------------------------------------------------------
-
-// The kernels take fp32 / fp16 / bf16 and k up to kspace::kMaxK, and do not produce coords:
-// a forward asked for coords (with_coords) runs the ATen k-space steps. (The cuda backend's
-// Python entry, hyperdas_fast/ops/cuda.py, never asks for them.)
+// The k-space kernels take fp32 / fp16 / bf16 and k up to kspace::kMaxK, and do not produce
+// coords: a forward asked for coords (with_coords) runs the ATen k-space steps. (The cuda
+// backend's Python entry, hyperdas_fast/ops/cuda.py, never asks for them.)
 static_assert(hk::kspace::kMaxK <= hk::kMaxFusedK, "the apply kernel must take every k the k-space kernels take");
-static bool use_kspace_kernels(const std::string& force, const Tensor& base, int64_t k, bool with_coords) {
-  return (force == "projected_kernels" || force == "projected_apply") && fused_dtype(base) &&
-         k <= hk::kspace::kMaxK && !with_coords;
+
+// Which soft path a call takes. Every projected path needs the batch to fit in RV's extra
+// columns. The default rule, from the paths forced side by side on an H200 (bf16,
+// benchmarks/results/ops_h200.json, graph replay; eager host time in brackets):
+// - backward: the k-space kernels at every benchmarked shape. Forward+backward, against the
+//   fused forward + ATen backward: SmolLM2 k=16 0.136 ms (eager 1.21) vs 0.206 (1.50);
+//   Llama-3-8B B=8 T=32 0.208 vs 0.289; B=32 T=128 0.497 vs 0.969 (and 0.565 for the ATen
+//   projected path).
+// - forward: the k-space kernels from B*T*d = 2^22 up (B=8 T=128: 0.088 ms vs the fused
+//   0.121; B=32 T=128: 0.148 vs the fused 0.346 and the ATen projected 0.164). Below it the
+//   fused kernel: even in GPU time (B=8 T=32 0.069 vs 0.065; SmolLM2 0.040 vs 0.041) and
+//   cheaper on the host (eager 0.108 vs 0.165 ms).
+// Where the kernels cannot run (float64, k > kMaxK, coords asked for), the ATen projected
+// path from B*T*d = 2^24 up, as before the kernels were measured.
+static SoftPath soft_path(const std::string& force, const Tensor& base, int64_t k, bool with_coords,
+                          bool backward) {
+  const int64_t B = base.size(0), size = B * base.size(1) * base.size(2);
+  if (!hyperdas_fast::projected::batch_fits(B, k) || force == "fused") return SoftPath::Fused;
+  const bool kernels_run = fused_dtype(base) && k <= hk::kspace::kMaxK && !with_coords;
+  if (force == "projected") return SoftPath::ProjectedAten;
+  if (force == "projected_kernels") return kernels_run ? SoftPath::ProjectedKernels : SoftPath::ProjectedAten;
+  if (force == "projected_apply") return kernels_run ? SoftPath::ProjectedApply : SoftPath::ProjectedAten;
+  if (kernels_run && (backward || size >= (int64_t{1} << 22))) return SoftPath::ProjectedKernels;
+  return size >= (int64_t{1} << 24) ? SoftPath::ProjectedAten : SoftPath::Fused;
 }
 
 struct KspaceInputs {
@@ -367,14 +372,14 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   hyperdas_fast::checks::check_soft(base_in, source_in, weights_in, basis, reflect, mask);
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  const std::string path = soft_path_override();
-  if (basis.has_value() && use_projected(path, base_in.size(0), base_in.size(1), base_in.size(2), k)) {
-    if (use_kspace_kernels(path, base_in, k, with_coords))
-      return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
-                                  path == "projected_apply"),
-              at::empty({0}, base_in.options())};
+  const SoftPath path =
+      basis.has_value() ? soft_path(soft_path_override(), base_in, k, with_coords, false) : SoftPath::Fused;
+  if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
+    return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
+                                path == SoftPath::ProjectedApply),
+            at::empty({0}, base_in.options())};
+  if (path == SoftPath::ProjectedAten)
     return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
-  }
   Tensor coords = (with_coords && basis.has_value())
                       ? coords_aten(base_in, source_in, weights_in, *basis, reflect)
                       : at::empty({0}, base_in.options());
@@ -483,17 +488,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   check_cuda(base_in, "base");
   hyperdas_fast::checks::check_soft(base_in, source_in, weights, basis, reflect, mask);
   hyperdas_fast::checks::check_grad_out(grad_out, base_in);
-  const std::string path = soft_path_override();  // read once per call
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
-  if (basis.has_value() &&
-      use_projected(path, base_in.size(0), base_in.size(1), base_in.size(2), basis->size(1))) {
-    if (use_kspace_kernels(path, base_in, basis->size(1), false))
-      return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
-                                  weights, *basis, reflect, mask);
+  const SoftPath path =
+      basis.has_value() ? soft_path(soft_path_override(), base_in, basis->size(1), false, true) : SoftPath::Fused;
+  // projected_apply differs from projected_kernels only in the forward's output step
+  if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
+    return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
+                                weights, *basis, reflect, mask);
+  if (path == SoftPath::ProjectedAten)
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
                                               source_in.contiguous(), weights, *basis, reflect, mask);
-  }
   Tensor g = grad_out.to(dt).contiguous();
   Tensor base = base_in.contiguous(), source = source_in.contiguous();
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1), N = B * T;
