@@ -32,6 +32,25 @@ struct SourcesChunk {
   static constexpr int value = KP <= 128 ? 32 : 16;
 };
 
+// Stages sources [s0, s0 + kChunk) of batch b: their weights for the tile's rows t0.. in
+// sW[s][row], their P_S[:k] rows in sP (zero past k and S) and P_S[k + b] in sPv (with v).
+template <typename T, int KP>
+__device__ __forceinline__ void stage_sources(const T* ps, const T* w_b, int64_t b, int64_t t0, int64_t T_,
+                                              int64_t S, int64_t s0, int k, int Kc, bool has_v,
+                                              float (&sW)[kChunk][kRows], float (&sP)[kChunk][KP],
+                                              float (&sPv)[kChunk]) {
+  const int tid = threadIdx.x;
+  for (int idx = tid; idx < kChunk * kRows; idx += kThreads) {
+    const int s = idx / kRows, rr = idx % kRows;
+    sW[s][rr] = (s0 + s < S && t0 + rr < T_) ? to_f(w_b[(s0 + s) * T_ + t0 + rr]) : 0.f;
+  }
+  for (int idx = tid; idx < kChunk * KP; idx += kThreads) {
+    const int s = idx / KP, j = idx % KP;
+    sP[s][j] = (s0 + s < S && j < k) ? to_f(ps[(b * S + s0 + s) * Kc + j]) : 0.f;
+  }
+  if (has_v && tid < kChunk) sPv[tid] = s0 + tid < S ? to_f(ps[(b * S + s0 + tid) * Kc + k + b]) : 0.f;
+}
+
 // acc[i] += W_src^T P_S[:k] for this thread's row and columns, over all S sources of
 // batch b; returns sum_s w P_S[k + b] (= -2 v . W_src^T source) in lane 0 (0 elsewhere).
 template <typename T, int KP>
@@ -42,15 +61,7 @@ __device__ __forceinline__ float mix_projections(const T* ps, const T* w_b, int6
   const int tid = threadIdx.x, r = tid / kLanes, lane = tid % kLanes;
   float vd = 0.f;
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
-    for (int idx = tid; idx < kChunk * kRows; idx += kThreads) {
-      const int s = idx / kRows, rr = idx % kRows;
-      sW[s][rr] = (s0 + s < S && t0 + rr < T_) ? to_f(w_b[(s0 + s) * T_ + t0 + rr]) : 0.f;
-    }
-    for (int idx = tid; idx < kChunk * KP; idx += kThreads) {
-      const int s = idx / KP, j = idx % KP;
-      sP[s][j] = (s0 + s < S && j < k) ? to_f(ps[(b * S + s0 + s) * Kc + j]) : 0.f;
-    }
-    if (has_v && tid < kChunk) sPv[tid] = s0 + tid < S ? to_f(ps[(b * S + s0 + tid) * Kc + k + b]) : 0.f;
+    stage_sources<T, KP>(ps, w_b, b, t0, T_, S, s0, k, Kc, has_v, sW, sP, sPv);
     __syncthreads();
     const int ns = (int)mn(kChunk, S - s0);
     for (int s = 0; s < ns; ++s) {
@@ -62,6 +73,20 @@ __device__ __forceinline__ float mix_projections(const T* ps, const T* w_b, int6
     __syncthreads();  // before the next chunk overwrites the staged rows
   }
   return vd;
+}
+
+// Four consecutive floats of shared memory from a 16-byte aligned address: one 128-bit load
+// on the GPU.
+__device__ __forceinline__ void load4(const float* src, float (&v)[4]) {
+#ifdef HYPERDAS_FAST_EMULATE
+  for (int c = 0; c < 4; ++c) v[c] = src[c];
+#else
+  const float4 x = *reinterpret_cast<const float4*>(src);
+  v[0] = x.x;
+  v[1] = x.y;
+  v[2] = x.z;
+  v[3] = x.w;
+#endif
 }
 
 // Writes block(x) for one row: x[i] in column lane + 16 i (< k), xu in column k + b, zeros
@@ -100,55 +125,109 @@ inline int64_t source_tiles(int64_t S) { return (S + kRows - 1) / kRows; }
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (forward_tiles, B): ceil(T / kRows) tiles, or rows_pad / kRows when e is
 // written (its padded rows are zeroed).
+// Register tiles: thread (rg, cg) holds the 4 columns 4 cg .. 4 cg + 3 of RT = KP / 64
+// consecutive rows, so each source step reads one float4 of P_S and RT weights from shared
+// memory for 4 RT multiply-adds. (The rows kernels' layout, one row per 16 threads and
+// columns 16 apart, reads 9 values for 8: on an H200 this kernel took 32 us at Llama-3-8B
+// B=32 T=128 that way, benchmarks/results/profile_forward_h200.json at 600b5a3.)
 // ---------------------------------------------------------------------------------------
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams<T> p) {
-  constexpr int NJ = KP / kLanes;
+  constexpr int CG = KP / 4;                  // column groups: threads per row group
+  constexpr int RT = kRows * CG / kThreads;   // rows per thread
+  static_assert(KP % 4 == 0 && RT >= 1 && RT * kThreads == kRows * CG, "the tile splits evenly");
   __shared__ float sW[kChunk][kRows];
-  __shared__ float sP[kChunk][KP];
+  __shared__ __align__(16) float sP[kChunk][KP];
   __shared__ float sPv[kChunk];
   __shared__ float sVd[kRows];
-  __shared__ float sRed[kRows][kLanes];
+  __shared__ float sRed[kRows][CG];
 
-  const int tid = threadIdx.x, r = tid / kLanes, lane = tid % kLanes;
+  const int tid = threadIdx.x, cg = tid % CG, r0 = (tid / CG) * RT, j0 = 4 * cg;
   const int64_t b = blockIdx.y;
   const int64_t t0 = (int64_t)blockIdx.x * kRows;
-  const int64_t t = t0 + r;
-  const bool valid = t < p.T;
   const bool has_v = p.u != nullptr;
   const T* w_b = p.weights + b * (p.S + 1) * p.T;
-  const int64_t row = b * p.T + t;
 
-  float e[NJ];
+  float acc[RT][4];
+  float vs[RT];  // sum_s w P_S[k + b] (cg == 0 only)
 #pragma unroll
-  for (int i = 0; i < NJ; ++i) e[i] = 0.f;
-  const float vs = mix_projections<T, KP>(p.ps, w_b, b, t0, p.T, p.S, p.k, p.Kc, has_v, e, sW, sP, sPv);
-  const float wm1 = valid ? to_f(w_b[p.S * p.T + t]) - 1.f : 0.f;
-  if (has_v && lane == 0) sVd[r] = valid ? fmaf(wm1, to_f(p.pb[row * p.Kc + p.k + b]), vs) : 0.f;
-  __syncthreads();
-  const float vdd = has_v ? sVd[r] : 0.f;  // -2 v.delta
-  float ue = 0.f;
+  for (int i = 0; i < RT; ++i) {
+    vs[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < NJ; ++i) {
-    const int j = lane + kLanes * i;
-    float c = 0.f;
-    if (valid && j < p.k) {
-      c = fmaf(wm1, to_f(p.pb[row * p.Kc + j]), e[i]);
-      if (has_v) c = fmaf(vdd, p.u[b * p.k + j], c);
-      if (p.mask != nullptr) c *= p.mask[b * p.mask_stride_b + j];
-      if (has_v) ue = fmaf(c, p.u[b * p.k + j], ue);
+    for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
+  }
+  for (int64_t s0 = 0; s0 < p.S; s0 += kChunk) {
+    stage_sources<T, KP>(p.ps, w_b, b, t0, p.T, p.S, s0, p.k, p.Kc, has_v, sW, sP, sPv);
+    __syncthreads();
+    const int ns = (int)mn(kChunk, p.S - s0);
+    for (int s = 0; s < ns; ++s) {
+      float pv[4];
+      load4(&sP[s][j0], pv);
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        const float w = sW[s][r0 + i];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] = fmaf(w, pv[c], acc[i][c]);
+        if (has_v && cg == 0) vs[i] = fmaf(w, sPv[s], vs[i]);
+      }
     }
-    e[i] = c;
+    __syncthreads();  // before the next chunk overwrites the staged rows
   }
-  ue = row_sum(ue, sRed);
 
-  if (p.e != nullptr && t < p.rows_pad) {
-    const int64_t erow = b * p.rows_pad + t;
+  float wm1[RT];  // w_self - 1
 #pragma unroll
-    for (int i = 0; i < NJ; ++i) p.e[erow * KP + lane + kLanes * i] = e[i];
-    if (lane == 0) p.eu[erow] = ue;
+  for (int i = 0; i < RT; ++i) {
+    const int64_t t = t0 + r0 + i;
+    wm1[i] = t < p.T ? to_f(w_b[p.S * p.T + t]) - 1.f : 0.f;
+    if (has_v && cg == 0)  // -2 v.delta
+      sVd[r0 + i] = t < p.T ? fmaf(wm1[i], to_f(p.pb[(b * p.T + t) * p.Kc + p.k + b]), vs[i]) : 0.f;
   }
-  if (p.block != nullptr && valid) store_block<T, KP>(p.block + row * p.Kc, e, ue, lane, p.k, p.Kc, b);
+  __syncthreads();
+  float uj[4], mj[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int j = j0 + c;
+    uj[c] = has_v && j < p.k ? p.u[b * p.k + j] : 0.f;
+    mj[c] = p.mask != nullptr && j < p.k ? p.mask[b * p.mask_stride_b + j] : 1.f;
+  }
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const int64_t t = t0 + r0 + i, row = b * p.T + t;
+    const float vdd = has_v ? sVd[r0 + i] : 0.f;
+    float ue = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = j0 + c;
+      float x = 0.f;
+      if (t < p.T && j < p.k) {
+        x = fmaf(vdd, uj[c], fmaf(wm1[i], to_f(p.pb[row * p.Kc + j]), acc[i][c])) * mj[c];
+        ue = fmaf(x, uj[c], ue);
+      }
+      acc[i][c] = x;  // e, zero past k and T
+    }
+    sRed[r0 + i][cg] = ue;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const int64_t t = t0 + r0 + i, row = b * p.T + t;
+    float ue = 0.f;  // u.e, summed over the row's column groups in order
+    if (has_v)
+      for (int l = 0; l < CG; ++l) ue += sRed[r0 + i][l];
+    if (p.e != nullptr && t < p.rows_pad) {
+      const int64_t erow = b * p.rows_pad + t;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) p.e[erow * KP + j0 + c] = acc[i][c];
+      if (cg == 0) p.eu[erow] = ue;
+    }
+    if (p.block != nullptr && t < p.T) {
+      T* dst = p.block + row * p.Kc;
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (j0 + c < p.k) dst[j0 + c] = from_f<T>(acc[i][c]);
+      for (int j = p.k + cg; j < p.Kc; j += CG) dst[j] = from_f<T>(j == p.k + b ? ue : 0.f);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------

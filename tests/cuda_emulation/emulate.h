@@ -34,6 +34,7 @@ inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 // kernel(): the kernel call with its arguments bound, e.g. [&] { my_kernel<float>(p); }.
 template <typename F>
