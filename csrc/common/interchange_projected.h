@@ -36,6 +36,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -48,6 +49,25 @@ using at::Tensor;
 inline bool batch_fits(int64_t B, int64_t k) { return B <= std::max<int64_t>(64, 2 * k); }
 
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
+// cuBLAS call with an fp32 result (mm's out_dtype overload: exact products and fp32 sums, as
+// the fp32 GEMM of the upcast operands). The two upcasts and the fp32 GEMM took four kernels,
+// about 13 us at Llama-3-8B shapes on an H200 (profile_forward_h200.json at 45e5f3b); the
+// Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
+inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
+  static std::atomic<bool> out_dtype_runs{true};
+  const auto dt = v.scalar_type();
+  if (v.is_cuda() && dt == R.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) && out_dtype_runs.load()) {
+    try {
+      return at::mm(v, R, at::kFloat);
+    } catch (const c10::Error&) {
+      out_dtype_runs.store(false);  // a torch or GPU without it: the upcasts below from now on
+    }
+  }
+  const auto cdt = compute_type(dt);
+  return at::mm(v.to(cdt), R.to(cdt));
+}
 
 // [d, k] or [d, k + B] = [R | -2 V^T], in R's dtype. Non-finite entries of V are zeroed:
 // the block matrices hold zeros in the other examples' reflection columns, and 0 * inf =
@@ -86,7 +106,7 @@ inline Mixed mix_projected(const Tensor& PS, const Tensor& PB, const Tensor& wei
   p.w_self = p.w.select(1, S);     // [B, T]
   p.C = at::baddbmm(PB * p.w_self.unsqueeze(-1), p.w_src.transpose(1, 2), PS).sub_(PB);
   if (reflect.has_value()) {
-    p.u = at::mm(reflect->to(cdt), R.to(cdt));  // [B, k]
+    p.u = reflect_u(*reflect, R);  // [B, k]
     p.c = at::addcmul(p.C.narrow(2, 0, k), diag_cols(p.C, k).unsqueeze(-1), p.u.unsqueeze(1));
   } else {
     p.c = p.C.narrow(2, 0, k);

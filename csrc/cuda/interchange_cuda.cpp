@@ -146,7 +146,7 @@ SubspaceTensors prepare_subspace(const std::optional<Tensor>& basis, const std::
   const int64_t k = s.basis.size(1);
   if (reflect.has_value()) {
     s.reflect = reflect->contiguous();
-    s.u = at::matmul(s.reflect.to(at::kFloat), s.basis.to(at::kFloat)).contiguous();  // [B, k], tiny
+    s.u = hyperdas_fast::projected::reflect_u(s.reflect, s.basis).contiguous();  // [B, k] fp32, tiny
   }
   if (mask.has_value()) {
     s.mask = mask->to(at::kFloat).contiguous();
@@ -236,7 +236,7 @@ static KspaceInputs kspace_inputs(const Tensor& base, const Tensor& source, cons
   // the kernels index P rows as row * Kc
   TORCH_INTERNAL_ASSERT(in.PS.is_contiguous() && in.PB.is_contiguous(), "projected: P_S / P_B not contiguous");
   in.w = weights.to(base.scalar_type()).contiguous();
-  if (reflect.has_value()) in.u = at::mm(reflect->to(at::kFloat), R.to(at::kFloat)).contiguous();
+  if (reflect.has_value()) in.u = hyperdas_fast::projected::reflect_u(*reflect, R).contiguous();
   if (mask.has_value()) {
     in.m = mask->to(at::kFloat).contiguous();
     in.mask_stride_b = mask->dim() == 2 ? R.size(1) : 0;
