@@ -591,7 +591,9 @@ def forward_chunked(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
     output. The projected forward reads base twice (its projection, then the output kernel);
     per chunk, the second read should find the chunk's base still in the L2, so base would
     come from memory once. Each chunk's RV also carries only its own examples' reflection
-    columns. Experimental (HYPERDAS_FAST_TRITON_SOFT=chunked): no GPU has timed it."""
+    columns. Experimental (HYPERDAS_FAST_TRITON_SOFT=chunked), and slower: on an H200 at
+    Llama-3-8B B=32 T=128 it took 223 against 103 us, and no part of it gained from the
+    chunks (benchmarks/results/profile_forward_h200_600b5a3.json; README, "The op")."""
     B = base.shape[0]
     per = chunk_examples(base.shape[1], base.shape[2], base.element_size())
     if per >= B:
