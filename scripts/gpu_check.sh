@@ -22,10 +22,12 @@
 #      SmolLM2's shape -> training_step_<gpu>.json (needs MODEL_CONFIG_DIR: its config.json and
 #      tokenizer files).
 # Each stage has its own time limit and a failure does not stop the later ones.
-# The stages' limits add up to more than one device call's 600 s: split the work over two calls on
-# the warm machine (the in-place build stays): e.g. SKIP_BENCH=1 (build + tests), then SKIP_TESTS=1
-# (build, a no-op by then, + benchmark + PROFILE=1). The GPU tests: 134 took 86 s at 9c92bc7;
-# there are 294 now (a260ff7).
+# The stages' limits add up to more than one device call's 600 s, but the stages themselves
+# take far less: at 274b2f5 on an H200 the build (45 s), the op benchmark with every path
+# (45 s), the 294 GPU tests (93 s with pytest-xdist), both profiles (20 s) and the training
+# step (50 s) took 264 s in one call, and the call's start about 30 s more. SKIP_BENCH=1 /
+# SKIP_TESTS=1 split the work over two calls on the warm machine where needed (the in-place
+# build stays; a warm machine is given back after 30 s idle).
 # SKIP_BUILD=1 skips step 1 (for a call that measures Triton changes only); SWEEP_ARGS, BENCH_BACKENDS
 # and PROFILE_BACKENDS pass arguments on (e.g. SWEEP_ARGS=--baselines-only, BENCH_BACKENDS="torch triton").
 # BENCH_SHAPES (e.g. "llama3_B32_T128 llama3_B8_T128") limits the op benchmark to some shapes;
