@@ -40,8 +40,8 @@ inputs, as torch's fp32 matmul does, and tf32 for bf16/fp16 inputs, see ``_preci
   block(g_s) and g_w[:S, :].
 - ``_add_product_kernel``: out = x + A RV^T, the output (x = base, A = block(e)) and g_base
   (x = grad), in one pass over x (torch's addmm copies x into its result first).
-- ``_project_kernel`` (opt-in, HYPERDAS_FAST_TRITON_PROJECTION=triton; untimed on a GPU so
-  far): the projections themselves, [x R | -2 v_b . x] in fp32 for tiles of one example's
+- ``_project_kernel`` (opt-in, HYPERDAS_FAST_TRITON_PROJECTION=triton; its GPU tests pass on
+  an H200, but no GPU has timed it): the projections themselves, [x R | -2 v_b . x] in fp32 for tiles of one example's
   rows, d split over several programs, in place of cuBLAS's x RV (see ``projection_method``).
 - ``_onepass_forward_kernel`` (the experimental "onepass" forward): P_B, the rows
   kernel's k-space step and the output for BT rows in one program, so base is read once
