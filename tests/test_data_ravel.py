@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -212,6 +213,41 @@ def test_filter_logic_and_cache(tmp_path, monkeypatch):
     assert len(calls) > n_calls
     with pytest.raises(ValueError, match="label_mode"):
         ravel.filter_known(rows, model, None, label_mode="guess", cache_dir=tmp_path)
+
+
+class _WordTokenizer:
+    """Counts words as tokens (what filter_known asks of a tokenizer in label mode "data")."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return types.SimpleNamespace(input_ids=text.split())
+
+    def __len__(self):
+        return 100
+
+
+def test_filter_generates_long_enough_for_long_values(tmp_path, monkeypatch):
+    """A value longer than max_new_tokens gets a continuation of its length plus one (so it
+    can match at all); every other prompt keeps max_new_tokens, and the generations of each
+    length go to that length's cache."""
+    long_value = "Central African Republic of the Congo"  # 6 words
+    rows = [_row("A", "B", True, "France", long_value), _row("C", "D", False, long_value, "Peru")]
+    truth = {"city: A, country:": " France", "city: B, country:": f" {long_value} and more",
+             "city: C, country:": f" {long_value}."}
+    calls = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens=6, batch_size=32):
+        calls.append((max_new_tokens, sorted(prompts)))
+        return [" " + " ".join(truth[p].split()[:max_new_tokens]) for p in prompts]
+
+    monkeypatch.setattr(ravel, "greedy_generate", fake_generate)
+    kept = ravel.filter_known(rows, _FakeModel(), _WordTokenizer(), max_new_tokens=3, cache_dir=tmp_path)
+    assert sorted(r["entity"] for r in kept) == ["A", "C"]
+    assert sorted(calls) == [(3, ["city: A, country:"]), (7, ["city: B, country:", "city: C, country:"])]
+    assert sorted(p.name for p in tmp_path.rglob("generations-*.json")) == ["generations-3.json", "generations-7.json"]
+    # without a tokenizer to count with, every prompt gets max_new_tokens: the long values fail
+    calls.clear()
+    assert ravel.filter_known(rows, _FakeModel(), None, max_new_tokens=3, cache_dir=tmp_path / "plain") == []
+    assert [n for n, _ in calls] == [3]
 
 
 def test_no_usable_rows(tmp_path, monkeypatch, ravel_dir, smollm2):

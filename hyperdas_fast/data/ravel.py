@@ -450,6 +450,12 @@ def filter_known(
     Rows are visited in a seeded shuffled order, in chunks, until ``max_examples`` are
     kept. Greedy continuations are cached per model under ``cache_dir`` (default
     ``$HYPERDAS_FAST_CACHE/ravel_filtered``), and so is the kept set.
+
+    ``max_new_tokens`` is the continuation's length, except in label_mode "data" where a
+    value the row expects is longer (with a tokenizer to count it): that prompt gets the
+    value's tokens plus one, so a long value ("America/Argentina/Buenos_Aires") can match
+    at all. With 6 tokens for every prompt, 6 % of city-timezone rows and 4 % of
+    city-language rows could never be kept.
     """
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}; got {label_mode!r}")
@@ -458,16 +464,29 @@ def filter_known(
     fp = model_fingerprint(model, tokenizer)
     root = Path(cache_dir) if cache_dir is not None else filter_cache_dir()
     # generations of another length judge answers differently ("United" vs "United States"):
-    # max_new_tokens is part of both keys. "data2": answer_matches keeps case (sets kept by
-    # the case-insensitive match are not reused).
-    mode_key = "data2" if label_mode == "data" else label_mode
+    # max_new_tokens is part of both keys. "data3": answer_matches keeps case (sets kept by
+    # the case-insensitive match, "data", are not reused), and long values get longer
+    # continuations (sets kept with 6 tokens for every prompt, "data2", are not reused).
+    fit_lengths = label_mode == "data" and tokenizer is not None
+    mode_key = ("data3" if fit_lengths else "data2") if label_mode == "data" else label_mode
     result_path = root / fp / f"kept-{_rows_key(rows)}-{mode_key}-{max_examples}-{seed}-{max_new_tokens}.json"
     if cache and result_path.is_file():
         try:
             return json.loads(result_path.read_text())
         except (OSError, ValueError):
             pass
-    gen_cache = GenerationCache(root / fp / f"generations-{max_new_tokens}.json" if cache else None)
+    gen_caches: Dict[int, GenerationCache] = {}  # continuation length -> its cache
+
+    def gen_cache(length: int) -> GenerationCache:
+        if length not in gen_caches:
+            gen_caches[length] = GenerationCache(root / fp / f"generations-{length}.json" if cache else None)
+        return gen_caches[length]
+
+    def length_for(answer: str) -> int:
+        if not fit_lengths:
+            return max_new_tokens
+        return max(max_new_tokens, len(tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids) + 1)
+
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     kept: List[dict] = []
@@ -483,14 +502,19 @@ def filter_known(
             size = max(8, min(chunk_size, 2 * (max_examples - len(kept))))
         chunk = [rows[i] for i in order[start : start + size]]
         start += size
-        prompts = {base_prompt(r) for r in chunk} | {r["verify_text"] for r in chunk}
-        todo = sorted(p for p in prompts if p not in gen_cache.data)
-        if todo:
-            for p, g in zip(todo, greedy_generate(model, tokenizer, todo, max_new_tokens, batch_size)):
-                gen_cache.data[p] = g
-            gen_cache.save()
+        lengths: Dict[str, int] = {}  # prompt -> its continuation's length
         for r in chunk:
-            g_base, g_verify = gen_cache.data[base_prompt(r)], gen_cache.data[r["verify_text"]]
+            for prompt, answer in ((base_prompt(r), r["target"]), (r["verify_text"], expected_answer(r))):
+                lengths[prompt] = max(lengths.get(prompt, max_new_tokens), length_for(answer))
+        for length in sorted(set(lengths.values())):
+            todo = sorted(p for p, n in lengths.items() if n == length and p not in gen_cache(length).data)
+            if todo:
+                for p, g in zip(todo, greedy_generate(model, tokenizer, todo, length, batch_size)):
+                    gen_cache(length).data[p] = g
+                gen_cache(length).save()
+        for r in chunk:
+            g_base = gen_cache(lengths[base_prompt(r)]).data[base_prompt(r)]
+            g_verify = gen_cache(lengths[r["verify_text"]]).data[r["verify_text"]]
             if label_mode == "data":
                 ok = answer_matches(g_base, r["target"]) and answer_matches(g_verify, expected_answer(r))
                 if ok:
