@@ -196,7 +196,7 @@ static_assert(hk::kspace::kMaxK <= hk::kMaxFusedK, "the apply kernel must take e
 
 // Which soft path a call takes. Every projected path needs the batch to fit in RV's extra
 // columns. The default rule, from the paths forced side by side on an H200 (bf16,
-// benchmarks/results/ops_h200.json, graph replay; eager host time in brackets):
+// benchmarks/results/ops_h200_600b5a3.json, graph replay; eager host time in brackets):
 // - backward: the k-space kernels at every benchmarked shape. Forward+backward, against the
 //   fused forward + ATen backward: SmolLM2 k=16 0.136 ms (eager 1.21) vs 0.206 (1.50);
 //   Llama-3-8B B=8 T=32 0.208 vs 0.289; B=32 T=128 0.497 vs 0.969 (and 0.565 for the ATen
