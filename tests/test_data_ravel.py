@@ -230,9 +230,10 @@ def test_filter_generates_long_enough_for_long_values(tmp_path, monkeypatch):
     can match at all); every other prompt keeps max_new_tokens, and the generations of each
     length go to that length's cache."""
     long_value = "Central African Republic of the Congo"  # 6 words
-    rows = [_row("A", "B", True, "France", long_value), _row("C", "D", False, long_value, "Peru")]
+    rows = [_row("A", "B", True, "France", long_value), _row("C", "D", False, long_value, "Peru"),
+            _row("E", "B", True, "France", "Peru")]  # B's prompt again, now expecting a short value
     truth = {"city: A, country:": " France", "city: B, country:": f" {long_value} and more",
-             "city: C, country:": f" {long_value}."}
+             "city: C, country:": f" {long_value}.", "city: E, country:": " France"}
     calls = []
 
     def fake_generate(model, tok, prompts, max_new_tokens=6, batch_size=32):
@@ -240,10 +241,15 @@ def test_filter_generates_long_enough_for_long_values(tmp_path, monkeypatch):
         return [" " + " ".join(truth[p].split()[:max_new_tokens]) for p in prompts]
 
     monkeypatch.setattr(ravel, "greedy_generate", fake_generate)
-    kept = ravel.filter_known(rows, _FakeModel(), _WordTokenizer(), max_new_tokens=3, cache_dir=tmp_path)
-    assert sorted(r["entity"] for r in kept) == ["A", "C"]
-    assert sorted(calls) == [(3, ["city: A, country:"]), (7, ["city: B, country:", "city: C, country:"])]
-    assert sorted(p.name for p in tmp_path.rglob("generations-*.json")) == ["generations-3.json", "generations-7.json"]
+    # both row orders: a prompt needed at two lengths gets the longer one, whichever row comes last
+    for i, order in enumerate((rows, rows[::-1])):
+        calls.clear()
+        kept = ravel.filter_known(order, _FakeModel(), _WordTokenizer(), max_new_tokens=3, cache_dir=tmp_path / str(i))
+        assert sorted(r["entity"] for r in kept) == ["A", "C"]
+        assert sorted(calls) == [(3, ["city: A, country:", "city: E, country:"]),
+                                 (7, ["city: B, country:", "city: C, country:"])]
+        assert sorted(p.name for p in (tmp_path / str(i)).rglob("generations-*.json")) == [
+            "generations-3.json", "generations-7.json"]
     # without a tokenizer to count with, every prompt gets max_new_tokens: the long values fail
     calls.clear()
     assert ravel.filter_known(rows, _FakeModel(), None, max_new_tokens=3, cache_dir=tmp_path / "plain") == []

@@ -214,6 +214,31 @@ def test_cuda_kspace_paths_run_their_kernels(path, expected, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda_backend
+@pytest.mark.parametrize("shape,forward_path", [((3, 37, 45, 200, 65), "fused"), ((4, 128, 8, 8192, 64), "kspace")],
+                         ids=["below_2^22", "at_2^22"])
+def test_cuda_default_soft_paths(shape, forward_path, monkeypatch):
+    """With HYPERDAS_FAST_CUDA_SOFT unset (soft_path() in csrc/cuda/interchange_cuda.cpp): the
+    backward always by the k-space kernels; the forward by the fused kernels below
+    B*T*d = 2^22 and by the k-space forward kernel from there."""
+    from hyperdas_fast import ops
+
+    monkeypatch.delenv("HYPERDAS_FAST_CUDA_SOFT", raising=False)
+    leaves = [a.float().requires_grad_() for a in make_inputs(*shape, device="cuda")]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = ops.interchange(*leaves, backend="cuda")
+        torch.cuda.synchronize()
+    forward_names = " ".join(e.name for e in prof.events())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.sum().backward()
+        torch.cuda.synchronize()
+    backward_names = " ".join(e.name for e in prof.events())
+    assert "backward_rows_kernel<" in backward_names and "backward_sources_kernel<" in backward_names
+    fused, kspace = "coords_kernel<" in forward_names, "kspace::forward_kernel<" in forward_names
+    assert (fused, kspace) == ((True, False) if forward_path == "fused" else (False, True)), forward_names[:2000]
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
 def test_cuda_soft_path_override_is_checked(monkeypatch):
     from hyperdas_fast import ops
 

@@ -34,6 +34,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
@@ -51,20 +52,25 @@ inline bool batch_fits(int64_t B, int64_t k) { return B <= std::max<int64_t>(64,
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
 // u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
-// cuBLAS call with an fp32 result (mm's out_dtype overload: exact products and fp32 sums, as
-// the fp32 GEMM of the upcast operands). The two upcasts and the fp32 GEMM took four kernels,
-// about 13 us at Llama-3-8B shapes on an H200 (profile_forward_h200.json at 45e5f3b); the
-// Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
+// cuBLAS call with an fp32 result (mm's out_dtype overload, torch >= 2.8: exact products and
+// fp32 sums, as the fp32 GEMM of the upcast operands). The upcasts, the fp32 GEMM (6 us) and
+// its split-K reduction (3 us) took four kernels at Llama-3-8B shapes on an H200
+// (profile_forward_h200.json at 45e5f3b); the Triton backend made the same change
+// (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
 inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
-  static std::atomic<bool> out_dtype_runs{true};
   const auto dt = v.scalar_type();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  static std::atomic<bool> out_dtype_runs{true};
   if (v.is_cuda() && dt == R.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) && out_dtype_runs.load()) {
     try {
       return at::mm(v, R, at::kFloat);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // not a missing overload
     } catch (const c10::Error&) {
-      out_dtype_runs.store(false);  // a torch or GPU without it: the upcasts below from now on
+      out_dtype_runs.store(false);  // a build of torch without it: the upcasts below from now on
     }
   }
+#endif
   const auto cdt = compute_type(dt);
   return at::mm(v.to(cdt), R.to(cdt));
 }

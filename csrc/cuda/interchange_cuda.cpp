@@ -198,13 +198,13 @@ static_assert(hk::kspace::kMaxK <= hk::kMaxFusedK, "the apply kernel must take e
 // columns. The default rule, from the paths forced side by side on an H200 (bf16,
 // benchmarks/results/ops_h200_600b5a3.json, graph replay; eager host time in brackets):
 // - backward: the k-space kernels at every benchmarked shape. Forward+backward, against the
-//   fused forward + ATen backward: SmolLM2 k=16 0.136 ms (eager 1.21) vs 0.206 (1.50);
-//   Llama-3-8B B=8 T=32 0.208 vs 0.289; B=32 T=128 0.497 vs 0.969 (and 0.565 for the ATen
+//   fused forward + ATen backward: SmolLM2 k=16 136 us (eager 1.58 ms) vs 205 us (2.11 ms);
+//   Llama-3-8B B=8 T=32 206 vs 287 us; B=32 T=128 494 vs 964 us (and 562 for the ATen
 //   projected path).
-// - forward: the k-space kernels from B*T*d = 2^22 up (B=8 T=128: 0.088 ms vs the fused
-//   0.121; B=32 T=128: 0.148 vs the fused 0.346 and the ATen projected 0.164). Below it the
-//   fused kernel: even in GPU time (B=8 T=32 0.069 vs 0.065; SmolLM2 0.040 vs 0.041) and
-//   cheaper on the host (eager 0.108 vs 0.165 ms).
+// - forward: the k-space kernels from B*T*d = 2^22 up (B=8 T=128: 88 us vs the fused 120;
+//   B=32 T=128: 147 vs the fused 344 and the ATen projected 163). Below it the fused
+//   kernel: about even in GPU time (B=8 T=32 68 vs 65 us; SmolLM2 k=64 41 vs 44) and
+//   cheaper on the host (eager 0.15 vs 0.24 ms and 0.12 vs 0.18 ms).
 // Where the kernels cannot run (float64, k > kMaxK, coords asked for), the ATen projected
 // path from B*T*d = 2^24 up, as before the kernels were measured.
 static SoftPath soft_path(const std::string& force, const Tensor& base, int64_t k, bool with_coords,
@@ -372,8 +372,8 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   hyperdas_fast::checks::check_soft(base_in, source_in, weights_in, basis, reflect, mask);
   c10::cuda::CUDAGuard guard(base_in.device());
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
-  const SoftPath path =
-      basis.has_value() ? soft_path(soft_path_override(), base_in, k, with_coords, false) : SoftPath::Fused;
+  const std::string force = soft_path_override();  // read (and checked) on every call
+  const SoftPath path = basis.has_value() ? soft_path(force, base_in, k, with_coords, false) : SoftPath::Fused;
   if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
     return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
                                 path == SoftPath::ProjectedApply),
@@ -490,8 +490,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   hyperdas_fast::checks::check_grad_out(grad_out, base_in);
   c10::cuda::CUDAGuard guard(base_in.device());
   const auto dt = base_in.scalar_type();
+  const std::string force = soft_path_override();  // read (and checked) on every call
   const SoftPath path =
-      basis.has_value() ? soft_path(soft_path_override(), base_in, basis->size(1), false, true) : SoftPath::Fused;
+      basis.has_value() ? soft_path(force, base_in, basis->size(1), false, true) : SoftPath::Fused;
   // projected_apply differs from projected_kernels only in the forward's output step
   if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
     return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
