@@ -24,7 +24,7 @@
 # Each stage has its own time limit and a failure does not stop the later ones.
 # The stages' limits add up to more than one device call's 600 s, but the stages themselves
 # take far less: at 274b2f5 on an H200 the build (45 s), the op benchmark with every path
-# (45 s), the 294 GPU tests (93 s with pytest-xdist), both profiles (20 s) and the training
+# (45 s), the 294 GPU tests of then (93 s with pytest-xdist; 296 now), both profiles (20 s) and the training
 # step (50 s) took 264 s in one call (benchmarks/results/gpu_check_h200_274b2f5.log), and the
 # call's start about 30 s more. SKIP_BENCH=1 /
 # SKIP_TESTS=1 split the work over two calls on the warm machine where needed (the in-place
