@@ -73,6 +73,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _opt(p, "hypernet_rotary", action="store_true",
          help="HyperDAS: rotary positions on the hypernetwork's cross-attention keys, as in the original "
               "(projects every key: slower)")
+    p.add_argument("--no-hypernet-qk-norm", "--no_hypernet_qk_norm", dest="hypernet_qk_norm", action="store_false",
+                   help="HyperDAS: leave the target's query/key norms (Qwen3, OLMo2) out of the hypernetwork's "
+                        "cross-attention, as runs from before they were copied did")
     _opt(p, "epochs", type=int, default=5)
     _opt(p, "batch_size", type=int, default=16)
     _opt(p, "eval_batch_size", type=int, default=32)
@@ -121,7 +124,7 @@ def default_run_dir(method: str, domain: str, attribute: Optional[str]) -> Path:
 
 def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", dtype=None, device=None, backend: str = "auto", tokenizer=None,
-                 seed=None, selector: str = "rotary", hypernet_rotary: bool = False):
+                 seed=None, selector: str = "rotary", hypernet_rotary: bool = False, hypernet_qk_norm: bool = True):
     """``seed``: seeds the random initialisation (None: torch's global RNG). ``selector``:
     HyperDAS only (MDAS has no position selector)."""
     if method == "hyperdas":
@@ -129,7 +132,8 @@ def build_method(method: str, model=None, layer: int = 15, feature_dim: int = 12
 
         return HyperDAS(model, layer=layer, feature_dim=feature_dim, num_hypernet_layers=num_hypernet_layers,
                         subspace=subspace, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer,
-                        seed=seed, selector=selector, hypernet_rotary=hypernet_rotary)
+                        seed=seed, selector=selector, hypernet_rotary=hypernet_rotary,
+                        hypernet_qk_norm=hypernet_qk_norm)
     if method == "mdas":
         from .models.mdas import MDAS
 
@@ -181,7 +185,8 @@ def run_train(args) -> Dict[str, Any]:
         wrapper = build_method(args.method, target if target is not None else args.model, args.layer, args.feature_dim,
                                args.num_hypernet_layers, args.subspace, dtype, args.device, args.backend, tokenizer,
                                # same --seed, same initial weights (and, per domain, the same as alone)
-                               seed=args.seed, selector=args.selector, hypernet_rotary=args.hypernet_rotary)
+                               seed=args.seed, selector=args.selector, hypernet_rotary=args.hypernet_rotary,
+                               hypernet_qk_norm=args.hypernet_qk_norm)
         target, tokenizer = wrapper.target, wrapper.tokenizer  # reuse the loaded target for the next domain
         result = Trainer(wrapper, _train_config(args, domain, run_dir)).train()
         ev = result.get("eval") or {}
@@ -280,7 +285,8 @@ def load_trained(model_path, model=None, device=None):
     wrapper = build_method(method, name, mc.get("layer", 15), mc.get("feature_dim", 128),
                            mc.get("num_hypernet_layers", 2), mc.get("subspace", "reflect"), device=device,
                            selector=mc.get("selector", LEGACY_SELECTOR),
-                           hypernet_rotary=bool(mc.get("hypernet_rotary", False)))
+                           hypernet_rotary=bool(mc.get("hypernet_rotary", False)),
+                           hypernet_qk_norm=bool(mc.get("hypernet_qk_norm", False)))
     ckpt.load_checkpoint(ckpt_file, wrapper.model, restore_rng=False)
     return wrapper, run_cfg
 

@@ -319,6 +319,73 @@ def test_cross_attention_matches_projected_keys():
     assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("norm_size", ["head", "all_heads"])
+def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
+    """With q/k norms (Qwen3's over one head, OLMo2's over all heads) the queries and the
+    projected keys go through them, as in the block's own attention; against a literal
+    version (GQA, biases, padding)."""
+    import torch.nn.functional as F
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from hyperdas_fast.models.hypernetwork import CrossAttention
+
+    torch.manual_seed(0)
+    d, H, kv, hd, B, C, K = 32, 4, 2, 8, 3, 5, 11
+    q_norm = Qwen3RMSNorm(hd if norm_size == "head" else H * hd)
+    k_norm = Qwen3RMSNorm(hd if norm_size == "head" else kv * hd)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 2.0)
+        k_norm.weight.uniform_(0.5, 2.0)
+    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
+                        torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
+                        H, kv, hd, q_norm, k_norm).double()
+    with torch.no_grad():
+        xa.key_scale.uniform_(0.5, 1.5)
+    h = torch.randn(B, C, d, dtype=torch.double)
+    keys = torch.randn(B, K, d, dtype=torch.double)
+    mask = torch.rand(B, K) > 0.3
+    mask[:, 0] = True
+    q, k = xa.q_proj(xa.norm(h)), xa.k_proj(keys * xa.key_scale)
+    if norm_size == "head":
+        q, k = xa.q_norm(q.view(B, C, H, hd)), xa.k_norm(k.view(B, K, kv, hd))
+    else:
+        q, k = xa.q_norm(q).view(B, C, H, hd), xa.k_norm(k).view(B, K, kv, hd)
+    q, k = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    v = xa.v_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+                        .transpose(1, 2).reshape(B, C, H * hd))
+    assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
+    xa.q_norm = xa.k_norm = None  # without them the result differs: the norms are applied
+    assert not torch.allclose(xa(h, keys, mask), ref, atol=1e-3)
+
+
+def test_hypernetwork_copies_qwen3_query_key_norms():
+    """A Qwen3 target: each cross-attention starts with its block's q_norm / k_norm weights,
+    and they train; a Llama target has none."""
+    import transformers as tf
+
+    cfg = tf.Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=4, head_dim=8)
+    torch.manual_seed(0)
+    model = tf.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
+    hd = HyperDASModel(model, layer=2, feature_dim=8, num_hypernet_layers=1)
+    block = model.model.layers[0].self_attn
+    for xa in (hd.hypernet.base_xattn[0], hd.hypernet.source_xattn[0]):
+        assert torch.equal(xa.q_norm.weight, block.q_norm.weight) and xa.q_norm is not block.q_norm
+        assert torch.equal(xa.k_norm.weight, block.k_norm.weight)
+    b = toy_batch()
+    out = hd(b, logits_at="labels")
+    loss, _ = hyperdas_loss(out.logits, b["labels"], b["is_causal"], out.weights, sparsity_coef=1.0)
+    loss.backward()
+    assert hd.hypernet.base_xattn[0].k_norm.weight.grad.abs().sum() > 0
+    llama = HyperDASModel(tiny("llama"), layer=2, feature_dim=8, num_hypernet_layers=1)
+    assert llama.hypernet.base_xattn[0].q_norm is None and llama.hypernet.base_xattn[0].k_norm is None
+
+
 def test_cross_attention_with_rotary_matches_the_original():
     """hypernet_rotary: keys projected, rotated (HF's apply_rotary_pos_emb) at cumsum(mask) *
     mask positions of the flat key list, queries at theirs, then ordinary attention (GQA,

@@ -269,6 +269,33 @@ def test_selector_option_is_saved_and_legacy_checkpoints_load_additive(smollm2, 
         HyperDASModel(target, layer=LAYER, feature_dim=8, num_hypernet_layers=1, selector="pairwise")
 
 
+def test_qk_norm_option_is_saved_and_legacy_checkpoints_load_without(smollm2, tmp_path):
+    """A target with query/key norms (Qwen3): the cross-attentions copy them by default and the
+    config records it; a checkpoint whose config has no "hypernet_qk_norm" (saved before the
+    norms were copied: its weights have none) loads without them, strictly."""
+    import transformers as tf
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    target = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                num_attention_heads=4, num_key_value_heads=2,
+                                                num_hidden_layers=4, head_dim=8)).eval()
+    kw = dict(tokenizer=tok, layer=2, feature_dim=8, num_hypernet_layers=1, seed=1)
+    hd = HyperDAS(target, **kw)
+    assert hd.config["hypernet_qk_norm"] is True and hd.model.hypernet.qk_norm
+    hd.save(tmp_path / "ckpt")
+    assert HyperDAS.load(tmp_path / "ckpt", model=target, tokenizer=tok).model.hypernet.qk_norm
+    old = HyperDAS(target, hypernet_qk_norm=False, **kw)
+    assert old.config["hypernet_qk_norm"] is False and old.model.hypernet.base_xattn[0].k_norm is None
+    old.save(tmp_path / "old")
+    cfg_path = tmp_path / "old" / "hyperdas_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["hypernet_qk_norm"]
+    cfg_path.write_text(json.dumps(cfg))
+    legacy = HyperDAS.load(tmp_path / "old", model=target, tokenizer=tok)
+    assert not legacy.model.hypernet.qk_norm and legacy.config["hypernet_qk_norm"] is False
+
+
 def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):
     """A checkpoint of the fp32 target loads onto the same weights in bf16 and fp16 (the bf16
     load was refused: the embedding checksum moved by more than its tolerance), and the

@@ -296,7 +296,7 @@ def test_resume_checks_a_bare_models_options_but_not_its_initialisation(tok, rec
     Trainer(bare(1), _cfg(records, tmp_path / "bare", **cfg), tokenizer=tok).train()
     written = json.loads((tmp_path / "bare" / "train_config.json").read_text())["model_config"]
     assert written == {"layer": 1, "feature_dim": 8, "num_hypernet_layers": 1, "subspace": "reflect",
-                       "selector": "rotary", "hypernet_rotary": False}
+                       "selector": "rotary", "hypernet_rotary": False, "hypernet_qk_norm": False}
     with pytest.raises(ValueError, match=r"layer=1 \(now 2\)"):
         Trainer(bare(2), _cfg(records, tmp_path / "bare", **cfg, resume=True), tokenizer=tok).train()
 

@@ -229,7 +229,7 @@ SELECTORS = ("rotary", "additive")
 # What a checkpoint without a "selector" entry was trained with (saved before the option).
 LEGACY_SELECTOR = "additive"
 # The options of a HyperDAS checkpoint saved before they existed: what it was trained with.
-LEGACY_OPTIONS = {"selector": LEGACY_SELECTOR, "hypernet_rotary": False}
+LEGACY_OPTIONS = {"selector": LEGACY_SELECTOR, "hypernet_rotary": False, "hypernet_qk_norm": False}
 
 
 def rotary_frequencies(target: nn.Module, adapter, head_dim: int) -> Optional[Tensor]:
@@ -267,11 +267,15 @@ class HyperDASModel(nn.Module):
         hypernet_rotary: rotary positions on the hypernetwork's cross-attention keys (tokens x
             layers), as in the original; off by default: it costs a projection of every key
             (see models/hypernetwork.py).
+        hypernet_qk_norm: the cross-attention copies its block's query / key norms where the
+            target has them (Qwen3, OLMo2); False leaves them out, as checkpoints saved before
+            this option did. No effect on a target without them.
     """
 
     def __init__(self, target: nn.Module, layer: int = 15, feature_dim: int = 128, num_hypernet_layers: int = 2,
                  subspace: str = "reflect", reuse_prefix: bool = True, init_from_target: bool = True,
-                 backend: str = "auto", selector: str = "rotary", hypernet_rotary: bool = False):
+                 backend: str = "auto", selector: str = "rotary", hypernet_rotary: bool = False,
+                 hypernet_qk_norm: bool = True):
         super().__init__()
         adapter = get_adapter(target)
         n = adapter.num_layers
@@ -294,7 +298,7 @@ class HyperDASModel(nn.Module):
         self.reuse_prefix, self.backend = reuse_prefix, backend
         kw = dict(dtype=adapter.dtype, device=adapter.device)
         self.hypernet = HyperNetwork(adapter, num_hypernet_layers, init_from_target=init_from_target,
-                                     rotary=hypernet_rotary)
+                                     rotary=hypernet_rotary, qk_norm=hypernet_qk_norm)
         self.selector_name = selector
         self.selector = PositionSelector(d, adapter.num_heads, rotary=selector == "rotary",
                                          inv_freq=rotary_frequencies(target, adapter, d // adapter.num_heads), **kw)
@@ -424,7 +428,8 @@ class HyperDAS:
                  num_hypernet_layers: int = 2, subspace: str = "reflect", dtype: Optional[torch.dtype] = None,
                  device: Optional[Union[str, torch.device]] = None, tokenizer=None,
                  init_from_target: bool = True, reuse_prefix: bool = True, backend: str = "auto",
-                 seed: Optional[int] = None, selector: str = "rotary", hypernet_rotary: bool = False):
+                 seed: Optional[int] = None, selector: str = "rotary", hypernet_rotary: bool = False,
+                 hypernet_qk_norm: bool = True):
         """``seed``: the randomly initialised parts (selector, subspace module; the hypernetwork
         too with ``init_from_target=False``) are drawn from generators seeded with it, so the
         same seed gives the same initial weights in every process. None: torch's global RNG."""
@@ -457,11 +462,14 @@ class HyperDAS:
             self.model = HyperDASModel(target, layer=layer, feature_dim=feature_dim,
                                        num_hypernet_layers=num_hypernet_layers, subspace=subspace,
                                        reuse_prefix=reuse_prefix, init_from_target=init_from_target,
-                                       backend=backend, selector=selector, hypernet_rotary=hypernet_rotary)
+                                       backend=backend, selector=selector, hypernet_rotary=hypernet_rotary,
+                                       hypernet_qk_norm=hypernet_qk_norm)
         self.collator = HyperDASCollator(tokenizer)
+        # hypernet_qk_norm as it took effect: False for a target without such norms, so a
+        # checkpoint of one resumes and loads the same with either setting
         self.config = {"layer": layer, "feature_dim": feature_dim, "num_hypernet_layers": num_hypernet_layers,
                        "subspace": subspace, "init_from_target": init_from_target, "selector": selector,
-                       "hypernet_rotary": bool(hypernet_rotary)}
+                       "hypernet_rotary": bool(hypernet_rotary), "hypernet_qk_norm": self.model.hypernet.qk_norm}
 
     @property
     def device(self) -> torch.device:
@@ -642,6 +650,7 @@ class HyperDAS:
         # the selector it was trained with (the weights fit either; the scores do not)
         kwargs.setdefault("selector", config.get("selector", LEGACY_SELECTOR))
         kwargs.setdefault("hypernet_rotary", config.get("hypernet_rotary", False))
+        kwargs.setdefault("hypernet_qk_norm", config.get("hypernet_qk_norm", False))
         hd = cls(model, layer=config["layer"], feature_dim=config["feature_dim"],
                  num_hypernet_layers=config["num_hypernet_layers"], subspace=config["subspace"],
                  tokenizer=tokenizer, **kwargs)

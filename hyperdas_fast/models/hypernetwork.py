@@ -10,10 +10,15 @@ initialised from the block's self-attention weights.
 The key hidden states come from the target's residual stream, whose scale grows with
 depth; they are RMS-normalised once per forward and each cross-attention folds its
 norm weight into its key/value projections, so no per-layer copy of the keys is made.
+Where the block's attention normalises its queries and keys (Qwen3's per-head q_norm /
+k_norm, OLMo2's over all heads), the cross-attention copies those norms too, as it copies
+the projections they were trained with.
 """
 from __future__ import annotations
 
 import copy
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +30,17 @@ def rms_unit(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
+def query_key_norms(block: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """The norms a block's self-attention applies to its projected queries and keys (Qwen3,
+    OLMo2, Gemma 3 name them q_norm / k_norm), or None where it has none."""
+    attn = getattr(block, "self_attn", None)
+    norms = []
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        norms.append(norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None)
+    return norms[0], norms[1]
+
+
 class CrossAttention(nn.Module):
     """Pre-norm residual cross-attention: hidden [B, C, d] attends to keys [B, K, d].
 
@@ -34,10 +50,17 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, norm: nn.Module, q_w: Tensor, k_w: Tensor, v_w: Tensor, o_w: Tensor, biases,
-                 num_heads: int, num_kv_heads: int, head_dim: int):
+                 num_heads: int, num_kv_heads: int, head_dim: int, q_norm: Optional[nn.Module] = None,
+                 k_norm: Optional[nn.Module] = None):
+        """q_norm / k_norm: the block's norms of the projected queries / keys (copied,
+        trainable), over one head (weight [head_dim]) or all heads (weight [heads * head_dim]);
+        None where the block has none. A k_norm acts on each projected key, so the keys are
+        then projected (see forward)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.norm = copy.deepcopy(norm)
+        self.q_norm = None if q_norm is None else copy.deepcopy(q_norm)
+        self.k_norm = None if k_norm is None else copy.deepcopy(k_norm)
         hidden = o_w.shape[0]
         q_b, k_b, v_b, o_b = biases
 
@@ -56,6 +79,16 @@ class CrossAttention(nn.Module):
         scale = getattr(norm, "weight", None)
         scale = torch.ones(hidden, dtype=q_w.dtype, device=q_w.device) if scale is None else scale.detach().clone()
         self.register_buffer("key_scale", scale, persistent=False)
+
+    @staticmethod
+    def _head_norm(norm: Optional[nn.Module], x: Tensor, heads: int) -> Tensor:
+        """x [..., heads * head_dim] through a q/k norm over one head or over all heads."""
+        if norm is None:
+            return x
+        size = norm.weight.numel() if getattr(norm, "weight", None) is not None else x.shape[-1] // heads
+        if size == x.shape[-1]:
+            return norm(x)
+        return norm(x.reshape(*x.shape[:-1], x.shape[-1] // size, size)).reshape(x.shape)
 
     def _per_head(self, kv: Tensor) -> Tensor:
         """[Hkv, ...] -> [H, ...]: query head h gets KV head h // (H / Hkv).
@@ -78,25 +111,30 @@ class CrossAttention(nn.Module):
         so the work is O(B C H K d) on the few concept queries instead of O(B K d hd Hkv) on the
         many keys (tokens x layers), and only the shared key tensor is saved for backward. With
         rotary (the original's positions, see HyperNetwork) the rotation of key j depends on j,
-        so the keys are projected and rotated as the original does (the values still fold).
+        and with a k_norm each key is normalised on its own, so the keys are then projected
+        (and rotated as the original does); the values still fold.
         """
         batch, length, d = hidden.shape
         heads, hd = self.num_heads, self.head_dim
         w_v = self._per_head((self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))
-        q = self.q_proj(self.norm(hidden)).view(batch, length, heads, hd)
-        if rotary is None:
+        q = self._head_norm(self.q_norm, self.q_proj(self.norm(hidden)), heads).view(batch, length, heads, hd)
+        if rotary is None and self.k_norm is None:
             w_k = self._per_head((self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))  # [H, hd, d]
             q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
             scores = torch.bmm(q_keys, keys_unit.transpose(1, 2)) * hd ** -0.5  # [B, C*H, K]
         else:
-            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-            (q_cos, q_sin), (k_cos, k_sin) = rotary
             num_keys = keys_unit.shape[1]
             k = nn.functional.linear(keys_unit, self.k_proj.weight * self.key_scale, self.k_proj.bias)
+            k = self._head_norm(self.k_norm, k, self.num_kv_heads)
             k = k.view(batch, num_keys, self.num_kv_heads, hd).transpose(1, 2)  # [B, Hkv, K, hd]
-            q_rot, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), q_cos, q_sin)  # [B, H, C, hd]
-            _, k_rot = apply_rotary_pos_emb(k, k, k_cos, k_sin)
+            q_rot = q.transpose(1, 2)  # [B, H, C, hd]
+            k_rot = k
+            if rotary is not None:
+                from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+                (q_cos, q_sin), (k_cos, k_sin) = rotary
+                q_rot, _ = apply_rotary_pos_emb(q_rot, q_rot, q_cos, q_sin)
+                _, k_rot = apply_rotary_pos_emb(k, k, k_cos, k_sin)
             k_rot = self._per_head(k_rot.transpose(0, 1)).transpose(0, 1)  # [B, H, K, hd]
             scores = (q_rot @ k_rot.transpose(2, 3)) * hd ** -0.5  # [B, H, C, K]
             scores = scores.transpose(1, 2).reshape(batch, length * heads, num_keys)
@@ -116,11 +154,13 @@ class HyperNetwork(nn.Module):
     then a copy of the target's final norm. ``forward`` returns [B, C, d]."""
 
     def __init__(self, adapter: DecoderAdapter, num_layers: int = 2, init_from_target: bool = True,
-                 rotary: bool = False):
+                 rotary: bool = False, qk_norm: bool = True):
         """rotary: rotate the cross-attention keys at their positions in the flattened (token x
         layer) key list, ``cumsum(mask) * mask`` as the original does, and the concept queries
         at theirs (the target's rotary embeddings; refused for a model without them). Off by
-        default: the keys must then be projected (see CrossAttention.forward)."""
+        default: the keys must then be projected (see CrossAttention.forward).
+        qk_norm: copy each block's query / key norms into its cross-attentions where it has
+        them (``self.qk_norm`` says whether any were found)."""
         super().__init__()
         if not 1 <= num_layers <= adapter.num_layers:
             raise ValueError(f"num_hypernet_layers must be in [1, {adapter.num_layers}], got {num_layers}")
@@ -149,11 +189,13 @@ class HyperNetwork(nn.Module):
             block = copy.deepcopy(adapter.blocks[index])
             parts = adapter.block_attention_parts(block)
             norm, q_w, k_w, v_w, o_w, biases, heads, kv_heads, head_dim = parts
+            q_norm, k_norm = query_key_norms(block) if qk_norm else (None, None)
             self.blocks.append(block)
             for target in (self.base_xattn, self.source_xattn):
                 target.append(CrossAttention(norm, q_w.detach(), k_w.detach(), v_w.detach(), o_w.detach(),
                                              tuple(None if b is None else b.detach() for b in biases),
-                                             heads, kv_heads, head_dim))
+                                             heads, kv_heads, head_dim, q_norm, k_norm))
+        self.qk_norm = any(xa.q_norm is not None or xa.k_norm is not None for xa in self.base_xattn)
         self.final_norm = copy.deepcopy(adapter.final_norm)
         for param in self.parameters():
             param.requires_grad_(True)

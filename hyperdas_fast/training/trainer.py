@@ -382,6 +382,7 @@ class Trainer:
                 config[key] = getattr(self.net, attr)
         if hasattr(getattr(self.net, "hypernet", None), "rotary"):
             config["hypernet_rotary"] = self.net.hypernet.rotary
+            config["hypernet_qk_norm"] = self.net.hypernet.qk_norm
         return config
 
     def _write_run_config(self, run_dir: Path) -> None:
