@@ -74,7 +74,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
          help="HyperDAS: rotary positions on the hypernetwork's cross-attention keys, as in the original "
               "(projects every key: slower)")
     p.add_argument("--no-hypernet-qk-norm", "--no_hypernet_qk_norm", dest="hypernet_qk_norm", action="store_false",
-                   help="HyperDAS: leave the target's query/key norms (Qwen3, OLMo2) out of the hypernetwork's "
+                   help="HyperDAS: leave the target's query/key norms (Qwen3) out of the hypernetwork's "
                         "cross-attention, as runs from before they were copied did")
     _opt(p, "epochs", type=int, default=5)
     _opt(p, "batch_size", type=int, default=16)

@@ -321,7 +321,7 @@ def test_cross_attention_matches_projected_keys():
 
 @pytest.mark.parametrize("norm_size", ["head", "all_heads"])
 def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
-    """With q/k norms (Qwen3's over one head, OLMo2's over all heads) the queries and the
+    """With q/k norms (Qwen3's over one head, or one over all heads) the queries and the
     projected keys go through them, as in the block's own attention; against a literal
     version (GQA, biases, padding)."""
     import torch.nn.functional as F

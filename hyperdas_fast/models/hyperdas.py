@@ -268,7 +268,7 @@ class HyperDASModel(nn.Module):
             layers), as in the original; off by default: it costs a projection of every key
             (see models/hypernetwork.py).
         hypernet_qk_norm: the cross-attention copies its block's query / key norms where the
-            target has them (Qwen3, OLMo2); False leaves them out, as checkpoints saved before
+            target has them (Qwen3); False leaves them out, as checkpoints saved before
             this option did. No effect on a target without them.
     """
 

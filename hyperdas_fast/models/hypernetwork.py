@@ -11,8 +11,8 @@ The key hidden states come from the target's residual stream, whose scale grows 
 depth; they are RMS-normalised once per forward and each cross-attention folds its
 norm weight into its key/value projections, so no per-layer copy of the keys is made.
 Where the block's attention normalises its queries and keys (Qwen3's per-head q_norm /
-k_norm, OLMo2's over all heads), the cross-attention copies those norms too, as it copies
-the projections they were trained with.
+k_norm; a norm over all heads is handled too), the cross-attention copies those norms too,
+as it copies the projections they were trained with.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def rms_unit(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def query_key_norms(block: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
-    """The norms a block's self-attention applies to its projected queries and keys (Qwen3,
-    OLMo2, Gemma 3 name them q_norm / k_norm), or None where it has none."""
+    """The norms a block's self-attention applies to its projected queries and keys (Qwen3
+    names them q_norm / k_norm), or None where it has none."""
     attn = getattr(block, "self_attn", None)
     norms = []
     for name in ("q_norm", "k_norm"):
