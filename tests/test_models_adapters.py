@@ -294,48 +294,15 @@ def test_plot_positions(smollm2, tmp_path):
     assert len(ax.get_yticklabels()) == n_src and ax.get_yticklabels()[-1].get_text() == "[SELF]"
 
 
-def test_cross_attention_matches_projected_keys():
-    """The query-side cross-attention equals projecting every key (GQA, biases, padding)."""
-    import torch.nn.functional as F
+XA_DIMS = dict(d=32, H=4, kv=2, hd=8, B=3, C=5, K=11)
 
+
+def _cross_attention_case(q_norm=None, k_norm=None):
+    """A float64 CrossAttention (GQA, biases, a key scale) with queries, keys and a padding mask."""
     from hyperdas_fast.models.hypernetwork import CrossAttention
 
+    d, H, kv, hd, B, C, K = XA_DIMS.values()
     torch.manual_seed(0)
-    d, H, kv, hd = 32, 4, 2, 8
-    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
-                        torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
-                        H, kv, hd).double()
-    with torch.no_grad():
-        xa.key_scale.uniform_(0.5, 1.5)
-    h = torch.randn(3, 5, d, dtype=torch.double)
-    keys = torch.randn(3, 11, d, dtype=torch.double)
-    mask = torch.rand(3, 11) > 0.3
-    mask[:, 0] = True
-    q = xa.q_proj(xa.norm(h)).view(3, 5, H, hd).transpose(1, 2)
-    k = xa.k_proj(keys * xa.key_scale).view(3, 11, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
-    v = xa.v_proj(keys * xa.key_scale).view(3, 11, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
-    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-                        .transpose(1, 2).reshape(3, 5, H * hd))
-    assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
-
-
-@pytest.mark.parametrize("norm_size", ["head", "all_heads"])
-def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
-    """With q/k norms (Qwen3's over one head, or one over all heads) the queries and the
-    projected keys go through them, as in the block's own attention; against a literal
-    version (GQA, biases, padding)."""
-    import torch.nn.functional as F
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
-    from hyperdas_fast.models.hypernetwork import CrossAttention
-
-    torch.manual_seed(0)
-    d, H, kv, hd, B, C, K = 32, 4, 2, 8, 3, 5, 11
-    q_norm = Qwen3RMSNorm(hd if norm_size == "head" else H * hd)
-    k_norm = Qwen3RMSNorm(hd if norm_size == "head" else kv * hd)
-    with torch.no_grad():
-        q_norm.weight.uniform_(0.5, 2.0)
-        k_norm.weight.uniform_(0.5, 2.0)
     xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
                         torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
                         H, kv, hd, q_norm, k_norm).double()
@@ -345,15 +312,50 @@ def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
     keys = torch.randn(B, K, d, dtype=torch.double)
     mask = torch.rand(B, K) > 0.3
     mask[:, 0] = True
+    return xa, h, keys, mask
+
+
+def _literal_attention(xa, h, keys, mask, q, k):
+    """Ordinary attention of queries q [B, H, C, hd] over keys k [B, kv, K, hd] (the values
+    projected from the keys), residual included: what CrossAttention must equal."""
+    import torch.nn.functional as F
+
+    d, H, kv, hd, B, C, K = XA_DIMS.values()
+    k = k.repeat_interleave(H // kv, dim=1)
+    v = xa.v_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
+    return h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+                         .transpose(1, 2).reshape(B, C, H * hd))
+
+
+def test_cross_attention_matches_projected_keys():
+    """The query-side cross-attention equals projecting every key (GQA, biases, padding)."""
+    d, H, kv, hd, B, C, K = XA_DIMS.values()
+    xa, h, keys, mask = _cross_attention_case()
+    q = xa.q_proj(xa.norm(h)).view(B, C, H, hd).transpose(1, 2)
+    k = xa.k_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2)
+    assert torch.allclose(xa(h, keys, mask), _literal_attention(xa, h, keys, mask, q, k), atol=1e-10)
+
+
+@pytest.mark.parametrize("norm_size", ["head", "all_heads"])
+def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
+    """With q/k norms (Qwen3's over one head, or one over all heads) the queries and the
+    projected keys go through them, as in the block's own attention; against a literal
+    version (GQA, biases, padding)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    d, H, kv, hd, B, C, K = XA_DIMS.values()
+    q_norm = Qwen3RMSNorm(hd if norm_size == "head" else H * hd)
+    k_norm = Qwen3RMSNorm(hd if norm_size == "head" else kv * hd)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 2.0)
+        k_norm.weight.uniform_(0.5, 2.0)
+    xa, h, keys, mask = _cross_attention_case(q_norm, k_norm)
     q, k = xa.q_proj(xa.norm(h)), xa.k_proj(keys * xa.key_scale)
     if norm_size == "head":
         q, k = xa.q_norm(q.view(B, C, H, hd)), xa.k_norm(k.view(B, K, kv, hd))
     else:
         q, k = xa.q_norm(q).view(B, C, H, hd), xa.k_norm(k).view(B, K, kv, hd)
-    q, k = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // kv, dim=1)
-    v = xa.v_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
-    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-                        .transpose(1, 2).reshape(B, C, H * hd))
+    ref = _literal_attention(xa, h, keys, mask, q.transpose(1, 2), k.transpose(1, 2))
     assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
     xa.q_norm = xa.k_norm = None  # without them the result differs: the norms are applied
     assert not torch.allclose(xa(h, keys, mask), ref, atol=1e-3)
@@ -390,22 +392,10 @@ def test_cross_attention_with_rotary_matches_the_original():
     """hypernet_rotary: keys projected, rotated (HF's apply_rotary_pos_emb) at cumsum(mask) *
     mask positions of the flat key list, queries at theirs, then ordinary attention (GQA,
     biases, padding), against a literal version; and through a whole HyperDASModel."""
-    import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from hyperdas_fast.models.hypernetwork import CrossAttention
-
-    torch.manual_seed(0)
-    d, H, kv, hd, B, C, K = 32, 4, 2, 8, 3, 5, 11
-    xa = CrossAttention(torch.nn.LayerNorm(d), torch.randn(H * hd, d), torch.randn(kv * hd, d), torch.randn(kv * hd, d),
-                        torch.randn(d, H * hd), tuple(torch.randn(n) for n in (H * hd, kv * hd, kv * hd, d)),
-                        H, kv, hd).double()
-    with torch.no_grad():
-        xa.key_scale.uniform_(0.5, 1.5)
-    h = torch.randn(B, C, d, dtype=torch.double)
-    keys = torch.randn(B, K, d, dtype=torch.double)
-    mask = torch.rand(B, K) > 0.3
-    mask[:, 0] = True
+    d, H, kv, hd, B, C, K = XA_DIMS.values()
+    xa, h, keys, mask = _cross_attention_case()
     inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.double) / hd)
 
     def cos_sin(pos):
@@ -419,10 +409,7 @@ def test_cross_attention_with_rotary_matches_the_original():
     k = xa.k_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2)
     q, _ = apply_rotary_pos_emb(q, q, *q_cs)
     _, k = apply_rotary_pos_emb(k, k, *k_cs)
-    k = k.repeat_interleave(H // kv, dim=1)
-    v = xa.v_proj(keys * xa.key_scale).view(B, K, kv, hd).transpose(1, 2).repeat_interleave(H // kv, dim=1)
-    ref = h + xa.o_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-                        .transpose(1, 2).reshape(B, C, H * hd))
+    ref = _literal_attention(xa, h, keys, mask, q, k)
     assert torch.allclose(xa(h, keys, mask, (q_cs, k_cs)), ref, atol=1e-10)
     assert not torch.allclose(xa(h, keys, mask), ref, atol=1e-3)  # the positions matter
 
