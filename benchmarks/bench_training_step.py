@@ -90,11 +90,14 @@ def make_records(batch: int):
 # ---------------------------------------------------------------------------
 def original_cross_attention(xattn, hidden, keys_unit, key_mask):
     """The same cross-attention written as HF-style code does: a normed copy of the keys per
-    sub-layer, K/V projected from it, and K/V repeated to every query head (repeat_kv)."""
+    sub-layer, K/V projected from it, and K/V repeated to every query head (repeat_kv). The
+    target's q/k norms (Qwen3), where ours copied them, apply here too: the same function."""
     batch, length, _ = hidden.shape
-    q = xattn.q_proj(xattn.norm(hidden)).view(batch, length, xattn.num_heads, xattn.head_dim).transpose(1, 2)
+    q = xattn._head_norm(xattn.q_norm, xattn.q_proj(xattn.norm(hidden)), xattn.num_heads)
+    q = q.view(batch, length, xattn.num_heads, xattn.head_dim).transpose(1, 2)
     keys = keys_unit * xattn.key_scale
-    k = xattn.k_proj(keys).view(batch, -1, xattn.num_kv_heads, xattn.head_dim).transpose(1, 2)
+    k = xattn._head_norm(xattn.k_norm, xattn.k_proj(keys), xattn.num_kv_heads)
+    k = k.view(batch, -1, xattn.num_kv_heads, xattn.head_dim).transpose(1, 2)
     v = xattn.v_proj(keys).view(batch, -1, xattn.num_kv_heads, xattn.head_dim).transpose(1, 2)
     rep = xattn.num_heads // xattn.num_kv_heads
     k = k.repeat_interleave(rep, dim=1)

@@ -15,21 +15,24 @@ from hyperdas_fast.data.collate import HyperDASCollator  # noqa: E402
 from hyperdas_fast.models.hyperdas import HyperDASModel  # noqa: E402
 
 
-@pytest.mark.parametrize("selector", ["rotary", "additive"])
-def test_original_pipeline_computes_what_ours_does(selector, ravel_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("selector,family", [("rotary", "llama"), ("additive", "llama"), ("rotary", "qwen3")])
+def test_original_pipeline_computes_what_ours_does(selector, family, ravel_dir):
+    """(qwen3: q/k norms, which our cross-attention copies; the original pipeline applies them too)"""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from hyperdas_fast.models.default_model import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config, causal_lm = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    cfg = config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, head_dim=16)
     records = ravel.to_records(ravel.load_rows("city", "continent", "test", ravel_dir)[:4], tok)
     batch = HyperDASCollator(tok)(records)
-    model = HyperDASModel(LlamaForCausalLM(cfg).eval(), layer=1, feature_dim=8, num_hypernet_layers=1,
+    model = HyperDASModel(causal_lm(cfg).eval(), layer=1, feature_dim=8, num_hypernet_layers=1,
                           selector=selector)
+    assert model.hypernet.qk_norm == (family == "qwen3")
     with torch.no_grad():
         ours = model(batch)
         logits, weights = bench_training_step.original_forward(model, batch)

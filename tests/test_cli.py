@@ -78,6 +78,55 @@ def test_train_then_evaluate(method, tiny_model_dir, tmp_path, ravel_dir, monkey
     assert not (run / "results.json").exists() and not list(run.glob("eval_*"))
 
 
+def test_hypernet_qk_norm_flag_and_runs_from_before_it(tmp_path, ravel_dir, monkeypatch):
+    """A Qwen3 target: its q/k norms are copied by default and recorded; --no-hypernet-qk-norm
+    builds without them; a run from before the option (no hypernet_qk_norm anywhere, no norm
+    weights) evaluates from its training checkpoint, and resumes only with the flag."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from hyperdas_fast.models.default_model import default_model_dir
+
+    monkeypatch.delenv("HYPERDAS_FAST_RAVEL_DIR", raising=False)
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny_qwen3"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    def model_config(run):
+        return json.loads((run / "train_config.json").read_text())["model_config"]
+
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert cli.train_main(_train_args(model_dir, on, ravel_dir, "hyperdas", ("--no_final_eval",))) == 0
+    assert model_config(on)["hypernet_qk_norm"] is True
+    with safe_open(str(sorted(on.glob("ckpt-*.safetensors"))[-1]), "pt") as f:
+        assert [k for k in f.keys() if "xattn" in k and "k_norm" in k]  # (the copied blocks have theirs too)
+    assert cli.train_main(_train_args(model_dir, off, ravel_dir, "hyperdas",
+                                      ("--no_final_eval", "--no-hypernet-qk-norm"))) == 0
+    assert model_config(off)["hypernet_qk_norm"] is False
+    # "off" as a run from before the option: the key removed from its config and checkpoints
+    cfg = json.loads((off / "train_config.json").read_text())
+    del cfg["model_config"]["hypernet_qk_norm"]
+    (off / "train_config.json").write_text(json.dumps(cfg))
+    for ckpt_file in off.glob("ckpt-*.safetensors"):
+        with safe_open(str(ckpt_file), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        assert not [k for k in tensors if "xattn" in k and ("q_norm" in k or "k_norm" in k)]
+        state = json.loads(meta["state"])
+        del state["trainer"]["model_config"]["hypernet_qk_norm"]
+        meta["state"] = json.dumps(state)
+        save_file(tensors, str(ckpt_file), metadata=meta)
+    last = sorted(off.glob("ckpt-*.safetensors"))[-1]
+    assert cli.evaluate_main(["--model_path", str(last), "--max-examples", "6", "--no-progress"]) == 0
+    resume = _train_args(model_dir, off, ravel_dir, "hyperdas", ("--no_final_eval", "--resume", "--max-steps", "3"))
+    assert cli.train_main(resume) == 2  # built with the norms now: refused, naming hypernet_qk_norm
+    assert cli.train_main(resume + ["--no-hypernet-qk-norm"]) == 0
+
+
 def test_same_seed_same_weights(tiny_model_dir, tmp_path, ravel_dir):
     """The same training command with the same --seed gives bitwise the same weights, whatever
     the global RNG state before it (the initialisation used to come from the unseeded RNG)."""

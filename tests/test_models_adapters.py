@@ -336,11 +336,13 @@ def test_cross_attention_matches_projected_keys():
     assert torch.allclose(xa(h, keys, mask), _literal_attention(xa, h, keys, mask, q, k), atol=1e-10)
 
 
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 @pytest.mark.parametrize("norm_size", ["head", "all_heads"])
-def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
+def test_cross_attention_applies_the_blocks_query_key_norms(norm_size, rotary):
     """With q/k norms (Qwen3's over one head, or one over all heads) the queries and the
-    projected keys go through them, as in the block's own attention; against a literal
-    version (GQA, biases, padding)."""
+    projected keys go through them, as in the block's own attention: normed, then rotated
+    (with rotary); against a literal version (GQA, biases, padding)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     d, H, kv, hd, B, C, K = XA_DIMS.values()
@@ -355,10 +357,19 @@ def test_cross_attention_applies_the_blocks_query_key_norms(norm_size):
         q, k = xa.q_norm(q.view(B, C, H, hd)), xa.k_norm(k.view(B, K, kv, hd))
     else:
         q, k = xa.q_norm(q).view(B, C, H, hd), xa.k_norm(k).view(B, K, kv, hd)
-    ref = _literal_attention(xa, h, keys, mask, q.transpose(1, 2), k.transpose(1, 2))
-    assert torch.allclose(xa(h, keys, mask), ref, atol=1e-10)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    rot = None
+    if rotary:
+        angle = torch.rand(B, K, hd // 2, dtype=torch.double) * 6
+        k_cs = (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin())
+        q_cs = (torch.ones(1, C, hd, dtype=torch.double) * 0.6, torch.ones(1, C, hd, dtype=torch.double) * 0.8)
+        q, _ = apply_rotary_pos_emb(q, q, *q_cs)
+        _, k = apply_rotary_pos_emb(k, k, *k_cs)
+        rot = (q_cs, k_cs)
+    ref = _literal_attention(xa, h, keys, mask, q, k)
+    assert torch.allclose(xa(h, keys, mask, rot), ref, atol=1e-10)
     xa.q_norm = xa.k_norm = None  # without them the result differs: the norms are applied
-    assert not torch.allclose(xa(h, keys, mask), ref, atol=1e-3)
+    assert not torch.allclose(xa(h, keys, mask, rot), ref, atol=1e-3)
 
 
 def test_hypernetwork_copies_qwen3_query_key_norms():

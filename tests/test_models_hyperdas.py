@@ -294,6 +294,8 @@ def test_qk_norm_option_is_saved_and_legacy_checkpoints_load_without(smollm2, tm
     cfg_path.write_text(json.dumps(cfg))
     legacy = HyperDAS.load(tmp_path / "old", model=target, tokenizer=tok)
     assert not legacy.model.hypernet.qk_norm and legacy.config["hypernet_qk_norm"] is False
+    # recorded as it took effect: a target without such norms records False
+    assert HyperDAS(smollm2[0], **kw).config["hypernet_qk_norm"] is False
 
 
 def test_load_in_half_precision_recognises_the_target(smollm2, tmp_path):
