@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hyperdas_fast.atomic import publish  # noqa: E402
-from hyperdas_fast.models.hypernetwork import rms_unit  # noqa: E402
+from hyperdas_fast.models.hypernetwork import head_norm, rms_unit  # noqa: E402
 from hyperdas_fast.models.hyperdas import HyperDASModel  # noqa: E402
 from hyperdas_fast.models.selector import selector_weights_reference  # noqa: E402
 from hyperdas_fast.training.losses import hyperdas_loss  # noqa: E402
@@ -93,10 +93,10 @@ def original_cross_attention(xattn, hidden, keys_unit, key_mask):
     sub-layer, K/V projected from it, and K/V repeated to every query head (repeat_kv). The
     target's q/k norms (Qwen3), where ours copied them, apply here too: the same function."""
     batch, length, _ = hidden.shape
-    q = xattn._head_norm(xattn.q_norm, xattn.q_proj(xattn.norm(hidden)), xattn.num_heads)
+    q = head_norm(xattn.q_norm, xattn.q_proj(xattn.norm(hidden)), xattn.num_heads)
     q = q.view(batch, length, xattn.num_heads, xattn.head_dim).transpose(1, 2)
     keys = keys_unit * xattn.key_scale
-    k = xattn._head_norm(xattn.k_norm, xattn.k_proj(keys), xattn.num_kv_heads)
+    k = head_norm(xattn.k_norm, xattn.k_proj(keys), xattn.num_kv_heads)
     k = k.view(batch, -1, xattn.num_kv_heads, xattn.head_dim).transpose(1, 2)
     v = xattn.v_proj(keys).view(batch, -1, xattn.num_kv_heads, xattn.head_dim).transpose(1, 2)
     rep = xattn.num_heads // xattn.num_kv_heads

@@ -41,6 +41,17 @@ def query_key_norms(block: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.
     return norms[0], norms[1]
 
 
+def head_norm(norm: Optional[nn.Module], x: Tensor, heads: int) -> Tensor:
+    """x [..., heads * head_dim] through a q/k norm over one head or over all heads (x itself
+    for None)."""
+    if norm is None:
+        return x
+    size = norm.weight.numel() if getattr(norm, "weight", None) is not None else x.shape[-1] // heads
+    if size == x.shape[-1]:
+        return norm(x)
+    return norm(x.reshape(*x.shape[:-1], x.shape[-1] // size, size)).reshape(x.shape)
+
+
 class CrossAttention(nn.Module):
     """Pre-norm residual cross-attention: hidden [B, C, d] attends to keys [B, K, d].
 
@@ -80,16 +91,6 @@ class CrossAttention(nn.Module):
         scale = torch.ones(hidden, dtype=q_w.dtype, device=q_w.device) if scale is None else scale.detach().clone()
         self.register_buffer("key_scale", scale, persistent=False)
 
-    @staticmethod
-    def _head_norm(norm: Optional[nn.Module], x: Tensor, heads: int) -> Tensor:
-        """x [..., heads * head_dim] through a q/k norm over one head or over all heads."""
-        if norm is None:
-            return x
-        size = norm.weight.numel() if getattr(norm, "weight", None) is not None else x.shape[-1] // heads
-        if size == x.shape[-1]:
-            return norm(x)
-        return norm(x.reshape(*x.shape[:-1], x.shape[-1] // size, size)).reshape(x.shape)
-
     def _per_head(self, kv: Tensor) -> Tensor:
         """[Hkv, ...] -> [H, ...]: query head h gets KV head h // (H / Hkv).
 
@@ -117,7 +118,7 @@ class CrossAttention(nn.Module):
         batch, length, d = hidden.shape
         heads, hd = self.num_heads, self.head_dim
         w_v = self._per_head((self.v_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))
-        q = self._head_norm(self.q_norm, self.q_proj(self.norm(hidden)), heads).view(batch, length, heads, hd)
+        q = head_norm(self.q_norm, self.q_proj(self.norm(hidden)), heads).view(batch, length, heads, hd)
         if rotary is None and self.k_norm is None:
             w_k = self._per_head((self.k_proj.weight * self.key_scale).view(self.num_kv_heads, hd, d))  # [H, hd, d]
             q_keys = torch.einsum("bchk,hkd->bchd", q, w_k).reshape(batch, length * heads, d)
@@ -125,7 +126,7 @@ class CrossAttention(nn.Module):
         else:
             num_keys = keys_unit.shape[1]
             k = nn.functional.linear(keys_unit, self.k_proj.weight * self.key_scale, self.k_proj.bias)
-            k = self._head_norm(self.k_norm, k, self.num_kv_heads)
+            k = head_norm(self.k_norm, k, self.num_kv_heads)
             k = k.view(batch, num_keys, self.num_kv_heads, hd).transpose(1, 2)  # [B, Hkv, K, hd]
             q_rot = q.transpose(1, 2)  # [B, H, C, hd]
             k_rot = k
