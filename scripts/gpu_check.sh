@@ -10,6 +10,8 @@
 #   2c. with SWEEP_PROJECTION=1, the projection kernel's block-size sweep (--path projection: the
 #      Triton projection, alone and in the forward and forward+backward, beside cuBLAS's)
 #      -> triton_projection_sweep_<gpu>.json,
+#   2d. with SWEEP_GEMM=1, the projected path's GEMMs over d as cuBLAS runs them against the
+#      reduction split by hand (benchmarks/sweep_gemm_split.py) -> gemm_split_sweep_<gpu>.json,
 #   3. the op benchmark (bf16, every backend, side by side, and the triton and cuda backends' soft
 #      paths forced: triton:fused, triton:projected, triton:onepass, triton:chunked, cuda:fused, cuda:projected,
 #      cuda:projected_kernels, cuda:projected_apply) -> ops_<gpu>.json, and with
@@ -88,6 +90,13 @@ if [[ "${SWEEP_PROJECTION:-0}" == 1 ]]; then
   timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_triton_forward.py --path projection \
     --out "$WORK/triton_projection_sweep_$TAG.json" >"$WORK/sweep_projection.log" 2>&1
   rc=$?; status+=("sweep_projection=$rc"); tail -1 "$WORK/sweep_projection.log" | cut -c1-400 | tee -a "$LOG"
+fi
+
+if [[ "${SWEEP_GEMM:-0}" == 1 ]]; then
+  stage "projected-path GEMMs: cuBLAS as called vs split by hand (benchmarks/sweep_gemm_split.py, beside the build)"
+  timeout "${SWEEP_TIMEOUT:-150}" "$PY" benchmarks/sweep_gemm_split.py --out "$WORK/gemm_split_sweep_$TAG.json" \
+    >"$WORK/sweep_gemm.log" 2>&1
+  rc=$?; status+=("sweep_gemm=$rc"); tail -20 "$WORK/sweep_gemm.log" | cut -c1-200 | tee -a "$LOG"
 fi
 
 wait "$BUILD_PID"

@@ -246,3 +246,64 @@ def test_cuda_soft_path_override_is_checked(monkeypatch):
     args = [a.float() for a in make_inputs(2, 3, 4, 16, 4, device="cuda")]
     with pytest.raises(RuntimeError, match="HYPERDAS_FAST_CUDA_SOFT must be"):
         ops.interchange(*args, backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 37, 45, 200, 65), (4, 128, 8, 8192, 64)], ids=["fused_forward", "kspace_forward"])
+@pytest.mark.parametrize("config", [dict(reflect=True, mask="batch"), dict(reflect=False, mask="shared")],
+                         ids=["reflect-mask_batch", "plain-mask_shared"])
+def test_cuda_training_forward_keeps_projections(dtype, shape, config, monkeypatch):
+    """interchange_fwd_train on CUDA (the forward the autograd runs when a gradient is needed,
+    by default paths): the plain forward's output, and [P_S; P_B (; RV)] kept for the
+    backward, which from them gives the gradients of the backward that recomputes them."""
+    monkeypatch.delenv("HYPERDAS_FAST_CUDA_SOFT", raising=False)
+    B, T, S, d, k = shape
+    args = [None if a is None else a.to(dtype) for a in make_inputs(*shape, device="cuda", **config)]
+    base, source, _, basis, v, _ = args
+    out, coords, kept = OPS.interchange_fwd_train(*args)
+    torch.testing.assert_close(out, OPS.interchange_fwd(*args)[0], rtol=0, atol=0)
+    assert coords.numel() == 0
+    rv = basis if v is None else torch.cat([basis, -2 * v.t()], 1)
+    assert kept.shape == (B * S + B * T + (d if v is not None else 0), rv.shape[1]) and kept.dtype == dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept[:B * S], source.reshape(-1, d) @ rv, **tol)
+    torch.testing.assert_close(kept[B * S:B * S + B * T], base.reshape(-1, d) @ rv, **tol)
+    if v is not None:
+        torch.testing.assert_close(kept[B * S + B * T:], rv, rtol=0, atol=0)
+    grad = torch.randn_like(base)
+    for name, a, r in zip(NAMES, OPS.interchange_bwd(grad, *args, None, kept), OPS.interchange_bwd(grad, *args)):
+        scale = 1 + r.abs().max().item()
+        assert err(a, r) <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * scale, name
+    with pytest.raises(RuntimeError, match=r"saved \(the training forward's projections"):
+        OPS.interchange_bwd(grad, *args, None, kept[:-1])
+    if dtype == torch.float32:  # fake kernels, schemas and the autograd registration on CUDA tensors
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        torch.library.opcheck(OPS.interchange_fwd_train, tuple(args), test_utils=utils)
+        torch.library.opcheck(OPS.interchange_bwd, (grad, *args, None, kept), test_utils=utils)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("force,keeps", [("", True), ("projected_kernels", True), ("fused", False),
+                                         ("projected", False)])
+def test_cuda_autograd_saves_projections(force, keeps, monkeypatch):
+    """The C++ autograd saves the training forward's projections where the backward runs the
+    k-space kernels (not under the fused or ATen projected paths, nor for k > 256)."""
+    from hyperdas_fast import ops
+
+    monkeypatch.setenv("HYPERDAS_FAST_CUDA_SOFT", force)
+    B, T, S, d, k = 3, 37, 45, 200, 65
+    leaves = [a.float().requires_grad_() for a in make_inputs(B, T, S, d, k, device="cuda")]
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ops.interchange(*leaves, backend="cuda")
+    assert ((B * S + B * T + d, k + B) in shapes) == keeps, shapes
+    out.sum().backward()
+    assert all(a.grad is not None for a in leaves)

@@ -38,8 +38,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 
 namespace hyperdas_fast {
 namespace projected {
@@ -49,39 +52,117 @@ using at::Tensor;
 // Batch sizes up to this many columns ride in RV (see the note above).
 inline bool batch_fits(int64_t B, int64_t k) { return B <= std::max<int64_t>(64, 2 * k); }
 
+// The CUDA k-space kernels' largest k (csrc/cuda/projected_kspace.h: kspace::kMaxK; the
+// CUDA binding static_asserts they agree).
+constexpr int64_t kKspaceMaxK = 256;
+
+// Whether the CUDA backend's forward, when a gradient will be needed, keeps the projections
+// for the backward (interchange_fwd_train on CUDA; the C++ autograd asks): wherever its
+// backward runs the k-space kernels, which start from P_S = source RV and P_B = base RV
+// (interchange_cuda.cpp: soft_path). Then the backward projects only the gradient, rather
+// than source and base again (two GEMMs over d: 42 us of a 487 us forward+backward at
+// Llama-3-8B B=32 T=128 bf16 on an H200, profile_forward_backward_h200.json at 45e5f3b).
+// `force` is HYPERDAS_FAST_CUDA_SOFT: the fused and ATen projected paths keep nothing.
+inline bool cuda_keeps_projections(const Tensor& base, int64_t k, const std::string& force) {
+  const auto s = base.scalar_type();
+  return base.is_cuda() && (s == at::kFloat || s == at::kHalf || s == at::kBFloat16) && k <= kKspaceMaxK &&
+         batch_fits(base.size(0), k) && force != "fused" && force != "projected";
+}
+
+// What the CUDA forward keeps: one [B*S + B*T (+ d with reflect), Kc] tensor in base's dtype,
+// rows P_S = source RV, then P_B = base RV, then (with reflect) RV = [R | -2 V^T] itself
+// (all have Kc = k (+ B) columns, so one buffer holds them).
+inline int64_t kept_rows(int64_t B, int64_t S, int64_t T, int64_t d, bool has_v) {
+  return B * S + B * T + (has_v ? d : 0);
+}
+
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Whether this torch's CUDA GEMMs with an out_dtype (mm.dtype, addmm.dtype_out: bf16/fp16
+// operands, fp32 products and result, torch >= 2.8) have run: cleared, for the process, by
+// the first call that finds them missing, after which the callers upcast instead.
+inline std::atomic<bool>& out_dtype_gemms_run() {
+  static std::atomic<bool> runs{true};
+  return runs;
+}
+
+inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b) {
+  const auto dt = a.scalar_type();
+  return a.is_cuda() && dt == b.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) &&
+         out_dtype_gemms_run().load();
+}
+
 // u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
-// cuBLAS call with an fp32 result (mm's out_dtype overload, torch >= 2.8: exact products and
-// fp32 sums, as the fp32 GEMM of the upcast operands). The upcasts, the fp32 GEMM (6 us) and
-// its split-K reduction (3 us) took four kernels at Llama-3-8B shapes on an H200
-// (profile_forward_h200.json at 45e5f3b); the Triton backend made the same change
-// (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
+// cuBLAS call with an fp32 result (exact products and fp32 sums, as the fp32 GEMM of the
+// upcast operands). The upcasts, the fp32 GEMM (6 us) and its split-K reduction (3 us) took
+// four kernels at Llama-3-8B shapes on an H200 (profile_forward_h200.json at 45e5f3b); the
+// Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
 inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
-  const auto dt = v.scalar_type();
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  static std::atomic<bool> out_dtype_runs{true};
-  if (v.is_cuda() && dt == R.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) && out_dtype_runs.load()) {
+  if (out_dtype_gemm_applies(v, R)) {
     try {
       return at::mm(v, R, at::kFloat);
     } catch (const c10::OutOfMemoryError&) {
       throw;  // not a missing overload
     } catch (const c10::Error&) {
-      out_dtype_runs.store(false);  // a build of torch without it: the upcasts below from now on
+      out_dtype_gemms_run().store(false);  // a build of torch without it: the upcasts below from now on
     }
   }
 #endif
-  const auto cdt = compute_type(dt);
+  const auto cdt = compute_type(v.scalar_type());
   return at::mm(v.to(cdt), R.to(cdt));
+}
+
+// sum_i X_i^T A_i ([d, Kc]) in the compute type, for the backward's g_R: X_i [n_i, d] and
+// A_i [n_i, Kc] in base's dtype. For bf16/fp16 CUDA operands the GEMMs accumulate into one
+// fp32 result (cuBLAS's beta = 1), where rounding each GEMM's result to bf16, upcasting it
+// and adding took a copy and two adds besides (about 10 us at Llama-3-8B B=32 T=128 on an
+// H200: profile_forward_backward_h200.json at 45e5f3b), and lost the low bits of each term.
+inline Tensor gemm_sum_t(std::initializer_list<std::pair<Tensor, Tensor>> terms) {
+  const Tensor& x0 = terms.begin()->first;
+  const auto dt = x0.scalar_type();
+  const auto cdt = compute_type(dt);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (out_dtype_gemm_applies(x0, terms.begin()->second)) {
+    try {
+      Tensor sum;
+      for (const auto& [x, a] : terms) {
+        if (!sum.defined()) {
+          sum = at::mm(x.t(), a, at::kFloat);
+        } else {
+          at::addmm_out(sum, sum, x.t(), a, at::kFloat);
+        }
+      }
+      return sum;
+    } catch (const c10::OutOfMemoryError&) {
+      throw;
+    } catch (const c10::Error&) {
+      out_dtype_gemms_run().store(false);
+    }
+  }
+#endif
+  Tensor sum;
+  for (const auto& [x, a] : terms) {
+    if (!sum.defined()) {
+      sum = at::mm(x.t(), a).to(cdt);
+    } else if (dt == cdt) {
+      sum.addmm_(x.t(), a);  // accumulated by the GEMM
+    } else {
+      sum.add_(at::mm(x.t(), a));
+    }
+  }
+  return sum;
 }
 
 // [d, k] or [d, k + B] = [R | -2 V^T], in R's dtype. Non-finite entries of V are zeroed:
 // the block matrices hold zeros in the other examples' reflection columns, and 0 * inf =
 // NaN would carry one example's non-finite v into every example's output and gradients.
 // That example's own rows still come out non-finite, through u = R^T v (from the raw v).
-inline Tensor rv_of(const Tensor& R, const std::optional<Tensor>& v) {
+inline Tensor rv_of(const Tensor& R, const std::optional<Tensor>& v, std::optional<Tensor> out = std::nullopt) {
   if (!v.has_value()) return R;
-  return at::cat({R, at::nan_to_num(v->t().mul(-2.0).to(R.scalar_type()), 0.0, 0.0, 0.0)}, 1);
+  Tensor cols = at::nan_to_num(v->t().mul(-2.0).to(R.scalar_type()), 0.0, 0.0, 0.0);
+  if (out.has_value()) return at::cat_out(*out, {R, cols}, 1);  // (out: rows of a larger buffer)
+  return at::cat({R, cols}, 1);
 }
 
 // P [B, X, k + B] -> [B, X]: column k + b of batch b (a view).
@@ -172,15 +253,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward_gemms(const Tensor& g
   Tensor Ag = blocks.narrow(0, 0, N), As = blocks.narrow(0, N, B * S), Ab = blocks.narrow(0, N + B * S, N);
   Tensor g_base = at::addmm(g.reshape({N, d}), Ab, RV.t()).view({B, T, d});
   Tensor g_source = at::mm(As, RV.t()).view({B, S, d});
-  // [g_R | G_v], summed in the compute dtype (accumulated by the GEMMs when that is base's)
-  Tensor GR = at::mm(g.reshape({N, d}).t(), Ag).to(cdt);
-  if (dt == cdt) {
-    GR.addmm_(source.reshape({B * S, d}).t(), As);
-    GR.addmm_(base.reshape({N, d}).t(), Ab);
-  } else {
-    GR.add_(at::mm(source.reshape({B * S, d}).t(), As));
-    GR.add_(at::mm(base.reshape({N, d}).t(), Ab));
-  }
+  // [g_R | G_v] in the compute dtype
+  Tensor GR = gemm_sum_t({{g.reshape({N, d}), Ag}, {source.reshape({B * S, d}), As}, {base.reshape({N, d}), Ab}});
   Tensor g_basis_c = GR.narrow(1, 0, k);
   Tensor g_reflect = at::empty({0}, base.options());
   if (reflect.has_value()) {

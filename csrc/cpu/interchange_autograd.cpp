@@ -6,9 +6,13 @@
 // interpreter and pytree work to every step.
 //
 // The forward returns (out, coords); coords (c = R_b^T (mix - base), only with with_coords)
-// is not differentiable and is saved so the backward skips one GEMM. On CPU tensors that
-// need a gradient the forward is interchange_fwd_train, which also returns delta = mix -
-// base, saved so the backward skips the mix (a batched GEMM and a pass over [B, T, d]). The backward calls
+// is not differentiable and is saved so the backward skips one GEMM. On tensors that need a
+// gradient the forward is interchange_fwd_train where the device's backward can reuse
+// something of the forward, which it returns third and the backward gets as `saved`: on
+// CPU (fp32/fp64) delta = mix - base, so the backward skips the mix (a batched GEMM and a
+// pass over [B, T, d]); on CUDA, where the backward runs the k-space kernels
+// (projected::cuda_keeps_projections), the projections [P_S; P_B (; RV)], so the backward
+// skips two GEMMs over d (csrc/cuda/interchange_cuda.cpp). The backward calls
 // hyperdas_fast::interchange_bwd through the dispatcher, so each device uses its own kernel
 // and torch.compile traces both ops through their fake kernels (ops/library.py).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,7 +21,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../common/interchange_projected.h"
+
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -44,8 +52,8 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
 
 class InterchangeFunction : public torch::autograd::Function<InterchangeFunction> {
  public:
-  // train: a gradient will be needed and the tensors are on the CPU, whose kernel can also
-  // return delta = mix - base for the backward (interchange_fwd_train).
+  // train: a gradient will be needed and the device's interchange_fwd_train keeps something
+  // for the backward (see the note at the top).
   static variable_list forward(AutogradContext* ctx, const Tensor& base, const Tensor& source,
                                const Tensor& weights, const std::optional<Tensor>& basis,
                                const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
@@ -57,9 +65,9 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
                                 .findSchemaOrThrow("hyperdas_fast::interchange_fwd_train", "")
                                 .typed<FwdTrainSig>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor out, coords, delta;
+    Tensor out, coords, saved;
     if (train) {
-      std::tie(out, coords, delta) = fwd_train.call(base, source, weights, *basis, reflect, mask);
+      std::tie(out, coords, saved) = fwd_train.call(base, source, weights, *basis, reflect, mask);
     } else {
       std::tie(out, coords) = fwd.call(base, source, weights, basis, reflect, mask, with_coords);
     }
@@ -67,7 +75,7 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
     // basis to train) cannot be saved for backward: save copies of those.
     auto savable = [](const Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; };
     ctx->save_for_backward({savable(base), savable(source), savable(weights), savable(basis.value_or(Tensor())),
-                            savable(reflect.value_or(Tensor())), savable(mask.value_or(Tensor())), coords, delta});
+                            savable(reflect.value_or(Tensor())), savable(mask.value_or(Tensor())), coords, saved});
     // The caller gets coords only when it asked for them (same output as the plain op).
     Tensor coords_out = (with_coords || !train) ? coords : at::empty({0}, base.options());
     ctx->mark_non_differentiable({coords_out});
@@ -86,10 +94,10 @@ class InterchangeFunction : public torch::autograd::Function<InterchangeFunction
     }
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &basis = saved[3], &reflect = saved[4], &mask = saved[5], &coords = saved[6],
-                 &delta = saved[7];
+                 &kept = saved[7];
     auto grads = op.call(grad_out, saved[0], saved[1], saved[2], defined_or_none(basis),
                          defined_or_none(reflect), defined_or_none(mask), defined_or_none(coords),
-                         defined_or_none(delta));
+                         defined_or_none(kept));
     // An empty gradient (numel 0) stands for a None input; the engine drops the gradients
     // of inputs that do not require one.
     return {std::get<0>(grads),
@@ -115,10 +123,21 @@ std::tuple<Tensor, Tensor> interchange_fwd_autograd(const Tensor& base, const Te
       needs_grad = needs_grad || (t->has_value() && (*t)->requires_grad());
     }
   }
-  // fp32/fp64 only: for half types interchange_fwd_train keeps nothing (the backward
+  // CPU, fp32/fp64 only: for half types interchange_fwd_train keeps nothing (the backward
   // recomputes in float), and with_coords must still return the coords.
-  const bool train = needs_grad && basis.has_value() && base.device().is_cpu() &&
-                     (base.scalar_type() == at::kFloat || base.scalar_type() == at::kDouble);
+  const bool cpu_train = needs_grad && basis.has_value() && base.device().is_cpu() &&
+                         (base.scalar_type() == at::kFloat || base.scalar_type() == at::kDouble);
+  // CUDA: where the backward will run the k-space kernels (and the CUDA extension is loaded);
+  // the training forward returns no coords, so not when they are asked for.
+  bool cuda_train = false;
+  if (needs_grad && basis.has_value() && !with_coords && base.is_cuda()) {
+    static const auto fwd_train_op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("hyperdas_fast::interchange_fwd_train", "");
+    const char* force = std::getenv("HYPERDAS_FAST_CUDA_SOFT");
+    cuda_train = fwd_train_op.hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+                 projected::cuda_keeps_projections(base, basis->size(1), force ? force : "");
+  }
+  const bool train = cpu_train || cuda_train;
   variable_list out = InterchangeFunction::apply(base, source, weights, basis, reflect, mask, with_coords, train);
   return {out[0], out[1]};
 }

@@ -23,10 +23,12 @@ TORCH_LIBRARY(hyperdas_fast, m) {
       "Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)");
   m.def(
       "interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis, "
-      "Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None) -> (Tensor, Tensor, Tensor, "
+      "Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? saved=None) -> (Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor)");
-  // CPU only: the forward that also returns delta = mix - base for the backward (the C++
-  // autograd uses it on CPU tensors that need a gradient).
+  // The forward that also returns what the device's backward reuses, as interchange_bwd's
+  // `saved` (the C++ autograd uses it on tensors that need a gradient): on CPU (fp32/fp64)
+  // delta = mix - base [B, T, d]; on CUDA the projections [P_S; P_B (; RV)]
+  // [B*S + B*T (+ d), k (+ B)] (csrc/common/interchange_projected.h: kept_rows).
   m.def(
       "interchange_fwd_train(Tensor base, Tensor source, Tensor weights, Tensor basis, Tensor? reflect, "
       "Tensor? mask) -> (Tensor, Tensor, Tensor)");

@@ -5,7 +5,7 @@
 //   interchange_fwd(Tensor base, Tensor source, Tensor weights, Tensor? basis, Tensor? reflect,
 //                   Tensor? mask, bool with_coords=False) -> (Tensor, Tensor)
 //   interchange_bwd(Tensor grad_out, Tensor base, Tensor source, Tensor weights, Tensor? basis,
-//                   Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? delta=None)
+//                   Tensor? reflect, Tensor? mask, Tensor? coords=None, Tensor? saved=None)
 //                   -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 //
 // coords = R_b^T (mix - base) [B, T, k]: the fused forward does not keep it, so with_coords
@@ -219,20 +219,49 @@ static SoftPath soft_path(const std::string& force, const Tensor& base, int64_t 
   return size >= (int64_t{1} << 24) ? SoftPath::ProjectedAten : SoftPath::Fused;
 }
 
+static_assert(hk::kspace::kMaxK == hyperdas_fast::projected::kKspaceMaxK,
+              "interchange_projected.h's cuda_keeps_projections must know the kernels' largest k");
+
 struct KspaceInputs {
   Tensor RV, PS, PB, w, u, m;
+  Tensor kept;  // [P_S; P_B (; RV)] in one buffer, when the caller keeps them for the backward
   int64_t mask_stride_b = 0;
 };
 
 // P_S = source RV, P_B = base RV (base's dtype, as the ATen path's GEMMs), u = R^T v and the
-// mask in fp32, the weights contiguous.
+// mask in fp32, the weights contiguous. With `kept` (the training forward's third output,
+// projected::kept_rows) P_S, P_B and RV are views of it rather than computed; with keep, they
+// are computed into one buffer (in.kept) for the backward.
 static KspaceInputs kspace_inputs(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
-                                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+                                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
+                                  const std::optional<Tensor>& kept = std::nullopt, bool keep = false) {
   namespace pj = hyperdas_fast::projected;
+  const int64_t B = base.size(0), T = base.size(1), d = base.size(2), S = source.size(1);
+  const int64_t Kc = R.size(1) + (reflect.has_value() ? B : 0);
+  const int64_t rows = pj::kept_rows(B, S, T, d, reflect.has_value());
   KspaceInputs in;
-  in.RV = pj::rv_of(R, reflect);
-  in.PS = at::mm(source.reshape({-1, source.size(2)}), in.RV);
-  in.PB = at::mm(base.reshape({-1, base.size(2)}), in.RV);
+  if (kept.has_value()) {
+    TORCH_CHECK(kept->dim() == 2 && kept->size(0) == rows && kept->size(1) == Kc && kept->is_contiguous() &&
+                    kept->scalar_type() == base.scalar_type() && kept->device() == base.device(),
+                "interchange_bwd (cuda): saved (the training forward's projections [P_S; P_B",
+                reflect.has_value() ? "; RV" : "", "]) must be a contiguous [", rows, ", ", Kc, "] ",
+                base.scalar_type(), " tensor on ", base.device(), ", got ", kept->sizes(), " ",
+                kept->scalar_type(), " on ", kept->device());
+    in.PS = kept->narrow(0, 0, B * S);
+    in.PB = kept->narrow(0, B * S, B * T);
+    in.RV = reflect.has_value() ? kept->narrow(0, B * S + B * T, d) : R;
+  } else if (keep) {
+    in.kept = at::empty({rows, Kc}, base.options());
+    in.RV = reflect.has_value() ? pj::rv_of(R, reflect, in.kept.narrow(0, B * S + B * T, d)) : R;
+    in.PS = in.kept.narrow(0, 0, B * S);
+    in.PB = in.kept.narrow(0, B * S, B * T);
+    at::mm_out(in.PS, source.reshape({B * S, d}), in.RV);
+    at::mm_out(in.PB, base.reshape({B * T, d}), in.RV);
+  } else {
+    in.RV = pj::rv_of(R, reflect);
+    in.PS = at::mm(source.reshape({-1, source.size(2)}), in.RV);
+    in.PB = at::mm(base.reshape({-1, base.size(2)}), in.RV);
+  }
   // the kernels index P rows as row * Kc
   TORCH_INTERNAL_ASSERT(in.PS.is_contiguous() && in.PB.is_contiguous(), "projected: P_S / P_B not contiguous");
   in.w = weights.to(base.scalar_type()).contiguous();
@@ -250,11 +279,10 @@ const CT* cptr(const Tensor& t) {
 }
 static const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-static Tensor kspace_forward_cuda(const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
-                                  const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
-                                  bool apply_output) {
+// The forward from kspace_inputs' in (base and source contiguous).
+static Tensor kspace_forward_cuda(const Tensor& base, const Tensor& source, const Tensor& R,
+                                  const std::optional<Tensor>& reflect, const KspaceInputs& in, bool apply_output) {
   const int64_t B = base.size(0), T = base.size(1), d = base.size(2), k = R.size(1);
-  KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask);
   const int Kc = (int)in.RV.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   hk::Dims dims;
@@ -313,9 +341,9 @@ static Tensor kspace_forward_cuda(const Tensor& base, const Tensor& source, cons
 
 static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backward_cuda(
     const Tensor& g, const Tensor& base, const Tensor& source, const Tensor& weights, const Tensor& R,
-    const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask) {
+    const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask, const std::optional<Tensor>& kept) {
   const int64_t B = base.size(0), T = base.size(1), S = source.size(1), k = R.size(1), N = B * T;
-  KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask);
+  KspaceInputs in = kspace_inputs(base, source, weights, R, reflect, mask, kept);
   Tensor PG = at::mm(g.reshape({N, base.size(2)}), in.RV);
   TORCH_INTERNAL_ASSERT(PG.is_contiguous(), "projected: P_G not contiguous");
   const int64_t Kc = in.RV.size(1);
@@ -364,6 +392,10 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backwar
   return {g_base, g_source, gw.to(weights.scalar_type()), g_basis, g_reflect, g_mask};
 }
 
+static Tensor fused_forward(const Tensor& base_in, const Tensor& source_in, const Tensor& weights_in,
+                            const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect,
+                            const std::optional<Tensor>& mask);
+
 std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Tensor& source_in,
                                                 const Tensor& weights_in, const std::optional<Tensor>& basis,
                                                 const std::optional<Tensor>& reflect,
@@ -374,10 +406,12 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
   const int64_t k = basis.has_value() ? basis->size(1) : 0;
   const std::string force = soft_path_override();  // read (and checked) on every call
   const SoftPath path = basis.has_value() ? soft_path(force, base_in, k, with_coords, false) : SoftPath::Fused;
-  if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
-    return {kspace_forward_cuda(base_in.contiguous(), source_in.contiguous(), weights_in, *basis, reflect, mask,
-                                path == SoftPath::ProjectedApply),
+  if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply) {
+    Tensor base = base_in.contiguous(), source = source_in.contiguous();
+    KspaceInputs in = kspace_inputs(base, source, weights_in, *basis, reflect, mask);
+    return {kspace_forward_cuda(base, source, *basis, reflect, in, path == SoftPath::ProjectedApply),
             at::empty({0}, base_in.options())};
+  }
   if (path == SoftPath::ProjectedAten)
     return hyperdas_fast::projected::forward(base_in, source_in, weights_in, *basis, reflect, mask, with_coords);
   Tensor coords = (with_coords && basis.has_value())
@@ -385,7 +419,14 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
                       : at::empty({0}, base_in.options());
   if (!fused_dtype(base_in) || k > hk::kMaxFusedK)
     return {fwd_aten(base_in, source_in, weights_in, basis, reflect, mask), coords};
+  return {fused_forward(base_in, source_in, weights_in, basis, reflect, mask), coords};
+}
 
+// The fused soft forward kernel (fp32 / fp16 / bf16, k <= kMaxFusedK).
+static Tensor fused_forward(const Tensor& base_in, const Tensor& source_in, const Tensor& weights_in,
+                            const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect,
+                            const std::optional<Tensor>& mask) {
+  const int64_t k = basis.has_value() ? basis->size(1) : 0;
   Tensor base = base_in.contiguous(), source = source_in.contiguous(), weights = weights_in.contiguous();
   SubspaceTensors st = prepare_subspace(basis, reflect, mask);
   hk::Dims dims;
@@ -406,7 +447,35 @@ std::tuple<Tensor, Tensor> interchange_fwd_cuda(const Tensor& base_in, const Ten
         reinterpret_cast<const CT*>(weights.data_ptr()), view_subspace<CT>(st),
         reinterpret_cast<CT*>(out.data_ptr()), ws.data_ptr<float>(), dims, sms, stream));
   });
-  return {out, coords};
+  return out;
+}
+
+// The forward when a gradient will be needed, where projected::cuda_keeps_projections holds
+// (the C++ autograd asks before calling): (out, empty coords, kept), kept = [P_S; P_B (; RV)]
+// ([kept_rows, Kc], base's dtype) for the backward's k-space kernels, which then project only
+// the gradient. The output comes from the same path as interchange_fwd's; where that is the
+// fused kernel (B*T*d < 2^22), the projections are the backward's GEMMs done early.
+std::tuple<Tensor, Tensor, Tensor> interchange_fwd_train_cuda(const Tensor& base_in, const Tensor& source_in,
+                                                              const Tensor& weights, const Tensor& basis,
+                                                              const std::optional<Tensor>& reflect,
+                                                              const std::optional<Tensor>& mask) {
+  check_cuda(base_in, "base");
+  hyperdas_fast::checks::check_soft(base_in, source_in, weights, basis, reflect, mask);
+  c10::cuda::CUDAGuard guard(base_in.device());
+  const int64_t k = basis.size(1);
+  const std::string force = soft_path_override();
+  TORCH_CHECK(hyperdas_fast::projected::cuda_keeps_projections(base_in, k, force),
+              "interchange_fwd_train (cuda): keeps projections only for fp32/fp16/bf16, k <= ",
+              hyperdas_fast::projected::kKspaceMaxK, " and a batch that fits (B <= max(64, 2k)), got ",
+              base_in.scalar_type(), ", k = ", k, ", B = ", base_in.size(0), ", HYPERDAS_FAST_CUDA_SOFT='", force,
+              "' (not 'fused' or 'projected')");
+  Tensor base = base_in.contiguous(), source = source_in.contiguous();
+  KspaceInputs in = kspace_inputs(base, source, weights, basis, reflect, mask, std::nullopt, /*keep=*/true);
+  const SoftPath path = soft_path(force, base, k, false, false);
+  Tensor out = (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
+                   ? kspace_forward_cuda(base, source, basis, reflect, in, path == SoftPath::ProjectedApply)
+                   : fused_forward(base, source, weights, basis, reflect, mask);
+  return {out, at::empty({0}, base_in.options()), in.kept};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -483,8 +552,9 @@ void interchange_rows_cuda_(const Tensor& base, const Tensor& source_in, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
     const Tensor& grad_out, const Tensor& base_in, const Tensor& source_in, const Tensor& weights,
     const std::optional<Tensor>& basis, const std::optional<Tensor>& reflect, const std::optional<Tensor>& mask,
-    const std::optional<Tensor>& coords, const std::optional<Tensor>& /*delta*/) {
-  // delta (the CPU forward_train's mix - base) is never produced on CUDA: the mix is recomputed.
+    const std::optional<Tensor>& coords, const std::optional<Tensor>& saved) {
+  // saved: the training forward's projections (interchange_fwd_train_cuda), used by the
+  // k-space path; the other paths recompute what they need.
   check_cuda(base_in, "base");
   hyperdas_fast::checks::check_soft(base_in, source_in, weights, basis, reflect, mask);
   hyperdas_fast::checks::check_grad_out(grad_out, base_in);
@@ -496,7 +566,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
   // projected_apply differs from projected_kernels only in the forward's output step
   if (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
     return kspace_backward_cuda(grad_out.to(dt).contiguous(), base_in.contiguous(), source_in.contiguous(),
-                                weights, *basis, reflect, mask);
+                                weights, *basis, reflect, mask,
+                                saved.has_value() && saved->numel() > 0 ? saved : std::nullopt);
   if (path == SoftPath::ProjectedAten)
     return hyperdas_fast::projected::backward(grad_out.to(dt).contiguous(), base_in.contiguous(),
                                               source_in.contiguous(), weights, *basis, reflect, mask);
@@ -573,6 +644,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> interchange_bwd_cuda(
 TORCH_LIBRARY_IMPL(hyperdas_fast, CUDA, m) {
   m.impl("interchange_fwd", &interchange_fwd_cuda);
   m.impl("interchange_bwd", &interchange_bwd_cuda);
+  m.impl("interchange_fwd_train", &interchange_fwd_train_cuda);
   m.impl("interchange_rows_", &interchange_rows_cuda_);
 }
 

@@ -7,7 +7,7 @@ kernels for the same schemas. This module adds what is device-agnostic:
 - fake (meta) kernels for ``torch.compile`` / FakeTensor tracing.
 
 The autograd of ``interchange_fwd`` (its backward is ``interchange_bwd``, with the
-forward's coords, and on CPU its delta, saved) is registered in C++ for the Autograd key
+forward's coords, and what ``interchange_fwd_train`` keeps, saved) is registered in C++ for the Autograd key
 (``csrc/cpu/interchange_autograd.cpp``): a Python autograd.Function cost ~0.3 ms per call,
 a sizeable share of the fused op's ~1-2 ms at the SmolLM2 training shape.
 
@@ -18,13 +18,17 @@ Ops (shapes as in ``reference.py``):
   is c = R_b^T (mix - base) (before the mask), saved for the backward so that it need not
   recompute it; otherwise an empty tensor. ``coords`` is not differentiable.
 - ``torch.ops.hyperdas_fast.interchange_fwd_train(base, source, weights, basis, reflect, mask)
-  -> (out, coords, delta)`` (CPU): the forward the autograd runs when a gradient is needed;
-  it also returns delta = mix - base [B, T, d] so the backward skips the mix (reduced
-  precision: coords and delta are empty, and the backward recomputes them in float).
+  -> (out, coords, saved)``: the forward the autograd runs when a gradient is needed and the
+  device's backward can reuse part of it, which it returns as ``saved``. CPU: delta = mix -
+  base [B, T, d], so the backward skips the mix (reduced precision: coords and delta are
+  empty, and the backward recomputes them in float). CUDA (where the backward runs the
+  k-space kernels): coords empty, and the projections [P_S; P_B] of source and base onto
+  RV = [R | -2 V^T] with, with reflect, RV's own rows after them
+  ([B*S + B*T (+ d), k (+ B)], base's dtype), so the backward projects only the gradient.
 - ``torch.ops.hyperdas_fast.interchange_bwd(grad_out, base, source, weights, basis, reflect,
-  mask, coords=None, delta=None) -> (g_base, g_source, g_weights, g_basis, g_reflect,
+  mask, coords=None, saved=None) -> (g_base, g_source, g_weights, g_basis, g_reflect,
   g_mask)``; an empty tensor (numel 0) stands for the gradient of a None input. ``coords``
-  and ``delta`` are the forward's (None or empty: recomputed from the inputs).
+  and ``saved`` are the forward's (None or empty: recomputed from the inputs).
 - ``torch.ops.hyperdas_fast.interchange_rows_(base, source, batch_index, base_pos, source_pos,
   basis, reflect, mask)``: hard mode, in place on a contiguous ``base``; inference only (no
   autograd).
@@ -63,6 +67,11 @@ def _interchange_fwd_fake(base, source, weights, basis, reflect, mask, with_coor
 
 @torch.library.register_fake("hyperdas_fast::interchange_fwd_train")
 def _interchange_fwd_train_fake(base, source, weights, basis, reflect, mask):
+    if base.device.type == "cuda":  # the projections (csrc/common/interchange_projected.h: kept_rows)
+        B, T, d = base.shape
+        S, k = source.shape[1], basis.shape[1]
+        rows = B * S + B * T + (d if reflect is not None else 0)
+        return base.new_empty(base.shape), _empty(base), base.new_empty((rows, k + (B if reflect is not None else 0)))
     if base.dtype in (torch.float16, torch.bfloat16):  # the backward recomputes them in float
         return base.new_empty(base.shape), _empty(base), _empty(base)
     coords = base.new_empty((base.shape[0], base.shape[1], basis.shape[1]))
@@ -70,7 +79,7 @@ def _interchange_fwd_train_fake(base, source, weights, basis, reflect, mask):
 
 
 @torch.library.register_fake("hyperdas_fast::interchange_bwd")
-def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None, delta=None):
+def _interchange_bwd_fake(grad_out, base, source, weights, basis, reflect, mask, coords=None, saved=None):
     def like(t: Optional[Tensor]) -> Tensor:
         return _empty(base) if t is None else base.new_empty(t.shape)
 
