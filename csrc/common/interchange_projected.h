@@ -78,18 +78,13 @@ inline int64_t kept_rows(int64_t B, int64_t S, int64_t T, int64_t d, bool has_v)
 
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Whether this torch's CUDA GEMMs with an out_dtype (mm.dtype, addmm.dtype_out: bf16/fp16
-// operands, fp32 products and result, torch >= 2.8) have run: cleared, for the process, by
-// the first call that finds them missing, after which the callers upcast instead.
-inline std::atomic<bool>& out_dtype_gemms_run() {
-  static std::atomic<bool> runs{true};
-  return runs;
-}
-
-inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b) {
+// CUDA GEMMs with an out_dtype (mm.dtype, addmm.dtype(_out): bf16/fp16 operands, fp32
+// products and result; torch >= 2.8) where both operands are bf16/fp16 CUDA tensors and
+// `runs`, each call site's flag: cleared, for the process, by the first call that finds its
+// overload missing, after which that site upcasts instead.
+inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b, const std::atomic<bool>& runs) {
   const auto dt = a.scalar_type();
-  return a.is_cuda() && dt == b.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) &&
-         out_dtype_gemms_run().load();
+  return a.is_cuda() && dt == b.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) && runs.load();
 }
 
 // u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
@@ -99,13 +94,14 @@ inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b) {
 // Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
 inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  if (out_dtype_gemm_applies(v, R)) {
+  static std::atomic<bool> runs{true};
+  if (out_dtype_gemm_applies(v, R, runs)) {
     try {
       return at::mm(v, R, at::kFloat);
     } catch (const c10::OutOfMemoryError&) {
       throw;  // not a missing overload
     } catch (const c10::Error&) {
-      out_dtype_gemms_run().store(false);  // a build of torch without it: the upcasts below from now on
+      runs.store(false);  // a build of torch without it: the upcasts below from now on
     }
   }
 #endif
@@ -123,7 +119,8 @@ inline Tensor gemm_sum_t(std::initializer_list<std::pair<Tensor, Tensor>> terms)
   const auto dt = x0.scalar_type();
   const auto cdt = compute_type(dt);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  if (out_dtype_gemm_applies(x0, terms.begin()->second)) {
+  static std::atomic<bool> runs{true};
+  if (out_dtype_gemm_applies(x0, terms.begin()->second, runs)) {
     try {
       Tensor sum;
       for (const auto& [x, a] : terms) {
@@ -137,7 +134,7 @@ inline Tensor gemm_sum_t(std::initializer_list<std::pair<Tensor, Tensor>> terms)
     } catch (const c10::OutOfMemoryError&) {
       throw;
     } catch (const c10::Error&) {
-      out_dtype_gemms_run().store(false);
+      runs.store(false);
     }
   }
 #endif
@@ -258,9 +255,34 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward_gemms(const Tensor& g
   Tensor g_basis_c = GR.narrow(1, 0, k);
   Tensor g_reflect = at::empty({0}, base.options());
   if (reflect.has_value()) {
-    g_basis_c = at::addmm(g_basis_c, reflect->to(cdt).t(), *y_sum);
-    // g_v = -2 G_v^T + y_sum R^T; addmm returns it contiguous, as interchange_bwd's fake kernel promises
-    g_reflect = at::addmm(GR.narrow(1, k, B).t(), *y_sum, R.to(cdt).t(), -2.0, 1.0).to(reflect->scalar_type());
+    // g_basis = g_R - 2 V^T y and g_v = -2 G_v^T + y_sum R^T (addmm returns it contiguous, as
+    // interchange_bwd's fake kernel promises). For bf16/fp16 CUDA operands: y_sum rounded to
+    // their dtype, and GEMMs with fp32 results, where upcasting V and R and running fp32 GEMMs
+    // took four kernels and 17 us at Llama-3-8B B=32 T=128 on an H200
+    // (profile_forward_backward_h200.json at 009a417); y_sum's rounding (2^-9 relative) is
+    // far below the error of the same op in that dtype.
+    const Tensor& v = *reflect;
+    bool done = false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    static std::atomic<bool> runs{true};
+    if (out_dtype_gemm_applies(v, R, runs)) {
+      try {
+        Tensor y_low = y_sum->to(dt);
+        Tensor gb = at::addmm(g_basis_c, v.t(), y_low, at::kFloat);
+        g_reflect = at::addmm(GR.narrow(1, k, B).t(), y_low, R.t(), at::kFloat, -2.0, 1.0).to(v.scalar_type());
+        g_basis_c = gb;
+        done = true;
+      } catch (const c10::OutOfMemoryError&) {
+        throw;
+      } catch (const c10::Error&) {
+        runs.store(false);
+      }
+    }
+#endif
+    if (!done) {
+      g_basis_c = at::addmm(g_basis_c, v.to(cdt).t(), *y_sum);
+      g_reflect = at::addmm(GR.narrow(1, k, B).t(), *y_sum, R.to(cdt).t(), -2.0, 1.0).to(v.scalar_type());
+    }
   }
   // In the basis's own memory layout (a QR factor is column-major), as the fake kernel says.
   Tensor g_basis = at::empty_like(R, at::MemoryFormat::Preserve).copy_(g_basis_c);

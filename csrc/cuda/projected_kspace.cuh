@@ -343,6 +343,21 @@ __global__ void __launch_bounds__(kThreads) backward_sources_kernel(BackwardPara
   const bool has_v = p.u != nullptr;
   const T* w_b = p.weights + b * (p.S + 1) * p.T;
 
+  if (blockIdx.x == 0) {  // the rows kernel's tile partials of batch b, summed in tile order
+    const int64_t tiles = (p.T + kRows - 1) / kRows;  // row_tiles(T) (a host function)
+    for (int j = tid; j < p.k; j += kThreads) {
+      if (p.y_sum != nullptr) {
+        float y = 0.f;
+        for (int64_t tile = 0; tile < tiles; ++tile) y += p.y_part[(b * tiles + tile) * p.k + j];
+        p.y_sum[b * p.k + j] = y;
+      }
+      if (p.gmask_sum != nullptr) {
+        float gm = 0.f;
+        for (int64_t tile = 0; tile < tiles; ++tile) gm += p.gmask_part[(b * tiles + tile) * p.k + j];
+        p.gmask_sum[b * p.k + j] = gm;
+      }
+    }
+  }
   if (has_v && lane == 0) sV[r] = valid ? to_f(p.ps[(b * p.S + s) * p.Kc + p.k + b]) : 0.f;  // -2 v.source
   __syncthreads();
 #pragma unroll
