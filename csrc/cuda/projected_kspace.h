@@ -61,8 +61,8 @@ struct ForwardParams {
 //   over t of g_e * c (g_mask) and of (-2 v.g) e + (-2 v.delta) g_c (y_sum);
 // sources kernel (per source row, after the rows kernel): g_s = W_src g_c,
 //   As = block(g_s) (u.g_s = W_src (u.g_c)), g_w[b, s, t] = (R_b^T source_s) . g_c,t, and
-//   (its first block of each batch) the rows kernel's tile partials summed over the tiles,
-//   gmask_sum and y_sum, where asked for: two small reductions that were two more launches.
+//   the rows kernel's tile partials summed over the tiles, gmask_sum and y_sum, where asked
+//   for (two small reductions that were two more launches).
 template <typename Elem>
 struct BackwardParams {
   const Elem* ps = nullptr;       // [B*S, Kc]
