@@ -4,7 +4,7 @@ Both GPU backends' projected soft path spend most of their time in two kinds of 
 (csrc/common/interchange_projected.h): the projections P = x RV ([N, d] @ [d, Kc], Kc = k + B,
 long reduction over d) and the backward's g_R = X^T A ([d, N] @ [N, Kc], long reduction over
 N). On an H200 at Llama-3-8B B=32 T=128 (N = 4096, d = 4096, Kc = 160) cuBLAS ran each in
-about 21 us (1.6 TB/s; profile_forward_backward_h200.json at 45e5f3b) with ~130 thread
+about 21 us (1.6 TB/s; profile_forward_backward_h200_45e5f3b.json) with ~130 thread
 blocks, one per SM, each walking the whole reduction. This sweep times, side by side, the
 GEMM as the code calls it against the same product with the reduction split into c chunks
 by hand (one strided-batched GEMM with an fp32 result, then a sum over the chunks), and the

@@ -61,7 +61,7 @@ constexpr int64_t kKspaceMaxK = 256;
 // backward runs the k-space kernels, which start from P_S = source RV and P_B = base RV
 // (interchange_cuda.cpp: soft_path). Then the backward projects only the gradient, rather
 // than source and base again (two GEMMs over d: 42 us of a 487 us forward+backward at
-// Llama-3-8B B=32 T=128 bf16 on an H200, profile_forward_backward_h200.json at 45e5f3b).
+// Llama-3-8B B=32 T=128 bf16 on an H200, profile_forward_backward_h200_45e5f3b.json).
 // `force` is HYPERDAS_FAST_CUDA_SOFT: the fused and ATen projected paths keep nothing.
 inline bool cuda_keeps_projections(const Tensor& base, int64_t k, const std::string& force) {
   const auto s = base.scalar_type();
@@ -90,7 +90,7 @@ inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b, const std::
 // u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
 // cuBLAS call with an fp32 result (exact products and fp32 sums, as the fp32 GEMM of the
 // upcast operands). The upcasts, the fp32 GEMM (6 us) and its split-K reduction (3 us) took
-// four kernels at Llama-3-8B shapes on an H200 (profile_forward_h200.json at 45e5f3b); the
+// four kernels at Llama-3-8B shapes on an H200 (profile_forward_h200_45e5f3b.json); the
 // Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
 inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
@@ -113,7 +113,7 @@ inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
 // A_i [n_i, Kc] in base's dtype. For bf16/fp16 CUDA operands the GEMMs accumulate into one
 // fp32 result (cuBLAS's beta = 1), where rounding each GEMM's result to bf16, upcasting it
 // and adding took a copy and two adds besides (about 10 us at Llama-3-8B B=32 T=128 on an
-// H200: profile_forward_backward_h200.json at 45e5f3b), and lost the low bits of each term.
+// H200: profile_forward_backward_h200_45e5f3b.json), and lost the low bits of each term.
 inline Tensor gemm_sum_t(std::initializer_list<std::pair<Tensor, Tensor>> terms) {
   const Tensor& x0 = terms.begin()->first;
   const auto dt = x0.scalar_type();
@@ -259,7 +259,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward_gemms(const Tensor& g
     // interchange_bwd's fake kernel promises). For bf16/fp16 CUDA operands: y_sum rounded to
     // their dtype, and GEMMs with fp32 results, where upcasting V and R and running fp32 GEMMs
     // took four kernels and 17 us at Llama-3-8B B=32 T=128 on an H200
-    // (profile_forward_backward_h200.json at 009a417); y_sum's rounding (2^-9 relative) is
+    // (profile_forward_backward_h200_009a417.json); y_sum's rounding (2^-9 relative) is
     // far below the error of the same op in that dtype.
     const Tensor& v = *reflect;
     bool done = false;

@@ -355,10 +355,6 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backwar
   Tensor ugc = reflect.has_value() ? at::empty({N}, f32) : Tensor();
   Tensor y_part = reflect.has_value() ? at::empty({B, tiles, k}, f32) : Tensor();
   Tensor gmask_part = mask.has_value() ? at::empty({B, tiles, k}, f32) : Tensor();
-  // The sources kernel sums the partials over the tiles (not launched without sources).
-  const bool kernel_sums = S > 0;
-  Tensor y_sum_k = reflect.has_value() && kernel_sums ? at::empty({B, k}, f32) : Tensor();
-  Tensor gmask_sum = mask.has_value() && kernel_sums ? at::empty({B, k}, f32) : Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_fused(base.scalar_type(), [&](auto tag) {
     using CT = decltype(tag);
@@ -379,8 +375,6 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backwar
     p.gw = gw.data_ptr<float>();
     p.gmask_part = mask.has_value() ? gmask_part.data_ptr<float>() : nullptr;
     p.y_part = reflect.has_value() ? y_part.data_ptr<float>() : nullptr;
-    p.y_sum = y_sum_k.defined() ? y_sum_k.data_ptr<float>() : nullptr;
-    p.gmask_sum = gmask_sum.defined() ? gmask_sum.data_ptr<float>() : nullptr;
     p.B = B;
     p.T = T;
     p.S = S;
@@ -389,12 +383,13 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> kspace_backwar
     C10_CUDA_CHECK(hk::kspace::launch_backward<CT>(p, stream));
   });
   Tensor g_mask = at::empty({0}, base.options());
-  if (mask.has_value()) {
-    Tensor per_batch = kernel_sums ? gmask_sum : gmask_part.sum(1);  // [B, k]
-    g_mask = (mask->dim() == 2 ? per_batch : per_batch.sum(0)).to(mask->scalar_type());
-  }
+  // (Summing these tile partials inside the sources kernel saved the two reductions, 6 us,
+  // but made that kernel 39 -> 49 us at Llama-3-8B B=32 T=128 on an H200:
+  // profile_forward_backward_h200*.json at 009a417 and 54324ce.)
+  if (mask.has_value())
+    g_mask = (mask->dim() == 2 ? gmask_part.sum(1) : gmask_part.sum(at::IntArrayRef{0, 1})).to(mask->scalar_type());
   std::optional<Tensor> y_sum;
-  if (reflect.has_value()) y_sum = kernel_sums ? y_sum_k : y_part.sum(1);
+  if (reflect.has_value()) y_sum = y_part.sum(1);
   auto [g_base, g_source, g_basis, g_reflect] =
       hyperdas_fast::projected::backward_gemms(g, base, source, R, reflect, in.RV, blocks, y_sum);
   return {g_base, g_source, gw.to(weights.scalar_type()), g_basis, g_reflect, g_mask};

@@ -129,7 +129,7 @@ inline int64_t source_tiles(int64_t S) { return (S + kRows - 1) / kRows; }
 // consecutive rows, so each source step reads one float4 of P_S and RT weights from shared
 // memory for 4 RT multiply-adds. (The rows kernels' layout, one row per 16 threads and
 // columns 16 apart, reads 9 values for 8: on an H200 this kernel took 32 us at Llama-3-8B
-// B=32 T=128 that way, benchmarks/results/profile_forward_h200.json at 600b5a3.)
+// B=32 T=128 that way, benchmarks/results/profile_forward_h200_600b5a3.json.)
 // ---------------------------------------------------------------------------------------
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams<T> p) {
@@ -343,25 +343,6 @@ __global__ void __launch_bounds__(kThreads) backward_sources_kernel(BackwardPara
   const bool has_v = p.u != nullptr;
   const T* w_b = p.weights + b * (p.S + 1) * p.T;
 
-  // The rows kernel's tile partials of batch b summed over the tiles (in tile order), the
-  // columns spread over the batch's blocks (column j: block j % gridDim.x), and the loads
-  // unrolled: done by one block per batch with a serial loop, this took the kernel from 39
-  // to 50 us at Llama-3-8B B=32 T=128 on an H200 (profile_forward_backward_h200.json at
-  // 6cbce29), the summing blocks finishing last.
-  if (p.y_sum != nullptr || p.gmask_sum != nullptr) {
-    const int64_t tiles = (p.T + kRows - 1) / kRows;  // row_tiles(T) (a host function)
-    for (int64_t j = blockIdx.x + (int64_t)gridDim.x * tid; j < p.k; j += (int64_t)gridDim.x * kThreads) {
-      float y = 0.f, gm = 0.f;
-#pragma unroll 8
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        const int64_t part = (b * tiles + tile) * p.k + j;
-        if (p.y_sum != nullptr) y += p.y_part[part];
-        if (p.gmask_sum != nullptr) gm += p.gmask_part[part];
-      }
-      if (p.y_sum != nullptr) p.y_sum[b * p.k + j] = y;
-      if (p.gmask_sum != nullptr) p.gmask_sum[b * p.k + j] = gm;
-    }
-  }
   if (has_v && lane == 0) sV[r] = valid ? to_f(p.ps[(b * p.S + s) * p.Kc + p.k + b]) : 0.f;  // -2 v.source
   __syncthreads();
 #pragma unroll

@@ -60,9 +60,7 @@ struct ForwardParams {
 //   Ag = block(e), Ab = block((w_self - 1) g_c), and per tile of kRows rows the partial sums
 //   over t of g_e * c (g_mask) and of (-2 v.g) e + (-2 v.delta) g_c (y_sum);
 // sources kernel (per source row, after the rows kernel): g_s = W_src g_c,
-//   As = block(g_s) (u.g_s = W_src (u.g_c)), g_w[b, s, t] = (R_b^T source_s) . g_c,t, and
-//   the rows kernel's tile partials summed over the tiles, gmask_sum and y_sum, where asked
-//   for (two small reductions that were two more launches).
+//   As = block(g_s) (u.g_s = W_src (u.g_c)), g_w[b, s, t] = (R_b^T source_s) . g_c,t.
 template <typename Elem>
 struct BackwardParams {
   const Elem* ps = nullptr;       // [B*S, Kc]
@@ -80,8 +78,6 @@ struct BackwardParams {
   float* gw = nullptr;         // [B, S + 1, T]
   float* gmask_part = nullptr; // [B, tiles, k], or nullptr without mask
   float* y_part = nullptr;     // [B, tiles, k] (with u)
-  float* gmask_sum = nullptr;  // [B, k]: gmask_part summed over the tiles, or nullptr
-  float* y_sum = nullptr;      // [B, k]: y_part summed over the tiles, or nullptr (S > 0 only)
   int64_t B = 0, T = 0, S = 0;
   int k = 0, Kc = 0;
 };

@@ -43,10 +43,11 @@ _BACKEND_MODULES = {
 # Preference order for backend="auto", fastest first (from benchmarks/results). On a GPU the
 # cuda backend comes first: eager calls at the sizes HyperDAS trains at are bound by the
 # host's launch work, and it launches the fewest kernels (SmolLM2 forward, eager, on an
-# H200: 0.18 ms against 0.48 for triton; benchmarks/results/ops_h200.json). Soft calls from
-# B*T*d = 2^24 up take triton: a model of that size keeps the GPU busy far longer than the
-# host takes to launch, so GPU time is what a step pays, and triton's kernels take 1.4x less
-# (Llama-3-8B B=32 T=128: 102 against 142 us forward, 341 against 487 forward and backward).
+# H200: 0.18 ms against 0.48 for triton; benchmarks/results/ops_h200_45e5f3b.json). Soft calls
+# from B*T*d = 2^24 up take triton: a model of that size keeps the GPU busy far longer than
+# the host takes to launch, so GPU time is what a step pays, and triton's kernels take less
+# (Llama-3-8B B=32 T=128: 103 against 132 us forward, 344 against 403 forward and backward;
+# benchmarks/results/ops_h200.json at 54324ce).
 _AUTO_ORDER = {"cuda": ["cuda", "triton", "torch"], "cpu": ["cpp", "torch"]}
 _AUTO_ORDER_LARGE_SOFT = {"cuda": ["triton", "cuda", "torch"]}
 AUTO_TRITON_SOFT_FROM = 2 ** 24  # B*T*d

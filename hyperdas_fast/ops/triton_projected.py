@@ -367,7 +367,7 @@ PATHS = ("fused", "projected", "onepass", "chunked")
 
 
 # The forward takes the projected path from B*T*d = 2^19 up. Measured on an H200 (bf16,
-# benchmarks/results/ops_h200.json at 60b8923, CUDA-graph replay): projected against fused,
+# benchmarks/results/ops_h200_60b8923.json, CUDA-graph replay): projected against fused,
 # forward, 59 vs 78 us at Llama-3-8B B=8 T=32 (B*T*d = 2^20) and 122 vs 172 us at B=32 T=128;
 # fused faster at SmolLM2 B=16 T=24 (2^17.8), 34 vs 40 us. The backward took the projected
 # path in less time at every shape measured (forward+backward 137 vs 193 us at SmolLM2,

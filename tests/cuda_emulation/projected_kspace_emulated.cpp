@@ -27,11 +27,10 @@ extern "C" int emulated_forward(const float* ps, const float* pb, const float* w
 extern "C" int emulated_backward(const float* ps, const float* pb, const float* pg, const float* weights,
                                  const float* u, const float* mask, int64_t mask_stride_b, float* ag, float* ab,
                                  float* as, float* gc, float* ugc, float* gw, float* gmask_part, float* y_part,
-                                 float* gmask_sum, float* y_sum, int64_t B, int64_t T, int64_t S, int k, int Kc) {
+                                 int64_t B, int64_t T, int64_t S, int k, int Kc) {
   BackwardParams<float> p;
   p.ps = ps, p.pb = pb, p.pg = pg, p.weights = weights, p.u = u, p.mask = mask, p.mask_stride_b = mask_stride_b;
   p.ag = ag, p.ab = ab, p.as = as, p.gc = gc, p.ugc = ugc, p.gw = gw, p.gmask_part = gmask_part, p.y_part = y_part;
-  p.gmask_sum = gmask_sum, p.y_sum = y_sum;
   p.B = B, p.T = T, p.S = S, p.k = k, p.Kc = Kc;
   if (k <= 0 || k > kMaxK) return 1;
   with_padded_k(k, [&](auto kp) {
