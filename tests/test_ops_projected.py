@@ -217,24 +217,36 @@ def test_cuda_kspace_paths_run_their_kernels(path, expected, monkeypatch):
 @pytest.mark.parametrize("shape,forward_path", [((3, 37, 45, 200, 65), "fused"), ((4, 128, 8, 8192, 64), "kspace")],
                          ids=["below_2^22", "at_2^22"])
 def test_cuda_default_soft_paths(shape, forward_path, monkeypatch):
-    """With HYPERDAS_FAST_CUDA_SOFT unset (soft_path() in csrc/cuda/interchange_cuda.cpp): the
-    backward always by the k-space kernels; the forward by the fused kernels below
-    B*T*d = 2^22 and by the k-space forward kernel from there."""
+    """With HYPERDAS_FAST_CUDA_SOFT unset (soft_path() in csrc/cuda/interchange_cuda.cpp): a
+    forward without a gradient by the fused kernels below B*T*d = 2^22 and by the k-space
+    forward kernel from there; with a gradient (interchange_fwd_train, which makes the
+    projections for the backward anyway) by the k-space kernel at every size; the backward
+    always by the k-space kernels."""
     from hyperdas_fast import ops
 
     monkeypatch.delenv("HYPERDAS_FAST_CUDA_SOFT", raising=False)
-    leaves = [a.float().requires_grad_() for a in make_inputs(*shape, device="cuda")]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = ops.interchange(*leaves, backend="cuda")
-        torch.cuda.synchronize()
-    forward_names = " ".join(e.name for e in prof.events())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out.sum().backward()
-        torch.cuda.synchronize()
-    backward_names = " ".join(e.name for e in prof.events())
-    assert "backward_rows_kernel<" in backward_names and "backward_sources_kernel<" in backward_names
-    fused, kspace = "coords_kernel<" in forward_names, "kspace::forward_kernel<" in forward_names
-    assert (fused, kspace) == ((True, False) if forward_path == "fused" else (False, True)), forward_names[:2000]
+    args = [a.float() for a in make_inputs(*shape, device="cuda")]
+
+    def kernels(run):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            result = run()
+            torch.cuda.synchronize()
+        return result, " ".join(e.name for e in prof.events())
+
+    def forward_kernel(names):
+        fused, kspace = "coords_kernel<" in names, "kspace::forward_kernel<" in names
+        if fused != kspace:
+            return "fused" if fused else "kspace"
+        return f"neither or both: {names[:2000]}"
+
+    with torch.no_grad():
+        _, names = kernels(lambda: ops.interchange(*args, backend="cuda"))
+    assert forward_kernel(names) == forward_path
+    leaves = [a.requires_grad_() for a in args]
+    out, names = kernels(lambda: ops.interchange(*leaves, backend="cuda"))
+    assert forward_kernel(names) == "kspace"
+    _, names = kernels(lambda: out.sum().backward())
+    assert "backward_rows_kernel<" in names and "backward_sources_kernel<" in names
 
 
 @pytest.mark.gpu
@@ -256,14 +268,16 @@ def test_cuda_soft_path_override_is_checked(monkeypatch):
                          ids=["reflect-mask_batch", "plain-mask_shared"])
 def test_cuda_training_forward_keeps_projections(dtype, shape, config, monkeypatch):
     """interchange_fwd_train on CUDA (the forward the autograd runs when a gradient is needed,
-    by default paths): the plain forward's output, and [P_S; P_B (; RV)] kept for the
+    by default paths): the plain forward's output (up to rounding: it always takes the k-space
+    forward kernel), and [P_S; P_B (; RV)] kept for the
     backward, which from them gives the gradients of the backward that recomputes them."""
     monkeypatch.delenv("HYPERDAS_FAST_CUDA_SOFT", raising=False)
     B, T, S, d, k = shape
     args = [None if a is None else a.to(dtype) for a in make_inputs(*shape, device="cuda", **config)]
     base, source, _, basis, v, _ = args
     out, coords, kept = OPS.interchange_fwd_train(*args)
-    torch.testing.assert_close(out, OPS.interchange_fwd(*args)[0], rtol=0, atol=0)
+    plain = OPS.interchange_fwd(*args)[0]  # (below 2^22 by the fused kernel, this by the k-space one)
+    assert err(out, plain) <= (2e-2 if dtype == torch.bfloat16 else 1e-4) * (1 + plain.abs().max().item())
     assert coords.numel() == 0
     rv = basis if v is None else torch.cat([basis, -2 * v.t()], 1)
     assert kept.shape == (B * S + B * T + (d if v is not None else 0), rv.shape[1]) and kept.dtype == dtype

@@ -62,7 +62,9 @@ constexpr int64_t kKspaceMaxK = 256;
 // (interchange_cuda.cpp: soft_path). Then the backward projects only the gradient, rather
 // than source and base again (two GEMMs over d: 42 us of a 487 us forward+backward at
 // Llama-3-8B B=32 T=128 bf16 on an H200, profile_forward_backward_h200_45e5f3b.json).
-// `force` is HYPERDAS_FAST_CUDA_SOFT: the fused and ATen projected paths keep nothing.
+// Its output then comes from the k-space forward kernel at every size (interchange_cuda.cpp:
+// interchange_fwd_train_cuda). `force` is HYPERDAS_FAST_CUDA_SOFT: the fused and ATen
+// projected paths keep nothing.
 inline bool cuda_keeps_projections(const Tensor& base, int64_t k, const std::string& force) {
   const auto s = base.scalar_type();
   return base.is_cuda() && (s == at::kFloat || s == at::kHalf || s == at::kBFloat16) && k <= kKspaceMaxK &&

@@ -456,8 +456,14 @@ static Tensor fused_forward(const Tensor& base_in, const Tensor& source_in, cons
 // The forward when a gradient will be needed, where projected::cuda_keeps_projections holds
 // (the C++ autograd asks before calling): (out, empty coords, kept), kept = [P_S; P_B (; RV)]
 // ([kept_rows, Kc], base's dtype) for the backward's k-space kernels, which then project only
-// the gradient. The output comes from the same path as interchange_fwd's; where that is the
-// fused kernel (B*T*d < 2^22), the projections are the backward's GEMMs done early.
+// the gradient. The output comes from the k-space forward kernel at every size (the apply
+// kernel under HYPERDAS_FAST_CUDA_SOFT=projected_apply): with the projections made anyway,
+// it is cheaper than the fused kernel, which interchange_fwd picks below B*T*d = 2^22. Forced
+// side by side on an H200 (bf16, forward+backward, graph replay; eager in brackets), this
+// path against the default of then (fused forward, projections in the training forward):
+// SmolLM2 k=16 87 us (0.96 ms) vs 102 (1.08), k=64 92 (0.92) vs 109 (1.02), Llama-3-8B B=8
+// T=32 142 (0.89) vs 179 (0.89) (benchmarks/results/ops_h200_6cbce29.json, cuda and
+// cuda:projected_kernels rows); equal from 2^22 up, where both were this path.
 std::tuple<Tensor, Tensor, Tensor> interchange_fwd_train_cuda(const Tensor& base_in, const Tensor& source_in,
                                                               const Tensor& weights, const Tensor& basis,
                                                               const std::optional<Tensor>& reflect,
@@ -474,10 +480,7 @@ std::tuple<Tensor, Tensor, Tensor> interchange_fwd_train_cuda(const Tensor& base
               "' (not 'fused' or 'projected')");
   Tensor base = base_in.contiguous(), source = source_in.contiguous();
   KspaceInputs in = kspace_inputs(base, source, weights, basis, reflect, mask, std::nullopt, /*keep=*/true);
-  const SoftPath path = soft_path(force, base, k, false, false);
-  Tensor out = (path == SoftPath::ProjectedKernels || path == SoftPath::ProjectedApply)
-                   ? kspace_forward_cuda(base, source, basis, reflect, in, path == SoftPath::ProjectedApply)
-                   : fused_forward(base, source, weights, basis, reflect, mask);
+  Tensor out = kspace_forward_cuda(base, source, basis, reflect, in, force == "projected_apply");
   return {out, at::empty({0}, base_in.options()), in.kept};
 }
 
