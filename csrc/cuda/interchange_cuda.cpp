@@ -21,7 +21,9 @@
 // a few cuBLAS GEMMs over d that never form the mix in d dimensions; see the README's GPU
 // section), by the rule of soft_path() below: the backward always, the forward from
 // B*T*d = 2^22 up, its steps in k dimensions done by the k-space kernels of projected_kspace.cuh
-// (for float64 or k > 256: by ATen ops, and only from 2^24 up).
+// (for float64 or k > 256: by ATen ops, and only from 2^24 up). A forward that needs a
+// gradient (interchange_fwd_train, below) keeps the projections for the backward and takes
+// the k-space kernels at every size.
 // Otherwise the forward is the fused kernel and the backward ATen with the mix recomputed.
 // HYPERDAS_FAST_CUDA_SOFT=fused|projected|projected_kernels|projected_apply overrides the
 // choice (benchmarks compare them).
