@@ -406,3 +406,25 @@ def test_auto_backend_on_cuda_is_first_available():
     args = _to_cuda(make_inputs(B=2, T=7, S=5, d=64, k=8))
     expected = ops.interchange(*args, backend=ops._AUTO_ORDER["cuda"][0])
     torch.testing.assert_close(ops.interchange(*args, backend="auto"), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reflect", [True, False])
+def test_fwd_train_fake_kernel_on_cuda_tensors(reflect):
+    """On CUDA tensors interchange_fwd_train keeps the projections [P_S; P_B (; RV)]
+    ([B*S + B*T (+ d), k (+ B)], csrc/common/interchange_projected.h: kept_rows), so its fake
+    kernel gives that shape there (fake CUDA tensors need no GPU); on CPU, delta [B, T, d]."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, T, S, d, k = 2, 3, 4, 9, 3
+    with FakeTensorMode():
+        def make(device):
+            base, source = torch.empty(B, T, d, device=device), torch.empty(B, S, d, device=device)
+            weights, basis = torch.empty(B, S + 1, T, device=device), torch.empty(d, k, device=device)
+            v = torch.empty(B, d, device=device) if reflect else None
+            return base, source, weights, basis, v, torch.empty(B, k, device=device)
+
+        out, coords, kept = OPS.interchange_fwd_train(*make("cuda"))
+        assert out.shape == (B, T, d) and coords.numel() == 0 and kept.device.type == "cuda"
+        assert kept.shape == ((B * S + B * T + d, k + B) if reflect else (B * S + B * T, k))
+        _, _, delta = OPS.interchange_fwd_train(*make("cpu"))
+        assert delta.shape == (B, T, d)
