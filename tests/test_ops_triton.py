@@ -943,3 +943,28 @@ if __name__ == "__main__":
         for name, consts, smem in compiled:
             print(name, consts, f"shared={smem}")
         print(f"compiled {len(compiled)} kernels")
+
+
+def test_projected_backward_fp32_sums_without_out_dtype_gemms():
+    """The projected backward's g_R sum and reflection terms (triton_projected._gemm_sum_t_fp32,
+    _reflect_terms) against plain fp32 products. On the CPU (and fp32) they take the upcast
+    path; their bf16 CUDA path runs torch's out_dtype GEMMs, which only a GPU can run (the
+    GPU tests cover it through the backward)."""
+    from hyperdas_fast.ops import triton_projected as tp
+
+    g = torch.Generator().manual_seed(0)
+    d, k, B, n = 40, 6, 3, 11
+    terms = [(torch.randn(n + i, d, generator=g), torch.randn(n + i, k + B, generator=g)) for i in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = [(x.to(dtype), a.to(dtype)) for x, a in terms]
+        expected = sum(x.double().t() @ a.double() for x, a in cast)
+        got = tp._gemm_sum_t_fp32(cast)
+        assert got.dtype == torch.float32 and got.shape == (d, k + B)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        assert (got.double() - expected).abs().max().item() <= tol * (1 + expected.abs().max().item())
+    GR = torch.randn(d, k + B, generator=g)
+    y, v, R = torch.randn(B, k, generator=g), torch.randn(B, d, generator=g), torch.randn(d, k, generator=g)
+    g_basis, g_reflect = tp._reflect_terms(GR, k, y, v, R)
+    torch.testing.assert_close(g_basis, GR[:, :k] - 2 * v.t() @ y)
+    torch.testing.assert_close(g_reflect, -2 * (GR[:, k:].t() + y @ R.t()))
+    assert g_reflect.is_contiguous()

@@ -626,6 +626,61 @@ def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
     return out
 
 
+# Whether torch's CUDA GEMMs with an fp32 out_dtype (mm.dtype, addmm.dtype(_out): bf16/fp16
+# operands; torch >= 2.8) run, per use; cleared by the first call that finds one missing.
+_OUT_DTYPE_GEMMS = {"gemm_sum": True, "reflect_terms": True}
+
+
+def _out_dtype_applies(a: Tensor, b: Tensor, use: str) -> bool:
+    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE_GEMMS[use]
+
+
+def _gemm_sum_t_fp32(terms) -> Tensor:
+    """sum_i X_i^T A_i in fp32, for X_i [n_i, d] and A_i [n_i, Kc] of one dtype. For bf16/fp16
+    CUDA operands the GEMMs accumulate into one fp32 result (cuBLAS's beta = 1), as the cuda
+    backend does (csrc/common/interchange_projected.h: gemm_sum_t), where rounding each
+    product to bf16 and adding took a copy and two adds besides (about 10 us at Llama-3-8B
+    B=32 T=128 on an H200, measured in the cuda backend: profile_forward_backward_h200_45e5f3b.json
+    against _009a417.json) and lost each term's low bits."""
+    x0, a0 = terms[0]
+    if _out_dtype_applies(x0, a0, "gemm_sum"):
+        try:
+            total = torch.mm(x0.t(), a0, out_dtype=torch.float32)
+            for x, a in terms[1:]:
+                torch.addmm(total, x.t(), a, out_dtype=torch.float32, out=total)
+            return total
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without them
+            _OUT_DTYPE_GEMMS["gemm_sum"] = False
+    total = (x0.t() @ a0).float()
+    for x, a in terms[1:]:
+        if x.dtype == torch.float32:
+            total.addmm_(x.t(), a)  # accumulated by the GEMM
+        else:
+            total += x.t() @ a
+    return total
+
+
+def _reflect_terms(GR: Tensor, k: int, y: Tensor, reflect: Tensor, basis: Tensor):
+    """(g_basis, g_reflect) = (GR[:, :k] - 2 V^T y, -2 (GR[:, k:]^T + y R^T)), y [B, k] fp32;
+    g_basis fp32, g_reflect in reflect's dtype (addmm's result is contiguous, as the fake
+    kernel promises). For bf16/fp16 CUDA operands y is rounded to their dtype and the GEMMs
+    give fp32 results, as in the cuda backend (backward_gemms), where upcasting V and R for
+    fp32 GEMMs took four kernels and 17 us there (profile_forward_backward_h200_009a417.json
+    against _6cbce29.json); y's rounding (2^-9 relative) is far below the op's own error in
+    that dtype."""
+    if _out_dtype_applies(reflect, basis, "reflect_terms"):
+        try:
+            y_low = y.to(reflect.dtype)
+            g_basis = torch.addmm(GR[:, :k], reflect.t(), y_low, out_dtype=torch.float32, alpha=-2.0)
+            g_reflect = torch.addmm(GR[:, k:].t(), y_low, basis.t(), out_dtype=torch.float32, beta=-2.0, alpha=-2.0)
+            return g_basis, g_reflect.to(reflect.dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_GEMMS["reflect_terms"] = False
+    g_basis = torch.addmm(GR[:, :k], reflect.float().t(), y, alpha=-2.0)
+    g_reflect = torch.addmm(GR[:, k:].t(), y, basis.float().t(), beta=-2.0, alpha=-2.0).to(reflect.dtype)
+    return g_basis, g_reflect
+
+
 def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
              reflect: Optional[Tensor], mask: Optional[Tensor], u: Tensor, m: Tensor, m_stride: int,
              PS: Optional[Tensor] = None, PB: Optional[Tensor] = None, need_base: bool = True,
@@ -678,21 +733,12 @@ def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis:
     del PS, PB, PG, gc
     g_base = add_product(grad.view(N, d), Ab, RV).view(B, T, d) if need_base else None
     g_source = (As @ RV.t()).view(B, S, d) if need_source else None
-    # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), summed in
-    # fp32 (by the GEMMs themselves when the inputs are fp32)
-    GR = (grad.view(N, d).t() @ Ag).float()
-    for x, blk in ((source.view(B * S, d), As), (base.view(N, d), Ab)):
-        if dt == torch.float32:
-            GR.addmm_(x.t(), blk)
-        else:
-            GR += x.t() @ blk
+    # [g_R | sum_t (u.e) g + (u.g_c) delta]: three [d, X] x [X, Kc] GEMMs (cuBLAS), summed in fp32
+    GR = _gemm_sum_t_fp32(((grad.view(N, d), Ag), (source.view(B * S, d), As), (base.view(N, d), Ab)))
     g_basis = GR[:, :k]
     g_reflect = None
     if reflect is not None:
-        y = y_part.sum(1)  # [B, k]
-        g_basis = torch.addmm(g_basis, reflect.float().t(), y, alpha=-2.0)
-        # -2 (GR[:, k + b] + R y_b); addmm's result is contiguous, as the fake kernel promises
-        g_reflect = torch.addmm(GR[:, k:].t(), y, basis.float().t(), beta=-2.0, alpha=-2.0).to(reflect.dtype)
+        g_basis, g_reflect = _reflect_terms(GR, k, y_part.sum(1), reflect, basis)
     g_mask = None
     if mask is not None:
         gm = gm_part.sum(1)  # [B, k]
