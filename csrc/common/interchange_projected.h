@@ -81,12 +81,29 @@ inline int64_t kept_rows(int64_t B, int64_t S, int64_t T, int64_t d, bool has_v)
 inline at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
 // CUDA GEMMs with an out_dtype (mm.dtype, addmm.dtype(_out): bf16/fp16 operands, fp32
-// products and result; torch >= 2.8) where both operands are bf16/fp16 CUDA tensors and
-// `runs`, each call site's flag: cleared, for the process, by the first call that finds its
-// overload missing, after which that site upcasts instead.
-inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b, const std::atomic<bool>& runs) {
+// products and result), in torch >= 2.8 only: the call sites that use them are compiled
+// where this holds.
+#define HYPERDAS_FAST_OUT_DTYPE_GEMMS \
+  (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+
+// Runs f (GEMMs with an fp32 out_dtype) where both operands a, b are bf16/fp16 CUDA tensors
+// of one dtype and `runs` (the call site's flag) is still set; returns whether it ran. A
+// c10::Error other than out-of-memory means this build of torch lacks the overload: `runs`
+// is then cleared for the process, and the caller upcasts instead, now and from then on.
+template <typename F>
+inline bool try_out_dtype_gemms(const Tensor& a, const Tensor& b, std::atomic<bool>& runs, F&& f) {
   const auto dt = a.scalar_type();
-  return a.is_cuda() && dt == b.scalar_type() && (dt == at::kBFloat16 || dt == at::kHalf) && runs.load();
+  if (!a.is_cuda() || dt != b.scalar_type() || (dt != at::kBFloat16 && dt != at::kHalf) || !runs.load())
+    return false;
+  try {
+    f();
+    return true;
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // not a missing overload
+  } catch (const c10::Error&) {
+    runs.store(false);
+    return false;
+  }
 }
 
 // u = R^T v ([B, k], v = reflect [B, d]) in the compute type. For bf16/fp16 CUDA operands one
@@ -95,17 +112,10 @@ inline bool out_dtype_gemm_applies(const Tensor& a, const Tensor& b, const std::
 // four kernels at Llama-3-8B shapes on an H200 (profile_forward_h200_45e5f3b.json); the
 // Triton backend made the same change (hyperdas_fast/ops/triton_kernels.py: _mm_fp32).
 inline Tensor reflect_u(const Tensor& v, const Tensor& R) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if HYPERDAS_FAST_OUT_DTYPE_GEMMS
   static std::atomic<bool> runs{true};
-  if (out_dtype_gemm_applies(v, R, runs)) {
-    try {
-      return at::mm(v, R, at::kFloat);
-    } catch (const c10::OutOfMemoryError&) {
-      throw;  // not a missing overload
-    } catch (const c10::Error&) {
-      runs.store(false);  // a build of torch without it: the upcasts below from now on
-    }
-  }
+  Tensor u;
+  if (try_out_dtype_gemms(v, R, runs, [&] { u = at::mm(v, R, at::kFloat); })) return u;
 #endif
   const auto cdt = compute_type(v.scalar_type());
   return at::mm(v.to(cdt), R.to(cdt));
@@ -120,27 +130,17 @@ inline Tensor gemm_sum_t(std::initializer_list<std::pair<Tensor, Tensor>> terms)
   const Tensor& x0 = terms.begin()->first;
   const auto dt = x0.scalar_type();
   const auto cdt = compute_type(dt);
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  static std::atomic<bool> runs{true};
-  if (out_dtype_gemm_applies(x0, terms.begin()->second, runs)) {
-    try {
-      Tensor sum;
-      for (const auto& [x, a] : terms) {
-        if (!sum.defined()) {
-          sum = at::mm(x.t(), a, at::kFloat);
-        } else {
-          at::addmm_out(sum, sum, x.t(), a, at::kFloat);
-        }
-      }
-      return sum;
-    } catch (const c10::OutOfMemoryError&) {
-      throw;
-    } catch (const c10::Error&) {
-      runs.store(false);
-    }
-  }
-#endif
   Tensor sum;
+#if HYPERDAS_FAST_OUT_DTYPE_GEMMS
+  static std::atomic<bool> runs{true};
+  const bool summed = try_out_dtype_gemms(x0, terms.begin()->second, runs, [&] {
+    sum = at::mm(x0.t(), terms.begin()->second, at::kFloat);
+    for (auto it = terms.begin() + 1; it != terms.end(); ++it)
+      at::addmm_out(sum, sum, it->first.t(), it->second, at::kFloat);
+  });
+  if (summed) return sum;
+  sum = Tensor();  // (whatever a failed try left)
+#endif
   for (const auto& [x, a] : terms) {
     if (!sum.defined()) {
       sum = at::mm(x.t(), a).to(cdt);
@@ -265,20 +265,17 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward_gemms(const Tensor& g
     // far below the error of the same op in that dtype.
     const Tensor& v = *reflect;
     bool done = false;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if HYPERDAS_FAST_OUT_DTYPE_GEMMS
     static std::atomic<bool> runs{true};
-    if (out_dtype_gemm_applies(v, R, runs)) {
-      try {
-        Tensor y_low = y_sum->to(dt);
-        Tensor gb = at::addmm(g_basis_c, v.t(), y_low, at::kFloat);
-        g_reflect = at::addmm(GR.narrow(1, k, B).t(), y_low, R.t(), at::kFloat, -2.0, 1.0).to(v.scalar_type());
-        g_basis_c = gb;
-        done = true;
-      } catch (const c10::OutOfMemoryError&) {
-        throw;
-      } catch (const c10::Error&) {
-        runs.store(false);
-      }
+    Tensor gb, gv;
+    done = try_out_dtype_gemms(v, R, runs, [&] {
+      Tensor y_low = y_sum->to(dt);
+      gb = at::addmm(g_basis_c, v.t(), y_low, at::kFloat);
+      gv = at::addmm(GR.narrow(1, k, B).t(), y_low, R.t(), at::kFloat, -2.0, 1.0);
+    });
+    if (done) {
+      g_basis_c = gb;
+      g_reflect = gv.to(v.scalar_type());
     }
 #endif
     if (!done) {

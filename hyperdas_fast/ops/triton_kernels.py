@@ -466,20 +466,12 @@ def _expanded_mask(mask: Optional[Tensor], batch: int, k: int, device) -> Tuple[
     return mask, (k if mask.dim() == 2 else 0)
 
 
-_MM_OUT_DTYPE = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
-
-
 def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in fp32. For bf16/fp16 CUDA operands one cuBLAS call with an fp32 result
     (mm's out_dtype: products exact, fp32 sums, as the fp32 GEMM of the upcast operands)
     where the upcasts and an fp32 GEMM took four kernels, ~15 us on an H200 at d = 4096."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        if _MM_OUT_DTYPE.get("cuda", True):
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):  # a torch without it
-                _MM_OUT_DTYPE["cuda"] = False
-    return a.float() @ b.float()
+    out = triton_projected.out_dtype_gemms("mm", a, b, lambda: torch.mm(a, b, out_dtype=torch.float32))
+    return out if out is not None else a.float() @ b.float()
 
 
 def _u(basis: Tensor, reflect: Optional[Tensor]) -> Tensor:

@@ -626,13 +626,24 @@ def forward_onepass(base: Tensor, source: Tensor, weights: Tensor, basis: Tensor
     return out
 
 
-# Whether torch's CUDA GEMMs with an fp32 out_dtype (mm.dtype, addmm.dtype(_out): bf16/fp16
-# operands; torch >= 2.8) run, per use; cleared by the first call that finds one missing.
-_OUT_DTYPE_GEMMS = {"gemm_sum": True, "reflect_terms": True}
+_OUT_DTYPE_GEMMS = {}  # use -> False once that use found torch without its out_dtype GEMMs
 
 
-def _out_dtype_applies(a: Tensor, b: Tensor, use: str) -> bool:
-    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE_GEMMS[use]
+def out_dtype_gemms(use: str, a: Tensor, b: Tensor, gemms):
+    """gemms() where its GEMMs can take torch's fp32 out_dtype (mm / addmm of bf16/fp16 CUDA
+    operands a, b of one dtype, fp32 products and result; torch >= 2.8); else None, and the
+    caller upcasts instead. A torch without them is remembered per use for the process; an
+    out-of-memory error is raised, not taken for one."""
+    if not (a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+            and _OUT_DTYPE_GEMMS.get(use, True)):
+        return None
+    try:
+        return gemms()
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError):  # a torch without them
+        _OUT_DTYPE_GEMMS[use] = False
+        return None
 
 
 def _gemm_sum_t_fp32(terms) -> Tensor:
@@ -643,14 +654,16 @@ def _gemm_sum_t_fp32(terms) -> Tensor:
     B=32 T=128 on an H200, measured in the cuda backend: profile_forward_backward_h200_45e5f3b.json
     against _009a417.json) and lost each term's low bits."""
     x0, a0 = terms[0]
-    if _out_dtype_applies(x0, a0, "gemm_sum"):
-        try:
-            total = torch.mm(x0.t(), a0, out_dtype=torch.float32)
-            for x, a in terms[1:]:
-                torch.addmm(total, x.t(), a, out_dtype=torch.float32, out=total)
-            return total
-        except (RuntimeError, TypeError, NotImplementedError):  # a torch without them
-            _OUT_DTYPE_GEMMS["gemm_sum"] = False
+
+    def accumulated():
+        total = torch.mm(x0.t(), a0, out_dtype=torch.float32)
+        for x, a in terms[1:]:
+            torch.addmm(total, x.t(), a, out_dtype=torch.float32, out=total)
+        return total
+
+    total = out_dtype_gemms("gemm_sum", x0, a0, accumulated)
+    if total is not None:
+        return total
     total = (x0.t() @ a0).float()
     for x, a in terms[1:]:
         if x.dtype == torch.float32:
@@ -668,17 +681,17 @@ def _reflect_terms(GR: Tensor, k: int, y: Tensor, reflect: Tensor, basis: Tensor
     fp32 GEMMs took four kernels and 17 us there (profile_forward_backward_h200_009a417.json
     against _6cbce29.json); y's rounding (2^-9 relative) is far below the op's own error in
     that dtype."""
-    if _out_dtype_applies(reflect, basis, "reflect_terms"):
-        try:
-            y_low = y.to(reflect.dtype)
-            g_basis = torch.addmm(GR[:, :k], reflect.t(), y_low, out_dtype=torch.float32, alpha=-2.0)
-            g_reflect = torch.addmm(GR[:, k:].t(), y_low, basis.t(), out_dtype=torch.float32, beta=-2.0, alpha=-2.0)
-            return g_basis, g_reflect.to(reflect.dtype)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_GEMMS["reflect_terms"] = False
-    g_basis = torch.addmm(GR[:, :k], reflect.float().t(), y, alpha=-2.0)
-    g_reflect = torch.addmm(GR[:, k:].t(), y, basis.float().t(), beta=-2.0, alpha=-2.0).to(reflect.dtype)
-    return g_basis, g_reflect
+    def low_precision():
+        y_low = y.to(reflect.dtype)
+        return (torch.addmm(GR[:, :k], reflect.t(), y_low, out_dtype=torch.float32, alpha=-2.0),
+                torch.addmm(GR[:, k:].t(), y_low, basis.t(), out_dtype=torch.float32, beta=-2.0, alpha=-2.0))
+
+    terms = out_dtype_gemms("reflect_terms", reflect, basis, low_precision)
+    if terms is None:
+        terms = (torch.addmm(GR[:, :k], reflect.float().t(), y, alpha=-2.0),
+                 torch.addmm(GR[:, k:].t(), y, basis.float().t(), beta=-2.0, alpha=-2.0))
+    g_basis, g_reflect = terms
+    return g_basis, g_reflect.to(reflect.dtype)
 
 
 def backward(grad: Tensor, base: Tensor, source: Tensor, weights: Tensor, basis: Tensor,
